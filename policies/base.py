@@ -1,0 +1,133 @@
+"""The policy contract shared by the gateway and the simulator.
+
+A policy reads a load snapshot and returns a :class:`Decision`. It does no I/O,
+awaits nothing and reads no clock (``now`` is an argument); randomness comes
+from the ``random.Random`` given at construction. The router, not the policy,
+owns the ticket that settles load, so a policy cannot leak it. The same object
+runs in the live gateway and in loadtest's discrete-event simulator.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from router import prefix
+from router.load import Outcome, ReplicaLoad
+
+
+class RouteRequest:
+    """What routing may know about a request: parsed once by the data path.
+
+    ``expected_output_tokens`` is max_tokens when given, else the per-model
+    EWMA of observed output. ``block_hashes`` are the chained prefix-block
+    hashes of ``prompt_text`` (router/prefix.py), computed on first use and
+    kept: only prefix-aware policies pay for hashing a 100 KB prompt.
+    """
+
+    __slots__ = (
+        "_block_hashes",
+        "expected_output_tokens",
+        "max_tokens",
+        "model",
+        "prompt_text",
+        "prompt_tokens",
+        "request_id",
+        "session_key",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        stream: bool = False,
+        prompt_tokens: int = 0,
+        max_tokens: int | None = None,
+        expected_output_tokens: int = 0,
+        session_key: str | None = None,
+        prompt_text: str = "",
+        block_hashes: tuple[int, ...] | None = None,
+        request_id: str = "",
+    ) -> None:
+        self.model = model
+        self.stream = stream
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.expected_output_tokens = expected_output_tokens
+        self.session_key = session_key
+        self.prompt_text = prompt_text
+        self._block_hashes = block_hashes
+        self.request_id = request_id
+
+    @property
+    def block_hashes(self) -> tuple[int, ...]:
+        hashes = self._block_hashes
+        if hashes is None:
+            hashes = self._block_hashes = prefix.block_hashes(self.prompt_text)
+        return hashes
+
+    @property
+    def cost_tokens(self) -> int:
+        """Outstanding-token weight of this request: prompt + expected output."""
+        return self.prompt_tokens + self.expected_output_tokens
+
+    def __repr__(self) -> str:
+        return (
+            f"RouteRequest(model={self.model!r}, stream={self.stream}, "
+            f"prompt_tokens={self.prompt_tokens}, max_tokens={self.max_tokens})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer: the chosen replica's name (None: nothing eligible),
+    the inputs it compared (for debug logs) and a short, bounded reason (for a
+    metric label)."""
+
+    replica: str | None
+    reason: str
+    inputs: Mapping[str, float] = field(default_factory=dict)
+
+
+class Policy(Protocol):
+    """What the router calls. ``candidates`` are already filtered (model,
+    health, drain, pool) and non-empty unless nothing is routable."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
+    ) -> Decision: ...
+
+    def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None: ...
+
+    def on_complete(
+        self, request: RouteRequest, replica: str, outcome: Outcome, now: float
+    ) -> None: ...
+
+
+class BasePolicy:
+    """Default no-op feedback hooks and the common constructor."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __init__(self, rng: random.Random | None = None, **params: Any) -> None:
+        if params:
+            raise TypeError(f"unknown parameter(s) for policy {self.name}: {sorted(params)}")
+        self.rng = rng if rng is not None else random.Random(0)
+
+    def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:
+        return None
+
+    def on_complete(
+        self, request: RouteRequest, replica: str, outcome: Outcome, now: float
+    ) -> None:
+        return None
+
+
+NO_CANDIDATE = Decision(replica=None, reason="no_candidate")

@@ -1,0 +1,38 @@
+"""Policies by config name. Adding a policy: its file, its test, one line here."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from policies.base import BasePolicy
+from policies.least_request import LeastRequest
+from policies.round_robin import RoundRobin
+
+POLICIES: dict[str, type[BasePolicy]] = {
+    cls.name: cls
+    for cls in (
+        RoundRobin,
+        LeastRequest,
+    )
+}
+
+# What the gateway promises when the config names no policy.
+DEFAULT_POLICY = "least_request"
+
+
+def create(name: str, params: dict[str, Any] | None = None, seed: int | None = None) -> BasePolicy:
+    """Build a policy by name; unknown names and parameters raise ValueError."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+    try:
+        return cls(rng=random.Random(seed), **(params or {}))
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def describe() -> list[str]:
+    """One line per policy, ``name: summary``, for ``dp-router policies``."""
+    return [f"{name}: {cls.summary}" for name, cls in sorted(POLICIES.items())]

@@ -1,0 +1,1 @@
+"""dp-router: a gateway in front of data-parallel LLM inference replicas."""

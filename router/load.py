@@ -1,0 +1,164 @@
+"""Load accounting for replicas: pure data, clock passed in.
+
+The router owns these objects and mutates them; policies only read them.
+Nothing here does I/O or reads a clock, so the gateway and the discrete-event
+simulator share it (the simulator passes virtual time as ``now``).
+
+A request is settled through a :class:`Ticket`: ``dispatch`` adds its load,
+``Ticket.close`` removes exactly that load once, whatever the outcome. That is
+the single place where in-flight and outstanding tokens go down, so a cancel,
+an error or a double close cannot leak or go negative (tower's "load is
+released when the handle drops").
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+# A report older than this no longer describes the replica: after a scrape
+# failure we fall back to our own in-flight count rather than trusting a
+# queue length from a minute ago (llm-d's stale-metrics overshoot, I17).
+DEFAULT_REPORT_MAX_AGE_S = 5.0
+
+
+class Ewma:
+    """Exponentially weighted moving average whose time is an argument.
+
+    ``tau`` is the time constant in seconds: an observation's weight decays as
+    exp(-dt / tau). Time is passed in (linkerd2-proxy's shape) so tests and the
+    simulator control it.
+    """
+
+    __slots__ = ("stamp", "tau", "value")
+
+    def __init__(self, tau: float, initial: float | None = None) -> None:
+        self.tau = tau
+        self.value = initial
+        self.stamp: float | None = None
+
+    def add(self, sample: float, now: float) -> None:
+        if self.value is None or self.stamp is None:
+            self.value = sample
+        else:
+            w = math.exp(-max(0.0, now - self.stamp) / self.tau)
+            self.value = self.value * w + sample * (1.0 - w)
+        self.stamp = now
+
+    def get(self) -> float | None:
+        return self.value
+
+
+class Outcome(StrEnum):
+    """How a dispatched request ended; closes a ticket and labels metrics."""
+
+    OK = "ok"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+    CONNECT_ERROR = "connect_error"
+    TIMEOUT = "timeout"
+    UPSTREAM_RESET = "upstream_reset"
+    CLIENT_DISCONNECT = "client_disconnect"
+    DRAINING = "draining"
+
+
+@dataclass(slots=True)
+class ReplicaLoad:
+    """What one gateway knows about one replica's load, in comparable units.
+
+    - ``in_flight``: requests this gateway has dispatched and not settled.
+    - ``outstanding_tokens``: their prompt estimate + expected output tokens.
+    - ``reported_queue``: waiting + running from the replica's own report
+      (metrics scrape, push or response header), with the requests this gateway
+      sent since the report added and those settled since subtracted.
+    - ``kv_usage``: reported KV-cache usage in [0, 1].
+    - ``ttft`` / ``tpot``: time to first token and time per output token EWMAs.
+    - ``weight``: configured weight times any slow-start factor.
+    """
+
+    name: str
+    weight: float = 1.0
+    in_flight: int = 0
+    outstanding_tokens: int = 0
+    reported_queue: float | None = None
+    reported_at: float | None = None
+    dispatched_since_report: int = 0
+    settled_since_report: int = 0
+    kv_usage: float | None = None
+    ttft: Ewma = field(default_factory=lambda: Ewma(tau=10.0))
+    tpot: Ewma = field(default_factory=lambda: Ewma(tau=10.0))
+    max_concurrency: int | None = None
+
+    def record_report(self, queue: float, kv_usage: float | None, now: float) -> None:
+        """A fresh report replaces the local correction: it already counts them."""
+        self.reported_queue = queue
+        self.reported_at = now
+        self.kv_usage = kv_usage
+        self.dispatched_since_report = 0
+        self.settled_since_report = 0
+
+    def queue_depth(self, now: float, max_age: float = DEFAULT_REPORT_MAX_AGE_S) -> float:
+        """Reported queue plus local correction; our in-flight when no fresh report."""
+        if self.reported_queue is None or self.reported_at is None:
+            return float(self.in_flight)
+        if now - self.reported_at > max_age:
+            return float(self.in_flight)
+        corrected = (
+            self.reported_queue + self.dispatched_since_report - self.settled_since_report
+        )
+        # A report can lag our own sends; never claim less than we know is there.
+        return max(corrected, float(self.in_flight), 0.0)
+
+    def has_capacity(self) -> bool:
+        return self.max_concurrency is None or self.in_flight < self.max_concurrency
+
+
+class Ticket:
+    """The load one request added to one replica; closing it removes that load.
+
+    Idempotent: only the first ``close`` counts, so a ``finally`` that closes
+    after an explicit close does no harm.
+    """
+
+    __slots__ = ("closed", "load", "outcome", "tokens")
+
+    def __init__(self, load: ReplicaLoad, tokens: int) -> None:
+        self.load = load
+        self.tokens = tokens
+        self.closed = False
+        self.outcome: Outcome | None = None
+
+    def close(self, outcome: Outcome) -> bool:
+        if self.closed:
+            return False
+        self.closed = True
+        self.outcome = outcome
+        load = self.load
+        load.in_flight -= 1
+        load.outstanding_tokens -= self.tokens
+        load.settled_since_report += 1
+        return True
+
+
+def dispatch(load: ReplicaLoad, tokens: int) -> Ticket:
+    """Account a request sent to ``load``'s replica; returns its ticket."""
+    load.in_flight += 1
+    load.outstanding_tokens += tokens
+    load.dispatched_since_report += 1
+    return Ticket(load, tokens)
+
+
+def load_bound(in_flight_total: int, n: int, epsilon: float) -> int:
+    """Most requests one replica may hold: ceil((1 + eps) * (total + 1) / n).
+
+    Mirrokni, Thorup and Zadimoghaddam's bounded-load rule (HAProxy's
+    hash-balance-factor), counting the request being placed. The one load bound
+    of the design: affinity, prefix policies and fallbacks all call this.
+    """
+    if n <= 0:
+        return 0
+    if math.isinf(epsilon):
+        return sys.maxsize  # epsilon = inf: no bound, plain hashing
+    return math.ceil((1.0 + epsilon) * (in_flight_total + 1) / n)
