@@ -1,0 +1,1 @@
+"""Load-testing tools: simulated replica, workloads, load generator, simulator."""
