@@ -1,0 +1,197 @@
+"""The simulated replica's generation model, behind one small protocol.
+
+The HTTP side of the simulated replica (``loadtest/replica.py``) knows nothing
+about how tokens are timed: it asks a :class:`GenerationBackend` for a stream
+of "new tokens at this engine step" and reads its load for ``/metrics``. That
+split lets the same server run a trivially paced model (fault tests, the
+overhead benchmark) or the engine model of ``loadtest/engine_backend.py``
+(continuous batching, KV cache, prefix reuse, MoE experts) for policy work.
+
+:class:`PacedBackend` is the simple model: sleep ``ttft_s``, then one token
+every ``token_interval_s``; with ``max_running`` the extra jobs queue in FIFO
+order and are reported as ``waiting``, like an engine whose batch is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from router.prefix import BLOCK_TOKENS
+
+# With token_interval_s == 0 nothing sleeps, so a long generation would never
+# give the event loop back: other replicas in the same process, health checks
+# and client-disconnect cancellation would all stall behind it. Yielding once
+# every this many tokens keeps the loop responsive at a negligible cost.
+_YIELD_EVERY_TOKENS = 32
+
+# Blocks remembered by PacedBackend's toy prefix cache (LRU). 4096 blocks of
+# 64 tokens is ~256k tokens: enough for tests and demos to see hits, small
+# enough that the memory stays flat in a long soak.
+_PREFIX_CACHE_BLOCKS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One generation request, as the backend sees it (already parsed)."""
+
+    request_id: str
+    prompt_text: str
+    prompt_tokens: int
+    block_hashes: tuple[int, ...]
+    max_tokens: int
+    domain: str | None = None
+
+
+@dataclass(slots=True)
+class BackendLoad:
+    """A backend's load, in the units real engines report.
+
+    ``running``/``waiting``/``kv_usage`` are gauges; the rest are counters
+    (monotonic since start), as in vLLM's Prometheus metrics.
+    """
+
+    running: int
+    waiting: int
+    kv_usage: float  # fraction of KV cache in use, in [0, 1]
+    prefix_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which found cached
+    expert_tokens: list[int] = field(default_factory=list)  # routed tokens per expert
+    expert_overflow: list[int] = field(default_factory=list)  # dropped tokens per expert
+    preemptions: int = 0
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What the replica server needs from a generation model."""
+
+    def generate(self, job: Job) -> AsyncIterator[int]:
+        """Yield the number of NEW output tokens at each engine step.
+
+        The first yield is the first token (its timing is the TTFT);
+        exhaustion means finished. Closing the iterator early (``aclose()``,
+        or cancelling the task iterating it) means the request was aborted,
+        and the backend must free what the job held.
+        """
+        ...
+
+    def load(self) -> BackendLoad: ...
+
+    def set_speed(self, factor: float) -> None:
+        """Slow the model down at runtime: 1.0 is normal, 10 is 10x slower."""
+        ...
+
+
+class PacedBackend:
+    """Fixed TTFT, then one token per ``token_interval_s``; optional FIFO queue.
+
+    - ``token_interval_s == 0``: no sleeping at all (a fast upstream for the
+      overhead benchmark); the loop is still yielded every few tokens.
+    - ``max_running``: at most that many jobs generate at once; the others
+      wait in arrival order and count as ``waiting``.
+    - ``kv_usage`` is ``running / max_running`` (0 when unbounded): a crude
+      stand-in that at least moves with load.
+    - A small LRU of prefix block hashes feeds the prefix-cache counters, so
+      prefix-aware routing shows up in ``/metrics`` even with this model.
+    """
+
+    def __init__(
+        self,
+        token_interval_s: float,
+        ttft_s: float = 0.0,
+        max_running: int | None = None,
+    ) -> None:
+        if token_interval_s < 0 or ttft_s < 0:
+            raise ValueError("token_interval_s and ttft_s must be >= 0")
+        if max_running is not None and max_running < 1:
+            raise ValueError("max_running must be >= 1 or None")
+        self.token_interval_s = token_interval_s
+        self.ttft_s = ttft_s
+        self.max_running = max_running
+        self._speed = 1.0
+        self._running = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._prefix_lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+
+    # -- protocol -----------------------------------------------------------
+
+    def set_speed(self, factor: float) -> None:
+        if factor <= 0:
+            raise ValueError("speed factor must be > 0")
+        self._speed = factor
+
+    def load(self) -> BackendLoad:
+        kv = self._running / self.max_running if self.max_running else 0.0
+        return BackendLoad(
+            running=self._running,
+            waiting=len(self._waiters),
+            kv_usage=min(1.0, kv),
+            prefix_queries=self._prefix_queries,
+            prefix_hits=self._prefix_hits,
+        )
+
+    async def generate(self, job: Job) -> AsyncIterator[int]:
+        await self._acquire()
+        try:
+            self._lookup_prefix(job)
+            await self._pause(self.ttft_s)
+            for i in range(job.max_tokens):
+                if i:
+                    await self._pause(self.token_interval_s, i)
+                yield 1
+        finally:
+            self._release()
+
+    # -- internals ----------------------------------------------------------
+
+    async def _pause(self, seconds: float, i: int = 0) -> None:
+        if seconds > 0:
+            await asyncio.sleep(seconds * self._speed)
+        elif i % _YIELD_EVERY_TOKENS == 0:
+            await asyncio.sleep(0)
+
+    async def _acquire(self) -> None:
+        if self.max_running is None or (self._running < self.max_running and not self._waiters):
+            self._running += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # _release() hands its slot over: _running is unchanged
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # The slot was handed to us just as we were cancelled: pass it on.
+                self._release()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # slot handed over, _running stays
+                return
+        self._running -= 1
+
+    def _lookup_prefix(self, job: Job) -> None:
+        self._prefix_queries += job.prompt_tokens
+        lru = self._prefix_lru
+        hit_blocks = 0
+        for h in job.block_hashes:
+            if h not in lru:
+                break
+            hit_blocks += 1
+        self._prefix_hits += min(job.prompt_tokens, hit_blocks * BLOCK_TOKENS)
+        for h in job.block_hashes:
+            lru[h] = None
+            lru.move_to_end(h)
+        while len(lru) > _PREFIX_CACHE_BLOCKS:
+            lru.popitem(last=False)

@@ -1,0 +1,1258 @@
+"""A simulated vLLM/SGLang replica: the test double the gateway is tested against.
+
+It speaks the OpenAI-compatible HTTP API the way vLLM does (SSE streaming,
+``usage``, ``/v1/models``, ``/metrics`` with vLLM or SGLang metric names, the
+ORCA ``endpoint-load-metrics`` response header, ``--api-key``), delegates token
+timing to a pluggable :class:`~loadtest.backend.GenerationBackend`, and adds
+what a real engine cannot give a test: faults on demand and counters to read
+back. Several replicas can share one process and one event loop
+(``--port A --port B``) so that, on a 2-core machine, they do not fight the
+gateway for CPU.
+
+Output is deterministic: token ``i`` of every response is the text
+``"t{i} "``, so a test can byte-compare what a client received with what the
+replica produced (each request's record also carries the SHA-256 of the
+uncompressed response body it sent).
+
+Per-request faults: header ``x-sim-fault``
+-------------------------------------------
+Grammar: ``x-sim-fault: key=value[;key=value]...`` (whitespace around keys
+and values is ignored; an unknown key or a bad value is answered with 400, so
+a typo in a test cannot silently disable the fault it meant to inject).
+
+- ``status=N``: answer status N (400..599) with an OpenAI-shaped error body,
+  before any body.
+- ``hang_before_headers=1``: accept the request, never answer, until the client
+  goes away (counted as ``aborted``).
+- ``chunks=N``: stop after N output-token SSE events (non-streaming: after N
+  tokens, before the headers), then ``after=``:
+
+  - ``die``: ``os._exit(1)`` when running as a process (every replica in that
+    process dies, so use one process per replica for crash tests); in-process
+    (``run_replica``), the connection is closed abruptly instead.
+  - ``hang``: stop sending but keep the socket open until the client leaves.
+  - ``finish`` (the default): end normally, ``[DONE]`` included (a short output).
+- ``chunk_interval=S``: at least S seconds between token events for this
+  request (the backend's own pace still applies when it is slower).
+- ``delay=S``: sleep S seconds before anything else (the non-streaming "long
+  generation" case: no headers until the delay is over).
+- ``drain_marker=1``: answer 503 with header ``x-dp-draining: 1`` and error
+  code ``"draining"``.
+- ``gzip=1``: gzip the response body (``Content-Encoding: gzip``); a stream is
+  flushed after every event, so it still streams.
+- ``hop_headers=1``: add hop-by-hop response headers (``Keep-Alive: timeout=5``,
+  ``Proxy-Authenticate: x``, ``Upgrade: h2c``, ``X-Hop: 1`` with
+  ``Connection: X-Hop``) so a gateway's hop-by-hop filter can be tested.
+- ``echo=1``: nothing special (headers are always recorded).
+
+Process knobs (CLI flags, or at runtime: ``POST /_sim/config`` with a JSON
+object; ``GET /_sim/config`` reads them back):
+
+- ``not_ready_for`` (s): for that long after start (or after the POST),
+  ``/health`` answers 200 but ``/v1/*`` answers 503: a replica still loading.
+- ``flap_period`` (s): alternate OK and 503-for-everything (``/health``
+  included) every period, starting OK; 0 disables.
+- ``speed``: backend slow-down factor (1 normal, 10 = ten times slower).
+- ``status``: answer every ``/v1/*`` request with this status (null clears).
+- ``drain``: answer every ``/v1/*`` request with the draining 503 until cleared.
+
+Test support endpoints: ``GET /_sim/stats`` (``started``, ``completed``,
+``aborted``, ``errors``, ``in_progress``, ``health_checks``; every ``/v1``
+request that passed authentication ends as exactly one of completed, aborted
+or errors), ``GET /_sim/requests`` (the last 1000 ``/v1`` requests),
+``POST /_sim/reset``. These are never behind the API key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import signal
+import struct
+import sys
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+from loadtest.backend import BackendLoad, GenerationBackend, Job, PacedBackend
+from router.prefix import (
+    block_hashes,
+    chat_prompt_text,
+    completion_prompt_text,
+    estimate_tokens,
+)
+
+FAULT_HEADER = "x-sim-fault"
+DRAIN_HEADER = "x-dp-draining"
+ORCA_REQUEST_HEADER = "endpoint-load-metrics-format"
+ORCA_RESPONSE_HEADER = "endpoint-load-metrics"
+
+# vLLM's OpenAI server reports this in /v1/models; some clients check it.
+OWNED_BY = "vllm"
+# Requests kept for GET /_sim/requests: enough for any single test, bounded so
+# a long load test does not grow the replica's memory.
+REQUEST_LOG_SIZE = 1000
+# Embedding vectors are tiny: their content is irrelevant to routing tests.
+EMBEDDING_DIM = 8
+# A hanging request (hang_before_headers, after=hang) waits this long at most,
+# so that a test that forgets to disconnect cannot pin a task forever.
+MAX_HANG_S = 3600.0
+# On shutdown, in-flight handlers get this long before they are cancelled:
+# replicas are test doubles, and hanging requests must not delay a test's exit.
+SHUTDOWN_TIMEOUT_S = 1.0
+
+MetricsFlavour = Literal["vllm", "sglang"]
+AfterAction = Literal["die", "hang", "finish"]
+
+
+# ---------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ReplicaConfig:
+    """Everything that defines one simulated replica.
+
+    ``models`` are the names served (the first is the one in metric labels,
+    like vLLM's ``--served-model-name`` list). ``exit_on_die`` is set by
+    :func:`main` only: a ``die`` fault then really exits the process.
+    """
+
+    name: str = "replica"
+    models: tuple[str, ...] = ("sim-model",)
+    token_interval_s: float = 0.01
+    ttft_s: float = 0.0
+    default_max_tokens: int = 16
+    metrics: MetricsFlavour = "vllm"
+    not_ready_for_s: float = 0.0
+    flap_period_s: float = 0.0
+    max_running: int | None = None
+    api_key: str | None = None
+    speed: float = 1.0
+    status: int | None = None  # force every /v1 answer to this status
+    drain: bool = False
+    exit_on_die: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("a replica serves at least one model")
+        if self.metrics not in ("vllm", "sglang"):
+            raise ValueError(f"metrics flavour must be vllm or sglang, not {self.metrics!r}")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+        if self.token_interval_s < 0 or self.ttft_s < 0:
+            raise ValueError("token_interval_s and ttft_s must be >= 0")
+        if self.not_ready_for_s < 0 or self.flap_period_s < 0:
+            raise ValueError("not_ready_for_s and flap_period_s must be >= 0")
+        if self.speed <= 0:
+            raise ValueError("speed must be > 0")
+        if self.status is not None:
+            _check_status(self.status)
+
+
+def _check_status(status: int) -> int:
+    if not 400 <= status <= 599:
+        raise ValueError(f"status must be in 400..599, not {status}")
+    return status
+
+
+# ---------------------------------------------------------------------------
+# per-request faults
+
+
+class FaultError(ValueError):
+    """A malformed ``x-sim-fault`` header (answered with 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    status: int | None = None
+    hang_before_headers: bool = False
+    chunks: int | None = None
+    after: AfterAction = "finish"
+    chunk_interval: float | None = None
+    delay: float = 0.0
+    drain_marker: bool = False
+    gzip: bool = False
+    hop_headers: bool = False
+    echo: bool = False
+
+
+NO_FAULT = Fault()
+
+
+def _flag(value: str) -> bool:
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise FaultError(f"expected 1 or 0, got {value!r}")
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise FaultError(f"expected seconds, got {value!r}") from None
+    if not 0 <= s <= MAX_HANG_S:
+        raise FaultError(f"seconds out of range: {value!r}")
+    return s
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise FaultError(f"expected an integer, got {value!r}") from None
+
+
+def parse_fault(header: str | None) -> Fault:
+    """Parse an ``x-sim-fault`` header value (grammar in the module docstring)."""
+    if not header or not header.strip():
+        return NO_FAULT
+    values: dict[str, Any] = {}
+    for item in header.split(";"):
+        if not item.strip():
+            continue
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip().lower(), raw.strip()
+        if not sep:
+            raise FaultError(f"expected key=value, got {item.strip()!r}")
+        if key == "status":
+            try:
+                values["status"] = _check_status(_int(raw))
+            except ValueError as e:
+                raise FaultError(str(e)) from None
+        elif key == "chunks":
+            n = _int(raw)
+            if n < 0:
+                raise FaultError("chunks must be >= 0")
+            values["chunks"] = n
+        elif key == "after":
+            if raw not in ("die", "hang", "finish"):
+                raise FaultError(f"after must be die, hang or finish, not {raw!r}")
+            values["after"] = raw
+        elif key in ("chunk_interval", "delay"):
+            values[key] = _seconds(raw)
+        elif key in ("hang_before_headers", "drain_marker", "gzip", "hop_headers", "echo"):
+            values[key] = _flag(raw)
+        else:
+            raise FaultError(f"unknown fault key {key!r}")
+    return Fault(**values)
+
+
+# ---------------------------------------------------------------------------
+# state and counters
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One /v1 request as the replica saw it; served by GET /_sim/requests."""
+
+    id: str
+    path: str
+    headers: dict[str, str]
+    body_len: int = 0
+    t_start: float = 0.0
+    t_end: float | None = None
+    outcome: str | None = None  # ok | aborted | error | died | None (in progress)
+    status: int | None = None
+    chunks: int = 0  # token events (streaming) or tokens (non-streaming) produced
+    resp_bytes: int = 0  # uncompressed response body bytes sent
+    resp_sha256: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Stats:
+    started: int = 0
+    completed: int = 0
+    aborted: int = 0
+    errors: int = 0
+    health_checks: int = 0
+
+    def as_json(self) -> dict[str, int]:
+        d = dataclasses.asdict(self)
+        d["in_progress"] = self.started - self.completed - self.aborted - self.errors
+        return d
+
+
+class ReplicaState:
+    """Runtime state of one replica: knobs, counters, request log, backend."""
+
+    def __init__(
+        self,
+        cfg: ReplicaConfig,
+        backend: GenerationBackend,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.clock = clock
+        self.t0 = clock()
+        self.not_ready_until = self.t0 + cfg.not_ready_for_s
+        self.flap_period = cfg.flap_period_s
+        self.flap_t0 = self.t0
+        self.speed = cfg.speed
+        self.status = cfg.status
+        self.drain = cfg.drain
+        self.stats = Stats()
+        self.requests: deque[RequestRecord] = deque(maxlen=REQUEST_LOG_SIZE)
+        self._ids = itertools.count(1)
+        self.created = int(time.time())
+        backend.set_speed(cfg.speed)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def flapping_down(self) -> bool:
+        if self.flap_period <= 0:
+            return False
+        return int((self.clock() - self.flap_t0) / self.flap_period) % 2 == 1
+
+    def not_ready(self) -> bool:
+        return self.clock() < self.not_ready_until
+
+    def begin(self, request: web.Request) -> RequestRecord:
+        self.stats.started += 1
+        rid = request.headers.get("x-request-id") or f"{self.cfg.name}-{self.next_id()}"
+        rec = RequestRecord(
+            id=rid,
+            path=request.path,
+            headers=dict(request.headers),
+            t_start=time.time(),
+        )
+        self.requests.append(rec)
+        return rec
+
+    def finish(self, rec: RequestRecord, outcome: str, status: int | None = None) -> None:
+        if rec.outcome is not None:
+            return  # settled once: a late cancel after a die must not count twice
+        rec.outcome = outcome
+        rec.t_end = time.time()
+        if status is not None:
+            rec.status = status
+        if outcome == "ok":
+            self.stats.completed += 1
+        elif outcome == "aborted":
+            self.stats.aborted += 1
+        else:
+            self.stats.errors += 1
+
+    def reset(self) -> None:
+        self.stats = Stats()
+        self.requests.clear()
+
+    def config_json(self) -> dict[str, Any]:
+        return {
+            "name": self.cfg.name,
+            "models": list(self.cfg.models),
+            "not_ready_for": max(0.0, self.not_ready_until - self.clock()),
+            "flap_period": self.flap_period,
+            "speed": self.speed,
+            "status": self.status,
+            "drain": self.drain,
+        }
+
+    def apply_config(self, body: dict[str, Any]) -> None:
+        """Validate all of a POST /_sim/config body, then apply it."""
+        unknown = set(body) - {"not_ready_for", "flap_period", "speed", "status", "drain"}
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        updates: dict[str, Any] = {}
+        for key in ("not_ready_for", "flap_period", "speed"):
+            if key in body:
+                v = body[key]
+                if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                    raise ValueError(f"{key} must be a number >= 0")
+                updates[key] = float(v)
+        if updates.get("speed") == 0.0:
+            raise ValueError("speed must be > 0")
+        if "status" in body:
+            s = body["status"]
+            if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
+                raise ValueError("status must be an integer or null")
+            updates["status"] = None if s is None else _check_status(s)
+        if "drain" in body:
+            if not isinstance(body["drain"], bool):
+                raise ValueError("drain must be true or false")
+            updates["drain"] = body["drain"]
+        now = self.clock()
+        if "not_ready_for" in updates:
+            self.not_ready_until = now + updates["not_ready_for"]
+        if "flap_period" in updates:
+            self.flap_period = updates["flap_period"]
+            self.flap_t0 = now
+        if "speed" in updates:
+            self.speed = updates["speed"]
+            self.backend.set_speed(self.speed)
+        if "status" in updates:
+            self.status = updates["status"]
+        if "drain" in updates:
+            self.drain = updates["drain"]
+
+
+STATE_KEY = web.AppKey("replica_state", ReplicaState)
+
+
+# ---------------------------------------------------------------------------
+# responses
+
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    408: "RequestTimeoutError",
+    413: "RequestTooLargeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An OpenAI-shaped error, as vLLM sends it (``code`` defaults to the status)."""
+    err_type = _ERROR_TYPES.get(status, "ServerError" if status >= 500 else "BadRequestError")
+    body = {"error": {"message": message, "type": err_type, "code": code or status}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def draining_response() -> web.Response:
+    return error_response(503, "replica is draining", code="draining", headers={DRAIN_HEADER: "1"})
+
+
+def orca_header(fmt: str, load: BackendLoad) -> str | None:
+    """vLLM's ORCA load report (``vllm/entrypoints/openai/orca_metrics.py``).
+
+    vLLM reports ``kv_cache_usage_perc`` and ``num_requests_waiting`` as
+    ``named_metrics``; we add ``num_requests_running`` so a gateway can rebuild
+    the whole queue from the header alone. Unknown formats get no header, as
+    in vLLM.
+    """
+    named = {
+        "kv_cache_usage_perc": float(load.kv_usage),
+        "num_requests_waiting": float(load.waiting),
+        "num_requests_running": float(load.running),
+    }
+    f = fmt.strip().lower()
+    if f == "text":
+        return "TEXT " + ", ".join(f"named_metrics.{k}={v}" for k, v in named.items())
+    if f == "json":
+        return "JSON " + json.dumps({"named_metrics": named})
+    return None
+
+
+_HOP_HEADERS = {
+    "Keep-Alive": "timeout=5",
+    "Proxy-Authenticate": "x",
+    "Upgrade": "h2c",
+    "X-Hop": "1",
+    "Connection": "X-Hop",
+}
+
+
+def _token_text(i: int) -> str:
+    return f"t{i} "
+
+
+class _Body:
+    """Counts, hashes and optionally gzips the response body as it is written."""
+
+    def __init__(self, rec: RequestRecord, use_gzip: bool) -> None:
+        self.rec = rec
+        self._sha = hashlib.sha256()
+        # wbits 31 = gzip container; a stream is sync-flushed per event below.
+        self._z = zlib.compressobj(wbits=31) if use_gzip else None
+
+    def encode(self, data: bytes, final: bool = False) -> bytes:
+        self.rec.resp_bytes += len(data)
+        self._sha.update(data)
+        self.rec.resp_sha256 = self._sha.hexdigest()
+        if self._z is None:
+            return data
+        mode = zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH
+        return self._z.compress(data) + self._z.flush(mode)
+
+
+# ---------------------------------------------------------------------------
+# request parsing
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class Generation:
+    kind: Literal["chat", "completion"]
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int
+    prompt_text: str
+    prompt_tokens: int
+    block_hashes: tuple[int, ...] = field(default_factory=tuple)
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, "request body must be a JSON object")
+    return body
+
+
+def _resolve_model(cfg: ReplicaConfig, body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        return cfg.models[0]
+    if not isinstance(model, str):
+        raise BadRequest(400, "model must be a string")
+    if model not in cfg.models:
+        raise BadRequest(404, f"The model `{model}` does not exist.")
+    return model
+
+
+def parse_generation(
+    cfg: ReplicaConfig, body: dict[str, Any], kind: Literal["chat", "completion"]
+) -> Generation:
+    model = _resolve_model(cfg, body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(400, "stream must be a boolean")
+    opts = body.get("stream_options")
+    include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = cfg.default_max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise BadRequest(400, "max_tokens must be an integer >= 1")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise BadRequest(400, "messages must be a list")
+        text = chat_prompt_text(messages)
+    else:
+        if "prompt" not in body:
+            raise BadRequest(400, "prompt is required")
+        text = completion_prompt_text(body["prompt"])
+    return Generation(
+        kind=kind,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        prompt_text=text,
+        prompt_tokens=estimate_tokens(len(text)),
+        block_hashes=block_hashes(text),
+    )
+
+
+# ---------------------------------------------------------------------------
+# handlers
+
+
+async def _hang() -> None:
+    """Wait until cancelled (client gone), at most MAX_HANG_S."""
+    await asyncio.sleep(MAX_HANG_S)
+
+
+async def _die(request: web.Request, state: ReplicaState, rec: RequestRecord) -> None:
+    """Crash mid-response: process exit, or (in-process) an abrupt close."""
+    state.finish(rec, "died")
+    transport = request.transport
+    if state.cfg.exit_on_die:
+        # Let what was written reach the kernel first: the client must see the
+        # N chunks, then the connection drop, as with a real engine crash.
+        deadline = time.monotonic() + 1.0
+        while (
+            transport is not None
+            and transport.get_write_buffer_size() > 0
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.001)
+        sys.stdout.flush()
+        os._exit(1)
+    if transport is not None:
+        transport.close()  # flushes what was written, then FIN: no chunk terminator
+    await _hang()  # connection_lost cancels us
+
+
+def _settle_pre_headers(
+    state: ReplicaState, rec: RequestRecord, fault: Fault
+) -> web.Response | None:
+    """Process-wide knobs and header-time faults, in precedence order."""
+    if state.drain or fault.drain_marker:
+        state.finish(rec, "error", 503)
+        return draining_response()
+    if state.status is not None or fault.status is not None:
+        status = state.status if state.status is not None else fault.status
+        assert status is not None
+        state.finish(rec, "error", status)
+        return error_response(status, f"simulated error {status}")
+    return None
+
+
+def _check_gate(state: ReplicaState, rec: RequestRecord) -> web.Response | None:
+    if state.flapping_down():
+        state.finish(rec, "error", 503)
+        return error_response(503, "replica is flapping (simulated)")
+    if state.not_ready():
+        state.finish(rec, "error", 503)
+        return error_response(503, "replica is not ready yet (simulated loading)")
+    return None
+
+
+def _authorized(cfg: ReplicaConfig, request: web.Request) -> bool:
+    if cfg.api_key is None:
+        return True
+    got = request.headers.get("Authorization", "")
+    return hmac.compare_digest(got.encode(), f"Bearer {cfg.api_key}".encode())
+
+
+def _response_headers(state: ReplicaState, request: web.Request, fault: Fault) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    fmt = request.headers.get(ORCA_REQUEST_HEADER)
+    if fmt:
+        value = orca_header(fmt, state.backend.load())
+        if value is not None:
+            headers[ORCA_RESPONSE_HEADER] = value
+    rid = request.headers.get("x-request-id")
+    if rid:
+        headers["x-request-id"] = rid
+    if fault.hop_headers:
+        headers.update(_HOP_HEADERS)
+    if fault.gzip:
+        headers["Content-Encoding"] = "gzip"
+    return headers
+
+
+def _chunk(gen: Generation, rid: str, created: int, i: int | None, finish: str | None) -> bytes:
+    choice: dict[str, Any]
+    if gen.kind == "chat":
+        delta: dict[str, Any] = {}
+        if i == 0:
+            delta["role"] = "assistant"
+        delta["content"] = "" if i is None else _token_text(i)
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        text = "" if i is None else _token_text(i)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    payload = {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": gen.model,
+        "choices": [choice],
+    }
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage(gen: Generation, n: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": gen.prompt_tokens + n,
+    }
+
+
+async def _tokens(
+    state: ReplicaState, job: Job, limit: int, chunk_interval: float | None
+) -> AsyncGenerator[int, None]:
+    """Token indices as the backend produces them, paced by ``chunk_interval``.
+
+    The backend's iterator is closed on every exit (limit reached, client
+    gone, die/hang), so its slot and cache accounting are freed at once and
+    not whenever the garbage collector finalizes it.
+    """
+    produced = 0
+    last = 0.0
+    steps = state.backend.generate(job)
+    try:
+        async for new in steps:
+            for _ in range(max(0, new)):
+                if produced >= limit:
+                    return
+                if chunk_interval and produced:
+                    wait = last + chunk_interval - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                last = time.monotonic()
+                yield produced
+                produced += 1
+            if produced >= limit:
+                return
+    finally:
+        aclose = getattr(steps, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _generate(
+    request: web.Request, kind: Literal["chat", "completion"]
+) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    cfg = state.cfg
+    if not _authorized(cfg, request):
+        # vLLM answers 401 before doing anything: not counted as a started request.
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    rec = state.begin(request)
+    try:
+        return await _generate_inner(request, state, rec, kind)
+    except asyncio.CancelledError:
+        state.finish(rec, "aborted")
+        raise
+    except ConnectionResetError:
+        state.finish(rec, "aborted")
+        raise
+    finally:
+        if rec.outcome is None:
+            state.finish(rec, "error", 500)
+
+
+async def _generate_inner(
+    request: web.Request,
+    state: ReplicaState,
+    rec: RequestRecord,
+    kind: Literal["chat", "completion"],
+) -> web.StreamResponse:
+    raw = await request.read()
+    rec.body_len = len(raw)
+    try:
+        fault = parse_fault(request.headers.get(FAULT_HEADER))
+    except FaultError as e:
+        state.finish(rec, "error", 400)
+        return error_response(400, f"bad {FAULT_HEADER} header: {e}")
+    gate = _check_gate(state, rec)
+    if gate is not None:
+        return gate
+    if fault.delay:
+        await asyncio.sleep(fault.delay)
+    if fault.hang_before_headers:
+        await _hang()
+    early = _settle_pre_headers(state, rec, fault)
+    if early is not None:
+        return early
+    try:
+        gen = parse_generation(state.cfg, _parse_json_object(raw), kind)
+    except BadRequest as e:
+        state.finish(rec, "error", e.status)
+        return error_response(e.status, e.message)
+
+    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+    rid = prefix + rec.id
+    job = Job(
+        request_id=rec.id,
+        prompt_text=gen.prompt_text,
+        prompt_tokens=gen.prompt_tokens,
+        block_hashes=gen.block_hashes,
+        max_tokens=gen.max_tokens,
+    )
+    limit = gen.max_tokens if fault.chunks is None else min(gen.max_tokens, fault.chunks)
+    cut = fault.chunks is not None and fault.chunks < gen.max_tokens
+    body = _Body(rec, fault.gzip)
+    created = state.created
+
+    if not gen.stream:
+        n = 0
+        async with contextlib.aclosing(_tokens(state, job, limit, fault.chunk_interval)) as toks:
+            async for _ in toks:
+                n += 1
+                rec.chunks = n
+        if cut and fault.after == "die":
+            await _die(request, state, rec)
+        if cut and fault.after == "hang":
+            await _hang()
+        finish_reason = "length" if n >= gen.max_tokens else "stop"
+        text = "".join(_token_text(i) for i in range(n))
+        if kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        payload = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": gen.model,
+            "choices": [choice],
+            "usage": _usage(gen, n),
+        }
+        data = body.encode(json.dumps(payload, separators=(",", ":")).encode(), final=True)
+        headers = _response_headers(state, request, fault)
+        state.finish(rec, "ok", 200)
+        return web.Response(body=data, content_type="application/json", headers=headers)
+
+    resp = web.StreamResponse(headers=_response_headers(state, request, fault))
+    resp.content_type = "text/event-stream"
+    resp.headers["Cache-Control"] = "no-cache"
+    await resp.prepare(request)
+    rec.status = 200
+    n = 0
+    async with contextlib.aclosing(_tokens(state, job, limit, fault.chunk_interval)) as toks:
+        async for i in toks:
+            reason = "length" if i + 1 == gen.max_tokens else None
+            await resp.write(body.encode(_chunk(gen, rid, created, i, reason)))
+            n += 1
+            rec.chunks = n
+    if cut and fault.after == "die":
+        await _die(request, state, rec)
+    if cut and fault.after == "hang":
+        await _hang()
+    if n < gen.max_tokens:
+        # Cut short by after=finish (or a backend that stopped early): a
+        # normal end still carries a finish_reason.
+        await resp.write(body.encode(_chunk(gen, rid, created, None, "stop")))
+    if gen.include_usage:
+        usage_chunk: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": created,
+            "model": gen.model,
+            "choices": [],
+            "usage": _usage(gen, n),
+        }
+        await resp.write(
+            body.encode(
+                b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode() + b"\n\n"
+            )
+        )
+    await resp.write(body.encode(b"data: [DONE]\n\n", final=True))
+    await resp.write_eof()
+    state.finish(rec, "ok", 200)
+    return resp
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+def _embedding(text: str) -> list[float]:
+    """A small deterministic unit-ish vector derived from the text."""
+    seed = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    raw = struct.unpack(f"<{EMBEDDING_DIM}h", seed[: 2 * EMBEDDING_DIM])
+    return [round(v / 32768.0, 6) for v in raw]
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    if not _authorized(state.cfg, request):
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    rec = state.begin(request)
+    try:
+        raw = await request.read()
+        rec.body_len = len(raw)
+        fault = parse_fault(request.headers.get(FAULT_HEADER))
+        gate = _check_gate(state, rec) or _settle_pre_headers(state, rec, fault)
+        if gate is not None:
+            return gate
+        body = _parse_json_object(raw)
+        model = _resolve_model(state.cfg, body)
+        inp = body.get("input")
+        items = [inp] if isinstance(inp, str) else inp
+        if not isinstance(items, list) or not items:
+            raise BadRequest(400, "input must be a string or a non-empty list")
+        texts = [x if isinstance(x, str) else json.dumps(x) for x in items]
+        tokens = sum(estimate_tokens(len(t)) for t in texts)
+        payload = {
+            "object": "list",
+            "model": model,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _embedding(t)}
+                for i, t in enumerate(texts)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        state.finish(rec, "ok", 200)
+        return web.json_response(payload, headers=_response_headers(state, request, fault))
+    except FaultError as e:
+        state.finish(rec, "error", 400)
+        return error_response(400, f"bad {FAULT_HEADER} header: {e}")
+    except BadRequest as e:
+        state.finish(rec, "error", e.status)
+        return error_response(e.status, e.message)
+    except asyncio.CancelledError:
+        state.finish(rec, "aborted")
+        raise
+    finally:
+        if rec.outcome is None:
+            state.finish(rec, "error", 500)
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    if not _authorized(state.cfg, request):
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    data = [
+        {"id": m, "object": "model", "created": state.created, "owned_by": OWNED_BY}
+        for m in state.cfg.models
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    state.stats.health_checks += 1
+    if state.flapping_down():
+        return web.Response(status=503, text="flapping")
+    return web.Response(status=200)
+
+
+# ---------------------------------------------------------------------------
+# /metrics
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+def render_metrics(cfg: ReplicaConfig, load: BackendLoad) -> str:
+    """Prometheus text exposition with vLLM's or SGLang's metric names.
+
+    Names checked against the sources: vLLM v1 ``vllm/v1/metrics/loggers.py``
+    (gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+    ``vllm:kv_cache_usage_perc``; counters ``vllm:prefix_cache_queries`` and
+    ``vllm:prefix_cache_hits``, exposed with ``_total``, in tokens;
+    ``vllm:num_preemptions``; labels ``model_name`` and ``engine``, the DP
+    rank) and SGLang ``python/sglang/srt/metrics/collector.py`` (gauges
+    ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
+    ``sglang:token_usage``, ``sglang:cache_hit_rate``; label ``model_name``).
+    """
+    model = cfg.models[0].replace("\\", "\\\\").replace('"', '\\"')
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            lines.append(f"{name}{suffix}{{{labels}}} {_fmt(value)}")
+
+    if cfg.metrics == "vllm":
+        lab = f'model_name="{model}",engine="0"'
+        metric(
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            [("", lab, load.running)],
+        )
+        metric(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            [("", lab, load.waiting)],
+        )
+        metric(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            [("", lab, load.kv_usage)],
+        )
+        metric(
+            "vllm:prefix_cache_queries",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            [("_total", lab, load.prefix_queries)],
+        )
+        metric(
+            "vllm:prefix_cache_hits",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            [("_total", lab, load.prefix_hits)],
+        )
+        metric(
+            "vllm:num_preemptions",
+            "counter",
+            "Cumulative number of preemption from the engine.",
+            [("_total", lab, load.preemptions)],
+        )
+    else:
+        lab = f'model_name="{model}"'
+        hit_rate = load.prefix_hits / load.prefix_queries if load.prefix_queries else 0.0
+        metric(
+            "sglang:num_running_reqs",
+            "gauge",
+            "The number of running requests.",
+            [("", lab, load.running)],
+        )
+        metric(
+            "sglang:num_queue_reqs",
+            "gauge",
+            "The number of requests in the waiting queue.",
+            [("", lab, load.waiting)],
+        )
+        metric("sglang:token_usage", "gauge", "The token usage.", [("", lab, load.kv_usage)])
+        metric(
+            "sglang:cache_hit_rate", "gauge", "The prefix cache hit rate.", [("", lab, hit_rate)]
+        )
+    if load.expert_tokens:
+        metric(
+            "dp_sim:expert_tokens",
+            "counter",
+            "Tokens routed to each expert (simulated).",
+            [
+                ("_total", f'model_name="{model}",expert="{i}"', v)
+                for i, v in enumerate(load.expert_tokens)
+            ],
+        )
+    if load.expert_overflow:
+        metric(
+            "dp_sim:expert_overflow",
+            "counter",
+            "Tokens dropped by each expert's capacity limit (simulated).",
+            [
+                ("_total", f'model_name="{model}",expert="{i}"', v)
+                for i, v in enumerate(load.expert_overflow)
+            ],
+        )
+    return "\n".join(lines) + "\n"
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    text = render_metrics(state.cfg, state.backend.load())
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# /_sim control
+
+
+async def sim_stats(request: web.Request) -> web.StreamResponse:
+    return web.json_response(request.app[STATE_KEY].stats.as_json())
+
+
+async def sim_requests(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    return web.json_response([r.as_json() for r in state.requests])
+
+
+async def sim_reset(request: web.Request) -> web.StreamResponse:
+    request.app[STATE_KEY].reset()
+    return web.json_response({"ok": True})
+
+
+async def sim_config_get(request: web.Request) -> web.StreamResponse:
+    return web.json_response(request.app[STATE_KEY].config_json())
+
+
+async def sim_config_post(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    try:
+        body = _parse_json_object(await request.read())
+        state.apply_config(body)
+    except BadRequest as e:
+        return error_response(e.status, e.message)
+    except ValueError as e:
+        return error_response(400, str(e))
+    return web.json_response(state.config_json())
+
+
+# ---------------------------------------------------------------------------
+# app, in-process runner, CLI
+
+
+def create_replica_app(
+    cfg: ReplicaConfig, backend: GenerationBackend | None = None
+) -> web.Application:
+    """The aiohttp app of one replica; ``backend`` defaults to a PacedBackend."""
+    if backend is None:
+        backend = PacedBackend(cfg.token_interval_s, cfg.ttft_s, cfg.max_running)
+    app = web.Application()
+    app[STATE_KEY] = ReplicaState(cfg, backend)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/_sim/stats", sim_stats)
+    app.router.add_get("/_sim/requests", sim_requests)
+    app.router.add_post("/_sim/reset", sim_reset)
+    app.router.add_get("/_sim/config", sim_config_get)
+    app.router.add_post("/_sim/config", sim_config_post)
+    return app
+
+
+def _runner(app: web.Application) -> web.AppRunner:
+    # handler_cancellation: a client that goes away cancels its handler at
+    # once, which is how "aborted" is detected promptly (and how a real
+    # engine frees the request). access_log off: tests and demos read counters.
+    return web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+    )
+
+
+@contextlib.asynccontextmanager
+async def run_replica(
+    cfg: ReplicaConfig,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    backend: GenerationBackend | None = None,
+) -> AsyncIterator[tuple[str, ReplicaState]]:
+    """Serve one replica in the current event loop; yields ``(url, state)``."""
+    app = create_replica_app(cfg, backend)
+    runner = _runner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = _bound_port(runner)
+        yield f"http://{host}:{bound}", app[STATE_KEY]
+    finally:
+        await runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    addrs = runner.addresses
+    if not addrs:
+        raise RuntimeError("replica did not bind")
+    return int(addrs[0][1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dp-router replica",
+        description="Run simulated vLLM/SGLang replica(s); one --port per replica, one loop.",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        required=True,
+        help="port to serve a replica on (repeat for more; 0 = any free port)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        help="served model name (repeatable; default sim-model)",
+    )
+    p.add_argument(
+        "--name", help="replica name (default host:port; suffixed -i with several ports)"
+    )
+    p.add_argument("--token-interval", type=float, default=0.01, help="seconds per output token")
+    p.add_argument("--ttft", type=float, default=0.0, help="seconds to the first token")
+    p.add_argument("--max-tokens", type=int, default=16, help="output tokens when not requested")
+    p.add_argument("--metrics", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument("--not-ready-for", type=float, default=0.0)
+    p.add_argument("--flap-period", type=float, default=0.0)
+    p.add_argument("--max-running", type=int, default=None)
+    p.add_argument("--speed", type=float, default=1.0, help="slow-down factor (10 = 10x slower)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> list[ReplicaConfig]:
+    ports: list[int] = args.port
+    cfgs = []
+    for i, port in enumerate(ports):
+        if args.name:
+            name = args.name if len(ports) == 1 else f"{args.name}-{i}"
+        else:
+            name = f"{args.host}:{port}"  # port 0 is renamed once bound
+        cfgs.append(
+            ReplicaConfig(
+                name=name,
+                models=tuple(args.models or ("sim-model",)),
+                token_interval_s=args.token_interval,
+                ttft_s=args.ttft,
+                default_max_tokens=args.max_tokens,
+                metrics=args.metrics,
+                not_ready_for_s=args.not_ready_for,
+                flap_period_s=args.flap_period,
+                max_running=args.max_running,
+                api_key=args.api_key,
+                speed=args.speed,
+                exit_on_die=True,
+            )
+        )
+    return cfgs
+
+
+async def serve(host: str, ports: Sequence[int], cfgs: Sequence[ReplicaConfig]) -> None:
+    """Serve every replica until SIGTERM/SIGINT, then shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runners: list[web.AppRunner] = []
+    try:
+        for port, cfg in zip(ports, cfgs, strict=True):
+            app = create_replica_app(cfg)
+            runner = _runner(app)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, host, port).start()
+            bound = _bound_port(runner)
+            state = app[STATE_KEY]
+            if port == 0 and cfg.name == f"{host}:0":
+                state.cfg = dataclasses.replace(cfg, name=f"{host}:{bound}")
+            print(
+                f"ready {bound} name={state.cfg.name} url=http://{host}:{bound} "
+                f"metrics={cfg.metrics}",
+                flush=True,
+            )
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfgs = configs_from_args(args)
+    except ValueError as e:
+        print(f"dp-router replica: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(serve(args.host, args.port, cfgs))
+    else:
+        uvloop.run(serve(args.host, args.port, cfgs))
+    return 0
