@@ -1,0 +1,75 @@
+"""The admin listener: /metrics, probes and a read-only view of replicas.
+
+It binds 127.0.0.1 by default (M23). When a token is configured every
+/admin route requires it (compared in constant time, M22); it is required
+whenever the listener is not on loopback (checked at start-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+
+from aiohttp import web
+
+from router.errors import ErrorKind, error_response
+from router.proxy import Proxy
+
+PROXY_KEY = web.AppKey("proxy", Proxy)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    if not token:
+        return True
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and its event loop answer."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: not shutting down, and at least one replica routable."""
+    proxy = request.app[PROXY_KEY]
+    if proxy.shutting_down:
+        return web.json_response({"status": "shutting_down"}, status=503)
+    now = asyncio.get_running_loop().time()
+    if not any(r.routable(now) and r.models for r in proxy.registry):
+        return web.json_response({"status": "no_routable_replica"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+def create_admin_app(proxy: Proxy, token: str) -> web.Application:
+    app = web.Application()
+    app[PROXY_KEY] = proxy
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=proxy.metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def replicas(request: web.Request) -> web.Response:
+        if not _authorized(request, token):
+            return error_response(ErrorKind.UNAUTHORIZED, "missing or wrong admin token")
+        now = asyncio.get_running_loop().time()
+        return web.json_response(
+            {"policy": proxy.policy.name, "replicas": [r.describe(now) for r in proxy.registry]}
+        )
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/replicas", replicas)
+    return app

@@ -1,0 +1,386 @@
+"""Typed configuration: a TOML file (stdlib tomllib), validated once at load.
+
+Every problem is reported as ``ConfigError("<key path>: <what is wrong>")`` so
+``dp-router check-config`` and ``serve`` can exit with one clear line instead
+of a traceback. Unknown keys are errors: a typo in a timeout must not silently
+fall back to a default. A few keys deployments change per environment can be
+overridden by environment variables (ENV_OVERRIDES); defaults live here only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from policies import registry
+
+ENV_OVERRIDES = {
+    "DP_ROUTER_HOST": ("server", "host"),
+    "DP_ROUTER_PORT": ("server", "port"),
+    "DP_ROUTER_ADMIN_HOST": ("admin", "host"),
+    "DP_ROUTER_ADMIN_PORT": ("admin", "port"),
+    "DP_ROUTER_ADMIN_TOKEN": ("admin", "token"),
+    "DP_ROUTER_REDIS_URL": ("redis", "url"),
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the operator: key path, then the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # 10 MiB: long-context prompts reach a few MB of JSON; beyond that is abuse.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Peers whose X-Forwarded-For we extend instead of replacing (CIDRs).
+    trusted_proxies: tuple[str, ...] = ()
+    replica_header: bool = True
+    access_log: bool = True
+    # SIGTERM: readiness false at once, then in-flight requests get this long.
+    shutdown_timeout_s: float = 30.0
+    # Readiness goes false this long before the listener closes, so the load
+    # balancer in front sees /readyz fail and stops sending first.
+    shutdown_delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "127.0.0.1"  # loopback unless the operator says otherwise (M23)
+    port: int = 8081
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout_s: float = 2.0
+    # Streaming only: vLLM sends headers when the first token is ready.
+    first_byte_timeout_s: float = 60.0
+    # Longest silence between two chunks of a started stream.
+    idle_timeout_s: float = 60.0
+    # Non-streaming: vLLM sends nothing until the whole completion is done, so
+    # this must exceed the longest generation; it is never retried.
+    response_timeout_s: float = 600.0
+    keepalive_timeout_s: float = 30.0
+    # Re-read GET /v1/models of replicas whose models are not configured.
+    models_refresh_s: float = 30.0
+    max_retries: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    enabled: bool = True
+    path: str = "/health"
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+    healthy_threshold: int = 2  # HAProxy rise 2
+    unhealthy_threshold: int = 3  # HAProxy fall 3
+    slow_start_s: float = 30.0
+    slow_start_aggression: float = 1.0
+    slow_start_min_weight: float = 0.1  # Envoy's minimum 10 %
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    enabled: bool = True
+    consecutive_failures: int = 5  # Envoy consecutive_5xx default
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejection_percent: float = 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    budget_ratio: float = 0.2  # Finagle: each request deposits 0.2 ...
+    budget_reserve: int = 3  # ... and a quiet gateway can still retry 3 times
+    max_concurrent_retries: int = 10
+    backoff_base_s: float = 0.025  # Envoy: full jitter, 25 ms base ...
+    backoff_max_s: float = 0.25  # ... 250 ms cap
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    queue_timeout_s: float = 5.0
+    max_queue: int = 1000
+    reject_status: int = 429
+    # When no replica is routable: "fail" answers 503 + Retry-After at once;
+    # "panic" routes to every replica that serves the model (Envoy's panic).
+    when_none_routable: str = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    policy: str = registry.DEFAULT_POLICY
+    params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    url: str
+    name: str
+    models: tuple[str, ...] | None = None  # None: discover from GET /v1/models
+    weight: float = 1.0
+    api_key: str = ""
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    replicas: tuple[ReplicaConfig, ...]
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    health: HealthConfig = HealthConfig()
+    outlier: OutlierConfig = OutlierConfig()
+    retry: RetryConfig = RetryConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    routing: RoutingConfig = RoutingConfig()
+    redis: RedisConfig = RedisConfig()
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "admin": AdminConfig,
+    "upstream": UpstreamConfig,
+    "health": HealthConfig,
+    "outlier": OutlierConfig,
+    "retry": RetryConfig,
+    "admission": AdmissionConfig,
+    "redis": RedisConfig,
+}
+
+
+def _check_type(path: str, value: Any, default: Any) -> Any:
+    """Coerce/validate ``value`` against the type of the field's default."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be finite")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def _section(name: str, cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    defaults = cls()
+    values = {
+        key: _check_type(f"{name}.{key}", value, getattr(defaults, key))
+        for key, value in data.items()
+    }
+    return cls(**values)
+
+
+def _positive(path: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _port(path: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{path}: must be a port number 0-65535, got {value}")
+
+
+def parse_replica_url(path: str, url: str) -> str:
+    """Only http(s) URLs with a host: the upstream never comes from a request (M42)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{path}: expected an http(s) URL with a host, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{path}: must not carry a query or fragment")
+    return url.rstrip("/")
+
+
+def default_replica_name(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
+
+
+def _replica(i: int, data: Any) -> ReplicaConfig:
+    path = f"replicas[{i}]"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table")
+    allowed = {"url", "name", "models", "weight", "api_key", "api_key_env", "max_concurrency"}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
+    if "url" not in data:
+        raise ConfigError(f"{path}.url: required")
+    url = parse_replica_url(f"{path}.url", _check_type(f"{path}.url", data["url"], ""))
+    name = _check_type(f"{path}.name", data.get("name", default_replica_name(url)), "")
+    if not name or any(c.isspace() for c in name):
+        raise ConfigError(f"{path}.name: must be non-empty without spaces, got {name!r}")
+    models = None
+    if "models" in data:
+        models = _check_type(f"{path}.models", data["models"], ())
+        if not models:
+            raise ConfigError(f"{path}.models: must not be empty (omit it to discover models)")
+    weight = _check_type(f"{path}.weight", data.get("weight", 1.0), 1.0)
+    _positive(f"{path}.weight", weight, allow_zero=True)
+    api_key = _check_type(f"{path}.api_key", data.get("api_key", ""), "")
+    if "api_key_env" in data:
+        env_name = _check_type(f"{path}.api_key_env", data["api_key_env"], "")
+        if env_name not in os.environ:
+            raise ConfigError(f"{path}.api_key_env: environment variable {env_name} is not set")
+        api_key = os.environ[env_name]
+    max_conc = data.get("max_concurrency")
+    if max_conc is not None:
+        max_conc = _check_type(f"{path}.max_concurrency", max_conc, 0)
+        _positive(f"{path}.max_concurrency", max_conc)
+    return ReplicaConfig(url, name, models, weight, api_key, max_conc)
+
+
+def _routing(data: Any) -> RoutingConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("routing: expected a table")
+    for key in data:
+        if key not in ("policy", "params", "seed"):
+            raise ConfigError(f"routing.{key}: unknown key (known: params, policy, seed)")
+    policy = _check_type("routing.policy", data.get("policy", registry.DEFAULT_POLICY), "")
+    params = data.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError("routing.params: expected a table")
+    seed = data.get("seed")
+    if seed is not None:
+        seed = _check_type("routing.seed", seed, 0)
+    try:
+        registry.create(policy, dict(params), seed)
+    except ValueError as exc:
+        raise ConfigError(f"routing.policy: {exc}") from None
+    return RoutingConfig(policy, dict(params), seed)
+
+
+def _validate(cfg: Config) -> None:
+    _port("server.port", cfg.server.port)
+    _port("admin.port", cfg.admin.port)
+    _positive("server.max_body_bytes", cfg.server.max_body_bytes)
+    _positive("server.shutdown_timeout_s", cfg.server.shutdown_timeout_s, allow_zero=True)
+    _positive("server.shutdown_delay_s", cfg.server.shutdown_delay_s, allow_zero=True)
+    for i, cidr in enumerate(cfg.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies[{i}]: not an IP network: {cidr!r}") from None
+    for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s",
+                "response_timeout_s", "keepalive_timeout_s", "models_refresh_s"):
+        _positive(f"upstream.{key}", getattr(cfg.upstream, key))
+    _positive("upstream.max_retries", cfg.upstream.max_retries, allow_zero=True)
+    h = cfg.health
+    _positive("health.interval_s", h.interval_s)
+    _positive("health.timeout_s", h.timeout_s)
+    _positive("health.healthy_threshold", h.healthy_threshold)
+    _positive("health.unhealthy_threshold", h.unhealthy_threshold)
+    _positive("health.slow_start_s", h.slow_start_s, allow_zero=True)
+    _positive("health.slow_start_aggression", h.slow_start_aggression)
+    if not 0 < h.slow_start_min_weight <= 1:
+        raise ConfigError("health.slow_start_min_weight: must be in (0, 1]")
+    if not h.path.startswith("/"):
+        raise ConfigError(f"health.path: must start with '/', got {h.path!r}")
+    o = cfg.outlier
+    _positive("outlier.consecutive_failures", o.consecutive_failures)
+    _positive("outlier.base_ejection_s", o.base_ejection_s)
+    if o.max_ejection_s < o.base_ejection_s:
+        raise ConfigError("outlier.max_ejection_s: must be >= outlier.base_ejection_s")
+    if not 0 <= o.max_ejection_percent <= 100:
+        raise ConfigError("outlier.max_ejection_percent: must be in [0, 100]")
+    r = cfg.retry
+    _positive("retry.budget_ratio", r.budget_ratio, allow_zero=True)
+    _positive("retry.budget_reserve", r.budget_reserve, allow_zero=True)
+    _positive("retry.max_concurrent_retries", r.max_concurrent_retries, allow_zero=True)
+    _positive("retry.backoff_base_s", r.backoff_base_s, allow_zero=True)
+    _positive("retry.backoff_max_s", r.backoff_max_s, allow_zero=True)
+    a = cfg.admission
+    _positive("admission.queue_timeout_s", a.queue_timeout_s, allow_zero=True)
+    _positive("admission.max_queue", a.max_queue, allow_zero=True)
+    if a.reject_status not in (429, 503):
+        raise ConfigError("admission.reject_status: must be 429 or 503")
+    if a.when_none_routable not in ("fail", "panic"):
+        raise ConfigError("admission.when_none_routable: must be \"fail\" or \"panic\"")
+    if cfg.redis.url and urlsplit(cfg.redis.url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis.url: expected redis://, rediss:// or unix://")
+    if not cfg.replicas:
+        raise ConfigError("replicas: at least one replica is required")
+    seen: set[str] = set()
+    for i, rep in enumerate(cfg.replicas):
+        if rep.name in seen:
+            raise ConfigError(f"replicas[{i}].name: duplicate replica name {rep.name!r}")
+        seen.add(rep.name)
+
+
+def from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Build and validate a Config from parsed TOML plus environment overrides."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = (env if env is not None else os.environ).get(var)
+        if value is None or value == "":
+            continue
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table")
+        table[key] = int(value) if key == "port" and value.isdigit() else value
+    known = {*_SECTIONS, "replicas", "routing"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+    sections = {name: _section(name, cls, data[name]) for name, cls in _SECTIONS.items()
+                if name in data}
+    raw_replicas = data.get("replicas", [])
+    if not isinstance(raw_replicas, list):
+        raise ConfigError("replicas: expected an array of tables ([[replicas]])")
+    replicas = tuple(_replica(i, r) for i, r in enumerate(raw_replicas))
+    routing = _routing(data["routing"]) if "routing" in data else RoutingConfig()
+    cfg = Config(replicas=replicas, routing=routing, **sections)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(data, env)
+
+
+def with_overrides(cfg: Config, **sections: Any) -> Config:
+    """A copy with whole sections replaced (for CLI flags and tests)."""
+    return replace(cfg, **sections)

@@ -1,0 +1,621 @@
+"""The data path: parse -> route -> forward (streaming) -> account.
+
+One request's life:
+
+1. read the body once (size-limited), parse only what routing needs;
+2. ``routing.decide`` picks a replica; ``load.dispatch`` returns the ticket;
+3. forward the ORIGINAL bytes; stream the answer back chunk by chunk;
+4. settle the ticket in ``finally`` (success, error, cancel alike).
+
+Failures before the first byte reached the client (connect refused, reset,
+502/503/504, a stream's first-byte timeout) are retried on a different
+replica while the retry policy allows. After the first byte nothing is
+retried: a stream gets an in-band SSE error event and never a fake [DONE].
+A client that goes away cancels the handler (aiohttp ``handler_cancellation``)
+or fails our write; either way the upstream response is closed, so the engine
+sees the disconnect and aborts the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from policies.base import BasePolicy, RouteRequest
+from router import headers as hdr
+from router.config import Config
+from router.errors import ErrorKind, GatewayError, error_response, sse_error_event
+from router.load import Outcome, Ticket, dispatch
+from router.metrics import UNKNOWN, Metrics
+from router.replicas import Registry, Replica
+from router.request_info import parse_body, summarize
+from router.resilience import Resilience
+from router.routing import NoRoute, Routed, decide
+
+access_log = logging.getLogger("dp_router.access")
+log = logging.getLogger("dp_router.proxy")
+
+# Expected output of a request without max_tokens, before any is observed:
+# a typical chat answer (Azure conv trace median ~130, mean ~210).
+DEFAULT_EXPECTED_OUTPUT_TOKENS = 256
+OUTPUT_EWMA_ALPHA = 0.05  # ~20 requests of memory: adapts within a minute
+_USAGE_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_SSE_EVENT = b"data:"
+_DONE_EVENT = b"data: [DONE]"
+
+
+class Retryable(Exception):
+    """An attempt failed before any byte reached the client."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        reason: str,
+        kind: ErrorKind,
+        message: str,
+        passthrough: web.Response | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.reason = reason
+        self.kind = kind
+        self.message = message
+        # The upstream's own answer (a 502/503/504), returned if not retried.
+        self.passthrough = passthrough
+
+
+@dataclass(slots=True)
+class Attempted:
+    response: web.StreamResponse
+    outcome: Outcome
+    status: int
+    ttfb: float | None
+    output_tokens: int | None
+
+
+class Record:
+    """What the access log and the request metrics report for one request."""
+
+    __slots__ = (
+        "attempts", "bytes_in", "bytes_out", "model", "model_label", "outcome", "reason",
+        "replica", "request_id", "status", "ttfb",
+    )
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.model: str | None = None
+        self.model_label = UNKNOWN
+        self.replica: str | None = None
+        self.reason = ""
+        self.status = 0
+        self.ttfb: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.attempts = 0
+        self.outcome = ""
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        policy: BasePolicy,
+        metrics: Metrics,
+        resilience: Resilience,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.policy = policy
+        self.metrics = metrics
+        self.resilience = resilience
+        self.session: aiohttp.ClientSession | None = None
+        self.forwarded_for = hdr.ForwardedFor(config.server.trusted_proxies)
+        self._expected_output: dict[str, float] = {}
+        self.shutting_down = False
+        up = config.upstream
+        self._first_byte_timeout = up.first_byte_timeout_s
+        self._idle_timeout = up.idle_timeout_s
+        self._response_timeout = up.response_timeout_s
+        self._max_body = config.server.max_body_bytes
+        self._replica_header = config.server.replica_header
+        self._access_log = config.server.access_log
+
+    # -- entry points -------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "completions")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "embeddings")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self.registry.model_list()})
+
+    # -- the request --------------------------------------------------------
+
+    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        record = Record(hdr.request_id_from(request.headers))
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._serve(request, endpoint, record, t0)
+            return response
+        except GatewayError as exc:
+            response = self._error(record, exc.kind, exc.message, exc.retry_after_s)
+            return response
+        except asyncio.CancelledError:
+            record.outcome = record.outcome or Outcome.CLIENT_DISCONNECT.value
+            record.status = 499  # nginx's "client closed request", for logs only
+            raise
+        finally:
+            if response is not None and not record.status:
+                record.status = response.status
+            self._finish(record, t0, loop.time(), request)
+
+    async def _serve(
+        self, request: web.Request, endpoint: str, record: Record, t0: float
+    ) -> web.StreamResponse:
+        if self.shutting_down:
+            raise GatewayError(ErrorKind.SHUTTING_DOWN, "the gateway is shutting down")
+        body = await self._read_body(request)
+        record.bytes_in = len(body)
+        summary = summarize(endpoint, parse_body(body))
+        record.model = summary.model
+        if self.registry.knows_model(summary.model):
+            record.model_label = summary.model
+        expected = summary.max_tokens
+        if expected is None:
+            expected = int(self._expected_output.get(summary.model, DEFAULT_EXPECTED_OUTPUT_TOKENS))
+        route_req = RouteRequest(
+            summary.model,
+            stream=summary.stream,
+            prompt_tokens=summary.prompt_tokens,
+            max_tokens=summary.max_tokens,
+            expected_output_tokens=expected,
+            session_key=request.headers.get(hdr.SESSION_HEADER),
+            prompt_text=summary.prompt_text,
+            request_id=record.request_id,
+        )
+        return await self._forward(request, body, route_req, record, t0)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Routing must read the body; we do not inflate untrusted input (M37).
+            raise GatewayError(
+                ErrorKind.UNSUPPORTED_ENCODING,
+                f"Content-Encoding {encoding[:32]!r} is not supported; send an identity body",
+            )
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise GatewayError(
+                ErrorKind.TOO_LARGE, f"request body exceeds {self._max_body} bytes"
+            )
+        try:
+            return await request.read()  # enforces client_max_size while streaming
+        except web.HTTPRequestEntityTooLarge:
+            raise GatewayError(
+                ErrorKind.TOO_LARGE, f"request body exceeds {self._max_body} bytes"
+            ) from None
+
+    async def _forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        route_req: RouteRequest,
+        record: Record,
+        t0: float,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        tried: list[str] = []
+        last_failure: Retryable | None = None
+        res = self.resilience
+        res.on_request()
+        while True:
+            routed = await res.route(
+                lambda: decide(
+                    route_req, self.registry, self.policy, loop.time(),
+                    exclude=tried, panic=res.panic,
+                )
+            )
+            if isinstance(routed, NoRoute):
+                return self._no_route(record, routed, last_failure)
+            replica = routed.replica
+            record.replica = replica.name
+            record.reason = routed.decision.reason
+            record.attempts += 1
+            self.metrics.decisions.labels(self.policy.name, routed.decision.reason).inc()
+            failure: Retryable | None = None
+            outcome = Outcome.CLIENT_DISCONNECT
+            now = loop.time()
+            ticket = dispatch(replica.load, route_req.cost_tokens)
+            self.policy.on_dispatch(route_req, replica.name, now)
+            self._publish_load(replica)
+            try:
+                result = await self._attempt(request, body, route_req, routed, t0, record)
+                outcome = result.outcome
+                record.status = result.status
+                record.ttfb = result.ttfb
+                self._learn(route_req, replica, result, loop.time(), t0)
+                return result.response
+            except Retryable as exc:
+                failure = exc
+                outcome = exc.outcome
+            finally:
+                self._settle(ticket, route_req, replica, outcome, loop.time())
+            last_failure = failure
+            tried.append(replica.name)
+            if len(tried) > self.config.upstream.max_retries or not await res.allow_retry(
+                failure.reason
+            ):
+                return self._give_up(record, failure)
+            self.metrics.retries.labels(failure.reason).inc()
+
+    def _settle(
+        self, ticket: Ticket, route_req: RouteRequest, replica: Replica, outcome: Outcome,
+        now: float,
+    ) -> None:
+        """The one place a dispatched request's load is released."""
+        if not ticket.close(outcome):
+            return
+        self.metrics.attempts.labels(replica.name, outcome.value).inc()
+        self._publish_load(replica)
+        self.policy.on_complete(route_req, replica.name, outcome, now)
+        self.resilience.on_settled(replica, outcome, now)
+
+    def _publish_load(self, replica: Replica) -> None:
+        self.metrics.in_flight.labels(replica.name).set(replica.load.in_flight)
+        self.metrics.outstanding_tokens.labels(replica.name).set(replica.load.outstanding_tokens)
+
+    def _learn(
+        self, route_req: RouteRequest, replica: Replica, result: Attempted, now: float,
+        t0: float,
+    ) -> None:
+        """Feed latency and output-length observations back into load signals."""
+        if result.outcome is not Outcome.OK or result.status != 200:
+            return
+        if result.ttfb is not None:
+            replica.load.ttft.add(result.ttfb, now)
+        tokens = result.output_tokens
+        if tokens is None or tokens <= 0:
+            return
+        if result.ttfb is not None and tokens > 1:
+            replica.load.tpot.add((now - t0 - result.ttfb) / (tokens - 1), now)
+        if self.registry.knows_model(route_req.model):
+            avg = self._expected_output.get(route_req.model, float(DEFAULT_EXPECTED_OUTPUT_TOKENS))
+            self._expected_output[route_req.model] = avg + OUTPUT_EWMA_ALPHA * (tokens - avg)
+
+    # -- one upstream attempt ----------------------------------------------
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        body: bytes,
+        route_req: RouteRequest,
+        routed: Routed,
+        t0: float,
+        record: Record,
+    ) -> Attempted:
+        replica = routed.replica
+        session = self.session
+        assert session is not None, "upstream session not started"
+        loop = asyncio.get_running_loop()
+        stream = route_req.stream
+        peer = request.remote or ""
+        headers = hdr.upstream_request_headers(
+            request.headers,
+            request_id=record.request_id,
+            forwarded_for=self.forwarded_for.value(peer, request.headers.get("X-Forwarded-For")),
+            forwarded_proto=request.scheme,
+            api_key=replica.api_key,
+        )
+        started = loop.time()
+        deadline = started + (self._first_byte_timeout if stream else self._response_timeout)
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    upstream = await session.post(
+                        replica.base_url + request.rel_url.raw_path_qs, data=body, headers=headers
+                    )
+            except aiohttp.ClientConnectorError as exc:
+                raise Retryable(
+                    Outcome.CONNECT_ERROR, "connect_error", ErrorKind.UPSTREAM_ERROR,
+                    f"could not connect to replica {replica.name}: {exc.strerror or 'error'}",
+                ) from None
+            except TimeoutError:
+                if stream:
+                    raise Retryable(
+                        Outcome.TIMEOUT, "first_byte_timeout", ErrorKind.UPSTREAM_TIMEOUT,
+                        f"replica {replica.name} sent nothing within "
+                        f"{self._first_byte_timeout:g} s",
+                    ) from None
+                raise _response_timeout(replica, self._response_timeout) from None
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientPayloadError) as exc:
+                raise Retryable(
+                    Outcome.UPSTREAM_RESET, "upstream_reset", ErrorKind.UPSTREAM_ERROR,
+                    f"replica {replica.name} closed the connection: {type(exc).__name__}",
+                ) from None
+            status = upstream.status
+            if status in (502, 503, 504):
+                raise await self._failed_status(upstream, replica, record, deadline)
+            if stream and status == 200:
+                return await self._relay_stream(
+                    request, upstream, replica, record, deadline, t0
+                )
+            return await self._relay_whole(upstream, replica, record, deadline, t0)
+        finally:
+            if upstream is not None:
+                # close(), not release(): an unfinished response must drop its
+                # connection so the engine sees the disconnect and aborts.
+                if upstream.content.is_eof():
+                    upstream.release()
+                else:
+                    upstream.close()
+
+    async def _failed_status(
+        self, upstream: aiohttp.ClientResponse, replica: Replica, record: Record, deadline: float
+    ) -> Retryable:
+        try:
+            async with asyncio.timeout_at(deadline):
+                data = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError):
+            data = b""
+        draining = (
+            upstream.status == 503
+            and (hdr.DRAINING_HEADER in upstream.headers or b'"draining"' in data)
+        )
+        passthrough = web.Response(
+            status=upstream.status,
+            body=data,
+            headers=hdr.client_response_headers(
+                upstream.headers, request_id=record.request_id,
+                replica=replica.name if self._replica_header else None,
+            ),
+        )
+        if draining:
+            return Retryable(
+                Outcome.DRAINING, "draining", ErrorKind.NO_REPLICA,
+                f"replica {replica.name} is draining", passthrough,
+            )
+        return Retryable(
+            Outcome.HTTP_5XX, f"http_{upstream.status}", ErrorKind.UPSTREAM_ERROR,
+            f"replica {replica.name} answered {upstream.status}", passthrough,
+        )
+
+    def _response_headers(
+        self, upstream: aiohttp.ClientResponse, replica: Replica, record: Record
+    ) -> CIMultiDict[str]:
+        return hdr.client_response_headers(
+            upstream.headers, request_id=record.request_id,
+            replica=replica.name if self._replica_header else None,
+        )
+
+    async def _relay_whole(
+        self,
+        upstream: aiohttp.ClientResponse,
+        replica: Replica,
+        record: Record,
+        deadline: float,
+        t0: float,
+    ) -> Attempted:
+        """Non-streaming: vLLM sends headers only when the completion is done,
+        so the response timeout covers the whole answer and is never retried."""
+        loop = asyncio.get_running_loop()
+        ttfb = loop.time() - t0
+        try:
+            async with asyncio.timeout_at(deadline):
+                data = await upstream.read()
+        except TimeoutError:
+            raise _response_timeout(replica, self._response_timeout) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+                aiohttp.ServerDisconnectedError):
+            raise GatewayError(
+                ErrorKind.UPSTREAM_ERROR,
+                f"replica {replica.name} closed the connection before the response completed",
+            ) from None
+        status = upstream.status
+        tokens = None
+        if status == 200 and "Content-Encoding" not in upstream.headers:
+            match = _USAGE_RE.search(data)
+            if match:
+                tokens = int(match.group(1))
+        response = web.Response(
+            status=status, body=data, headers=self._response_headers(upstream, replica, record)
+        )
+        record.bytes_out = len(data)
+        outcome = Outcome.OK if status < 400 else (
+            Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX
+        )
+        return Attempted(response, outcome, status, ttfb, tokens)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        replica: Replica,
+        record: Record,
+        deadline: float,
+        t0: float,
+    ) -> Attempted:
+        """Pass chunks through as they arrive. The client's headers are sent
+        only with the first chunk, so a first-byte timeout or a reset before
+        it is still retryable."""
+        loop = asyncio.get_running_loop()
+        content = upstream.content
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await content.readany()
+        except TimeoutError:
+            raise Retryable(
+                Outcome.TIMEOUT, "first_byte_timeout", ErrorKind.UPSTREAM_TIMEOUT,
+                f"replica {replica.name} sent no token within {self._first_byte_timeout:g} s",
+            ) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+                aiohttp.ServerDisconnectedError):
+            raise Retryable(
+                Outcome.UPSTREAM_RESET, "upstream_reset", ErrorKind.UPSTREAM_ERROR,
+                f"replica {replica.name} closed the stream before the first byte",
+            ) from None
+        ttfb = loop.time() - t0
+        response = web.StreamResponse(
+            status=upstream.status, headers=self._response_headers(upstream, replica, record)
+        )
+        await response.prepare(request)
+        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        events = first.count(_SSE_EVENT)
+        sent = len(first)
+        outcome = Outcome.OK
+        idle = self._idle_timeout
+        try:
+            if first:
+                await response.write(first)
+            chunk = first
+            while chunk:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    outcome = Outcome.TIMEOUT
+                    await self._fail_stream(
+                        request, response, sse, ErrorKind.UPSTREAM_TIMEOUT,
+                        f"replica {replica.name} stalled for {idle:g} s mid-stream",
+                    )
+                    break
+                except (aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+                        aiohttp.ServerDisconnectedError):
+                    outcome = Outcome.UPSTREAM_RESET
+                    await self._fail_stream(
+                        request, response, sse, ErrorKind.UPSTREAM_ERROR,
+                        f"replica {replica.name} closed the stream mid-response",
+                    )
+                    break
+                if chunk:
+                    events += chunk.count(_SSE_EVENT)
+                    sent += len(chunk)
+                    await response.write(chunk)
+            else:
+                await response.write_eof()
+        except ConnectionResetError:
+            # The client went away: aiohttp's write raises; we close upstream
+            # in _attempt's finally, so the engine aborts the generation.
+            outcome = Outcome.CLIENT_DISCONNECT
+        record.bytes_out = sent
+        if outcome is not Outcome.OK:
+            record.outcome = outcome.value
+            self.metrics.errors.labels(f"stream_{outcome.value}").inc()
+        # vLLM/SGLang send about one token per SSE event, plus [DONE] and a
+        # usage event: close enough for the output-length estimate.
+        tokens = max(0, events - 1) if sse else None
+        return Attempted(response, outcome, upstream.status, ttfb, tokens)
+
+    async def _fail_stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        sse: bool,
+        kind: ErrorKind,
+        message: str,
+    ) -> None:
+        """After the first byte: tell the client in-band, never a fake [DONE]."""
+        if sse:
+            await response.write(sse_error_event(kind, message))
+            await response.write_eof()
+        else:
+            # A non-SSE body cannot carry an error: cut the connection so the
+            # client sees a truncated response rather than a short success.
+            if request.transport is not None:
+                request.transport.close()
+
+    # -- outcomes without a served response ---------------------------------
+
+    def _error(
+        self, record: Record, kind: ErrorKind, message: str, retry_after_s: float | None = None
+    ) -> web.Response:
+        record.status = kind.status
+        record.outcome = record.outcome or kind.code
+        self.metrics.errors.labels(kind.code).inc()
+        return error_response(kind, message, retry_after_s=retry_after_s)
+
+    def _no_route(
+        self, record: Record, why: NoRoute, last_failure: Retryable | None
+    ) -> web.Response:
+        if last_failure is not None:
+            return self._give_up(record, last_failure)
+        model = (record.model or "")[:64]
+        if why is NoRoute.UNKNOWN_MODEL:
+            return self._error(
+                record, ErrorKind.MODEL_NOT_FOUND, f"The model '{model}' does not exist"
+            )
+        if why is NoRoute.MODELS_PENDING:
+            return self._error(
+                record, ErrorKind.NO_REPLICA,
+                f"no replica is known to serve '{model}' yet (some replicas have not "
+                "reported their models)", retry_after_s=self.resilience.retry_after_s,
+            )
+        return self._error(
+            record, ErrorKind.NO_REPLICA, f"no healthy replica for model '{model}'",
+            retry_after_s=self.resilience.retry_after_s,
+        )
+
+    def _give_up(self, record: Record, failure: Retryable) -> web.Response:
+        record.outcome = failure.outcome.value
+        if failure.passthrough is not None and failure.outcome is not Outcome.DRAINING:
+            record.status = failure.passthrough.status
+            self.metrics.errors.labels(failure.reason).inc()
+            return failure.passthrough
+        return self._error(record, failure.kind, failure.message,
+                           retry_after_s=self.resilience.retry_after_s
+                           if failure.kind.status == 503 else None)
+
+    def _finish(self, record: Record, t0: float, t1: float, request: web.Request) -> None:
+        m = self.metrics
+        model = record.model_label
+        m.count_request(model, record.replica or "none", record.status)
+        m.observe_duration(model, t1 - t0)
+        if record.ttfb is not None:
+            m.observe_ttfb(model, record.ttfb)
+        if self._access_log and access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                json.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "id": record.request_id,
+                        "method": request.method,
+                        "path": request.path[:128],
+                        "peer": request.remote,
+                        "model": (record.model or "")[:128],
+                        "replica": record.replica,
+                        "reason": record.reason,
+                        "status": record.status,
+                        "outcome": record.outcome or "ok",
+                        "attempts": record.attempts,
+                        "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1e3, 2),
+                        "duration_ms": round((t1 - t0) * 1e3, 2),
+                        "bytes_in": record.bytes_in,
+                        "bytes_out": record.bytes_out,
+                    }
+                )
+            )
+
+
+def _response_timeout(replica: Replica, seconds: float) -> GatewayError:
+    return GatewayError(
+        ErrorKind.UPSTREAM_TIMEOUT,
+        f"replica {replica.name} did not complete the response within {seconds:g} s",
+    )
+
