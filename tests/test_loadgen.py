@@ -1,0 +1,159 @@
+"""The load generator against real simulated replicas on loopback (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from loadtest import loadgen
+from loadtest.loadgen import LoadConfig, base_url, run_load, scrape_prefix_counters
+from loadtest.replica import ReplicaConfig, run_replica
+from loadtest.workload_types import Conversation, Turn
+
+FAST = ReplicaConfig(name="fast", token_interval_s=0.001)
+
+
+def chats(n: int, turns: int = 2, out: int = 5) -> list[Conversation]:
+    return [
+        Conversation(
+            id=f"c{i}",
+            arrival_s=0.01 * i,
+            turns=tuple(
+                Turn(prompt_text=f"hello {i} " * (t + 1), prompt_tokens=4, output_tokens=out + t)
+                for t in range(turns)
+            ),
+        )
+        for i in range(n)
+    ]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_base_url_forms() -> None:
+    for url in ("http://h:1", "http://h:1/", "http://h:1/v1", "http://h:1/v1/"):
+        assert base_url(url) == "http://h:1"
+
+
+def test_config_rejects_ambiguous_loops() -> None:
+    with pytest.raises(ValueError):
+        LoadConfig(target="http://x", rate=1.0, concurrency=2, requests=1)
+    with pytest.raises(ValueError):
+        LoadConfig(target="http://x", concurrency=2)  # no bound on the run
+
+
+async def test_streaming_closed_loop_measures_every_turn() -> None:
+    async with run_replica(FAST) as (url, state):
+        cfg = LoadConfig(target=url, concurrency=2, requests=6)
+        result = await run_load(cfg, chats(3), label="s")
+        stats = state.stats.as_json()
+    assert (result.requests, result.ok, result.errors) == (6, 6, {})
+    assert stats["completed"] == 6
+    # Each turn asked for 5 + t tokens and the replica honours max_tokens.
+    assert sorted(r.output_tokens for r in result.records) == [5, 5, 5, 6, 6, 6]
+    for rec in result.records:
+        assert rec.ttft_s is not None and 0 < rec.ttft_s <= rec.e2e_s
+        assert rec.tpot_s is not None
+    assert result.ttft.count == 6 and result.tpot.count == 6
+    assert result.extra["model"] == "sim-model"  # discovered from /v1/models
+    # Sessions are announced to the gateway, one id per conversation.
+    assert {r.headers.get("x-session-id") for r in state.requests} == {"c0", "c1", "c2"}
+
+
+async def test_non_streaming_open_loop_reads_usage() -> None:
+    async with run_replica(FAST) as (url, _):
+        cfg = LoadConfig(target=url, rate=100.0, requests=4, stream=False)
+        result = await run_load(cfg, chats(2, out=7))
+    assert result.ok == 4
+    assert sorted(r.output_tokens for r in result.records) == [7, 7, 8, 8]
+    assert result.ttft.count == 0  # no TTFT without a stream
+    assert result.e2e.count == 4
+
+
+async def test_error_kinds_are_classified() -> None:
+    async with run_replica(FAST) as (url, state):
+        state.apply_config({"status": 503})
+        cfg = LoadConfig(target=url, concurrency=1, requests=2, model="sim-model")
+        http = await run_load(cfg, chats(1))
+        state.apply_config({"status": None})
+        cut = LoadConfig(
+            target=url,
+            concurrency=1,
+            requests=1,
+            model="sim-model",
+            headers={"x-sim-fault": "chunks=2;after=die"},
+        )
+        truncated = await run_load(cut, chats(1, out=10))
+    assert http.errors == {"http_503": 2} and http.ok == 0
+    assert truncated.errors == {"truncated": 1}
+    down = LoadConfig(
+        target=f"http://127.0.0.1:{closed_port()}",
+        requests=1,
+        concurrency=1,
+        model="m",
+        timeout_s=2.0,
+    )
+    refused = await run_load(down, chats(1))
+    assert refused.errors == {"connect": 1}
+
+
+async def test_request_budget_stops_mid_conversation() -> None:
+    async with run_replica(FAST) as (url, _):
+        cfg = LoadConfig(target=url, rate=50.0, requests=3)
+        result = await run_load(cfg, chats(2, turns=3))
+    assert result.requests == 3
+
+
+async def test_prefix_counters_scrape() -> None:
+    async with run_replica(FAST) as (url, _):
+        counters = await _scrape(url + "/metrics")
+    # The paced replica exports vLLM's prefix counters (zero without a cache model).
+    assert counters is not None and counters[0] >= 0
+
+
+async def _scrape(url: str) -> tuple[float, float] | None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        return await scrape_prefix_counters(session, [url])
+
+
+def test_cli_writes_json_and_summary(tmp_path, capsys) -> None:
+    argv = [sys.executable, "-m", "router", "replica", "--port", "0", "--token-interval", "0.001"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("ready"), line
+            port = int(line.split()[1])
+            code = loadgen.main(
+                [
+                    "--target",
+                    f"http://127.0.0.1:{port}",
+                    "--concurrency",
+                    "2",
+                    "--requests",
+                    "4",
+                    "--json",
+                    "--out",
+                    str(tmp_path),
+                    "--label",
+                    "cli",
+                ]
+            )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["label"] == "cli" and printed["ok"] == 4
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"][0]["requests"] == 4
+    assert "| TTFT" in (tmp_path / "summary.md").read_text()
