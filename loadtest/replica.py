@@ -965,8 +965,11 @@ def render_metrics(cfg: ReplicaConfig, load: BackendLoad) -> str:
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
+        # prometheus_client (which vLLM and SGLang use) names a counter's
+        # HELP/TYPE lines with the ``_total`` suffix too; parsers rely on it.
+        declared = f"{name}_total" if kind == "counter" else name
+        lines.append(f"# HELP {declared} {help_}")
+        lines.append(f"# TYPE {declared} {kind}")
         for suffix, labels, value in samples:
             lines.append(f"{name}{suffix}{{{labels}}} {_fmt(value)}")
 
