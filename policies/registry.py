@@ -7,18 +7,34 @@ from typing import Any
 
 from policies.base import BasePolicy
 from policies.least_request import LeastRequest
+from policies.least_tokens import LeastTokens
+from policies.p2c import PowerOfChoices
+from policies.peak_ewma import PeakEwmaPolicy
+from policies.prefix_affinity import PrefixAffinity
+from policies.queue_depth import QueueDepth
 from policies.round_robin import RoundRobin
+from policies.scored import Scored
+from policies.weighted_random import WeightedRandom
 
 POLICIES: dict[str, type[BasePolicy]] = {
     cls.name: cls
     for cls in (
         RoundRobin,
+        WeightedRandom,
         LeastRequest,
+        LeastTokens,
+        PowerOfChoices,
+        QueueDepth,
+        PeakEwmaPolicy,
+        PrefixAffinity,
+        Scored,
     )
 }
 
-# What the gateway promises when the config names no policy.
-DEFAULT_POLICY = "least_request"
+# What the gateway promises when the config names no policy: queue depth
+# works without load reports (it is then this gateway's in-flight count) and
+# uses them, locally corrected, as soon as replicas report.
+DEFAULT_POLICY = "queue_depth"
 
 
 def create(name: str, params: dict[str, Any] | None = None, seed: int | None = None) -> BasePolicy:

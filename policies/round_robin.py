@@ -4,7 +4,11 @@ When to use: identical replicas and requests of similar cost, or as a control
 in the simulator. Formula (nginx's smooth WRR): every pick adds each
 candidate's weight to its ``current``; the largest ``current`` wins and has the
 total weight subtracted. Over W picks each replica gets exactly its weight's
-share, interleaved rather than in bursts. Fails when requests differ in cost
+share, interleaved rather than in bursts. Source: nginx's smooth weighted
+round-robin (ngx_http_upstream_round_robin.c), Envoy's ROUND_ROBIN. Theory:
+with equal weights each of N replicas sees Erlang-N inter-arrivals, an
+E_N/M/1 queue, roughly halving random's mean sojourn (SIMULATOR-CHECKS 3.3:
+T = 5.78 vs 10 at N = 8, rho = 0.9). Cost O(N) per pick. Fails when requests differ in cost
 (LLM requests do, by 100x): it keeps feeding a replica stuck on long
 generations.
 """

@@ -1,0 +1,162 @@
+"""Prefix-cache affinity with a load bound: reuse KV cache, never melt a replica.
+
+When to use: multi-turn chat, agents, RAG with shared documents, few-shot
+prompts: whenever prompts share long leading blocks, the replica that already
+holds them skips their prefill (SGLang's cache-aware router reports 3.75x the
+hit rate and 1.9x the throughput of round-robin on a shared-prefix workload).
+
+Formula. The prompt's chained block hashes (router/prefix.py) are looked up
+in an approximate per-replica cache map (:class:`PrefixIndex`: what this
+gateway sent where, LRU-bounded like a KV cache):
+
+1. bound = ``router.load.load_bound(total in-flight, n, epsilon)``, the one
+   load bound of the design: ceil((1 + eps) * (total + 1) / n) requests;
+2. if the longest match is at least ``min_match_blocks`` blocks, the
+   longest-match replicas that are below the bound are eligible, and the one
+   with the shortest queue (ReplicaLoad.queue_depth) wins: reason
+   ``prefix_hit``;
+3. otherwise (no match, or every matching replica is at the bound: reason
+   ``prefix_overloaded``) the request is placed: ``placement = "least_load"``
+   (default) takes the shortest queue; ``"ring"`` takes bounded-load
+   consistent hashing (Mirrokni et al.; HAProxy hash-balance-factor) keyed on
+   the prompt's deepest hashed block, so several gateways place a new prefix
+   on the same replica without talking to each other.
+
+Why it does not collapse when every request shares a long system prompt:
+the system-prompt blocks soon live on every replica (each placement teaches
+the index), so the longest match for a request whose own content is new is
+"every replica", and the queue decides; and the bound stops any single
+replica from taking more than (1 + eps) x its share even when only one
+replica matches. Keying on the first block alone, or matching without a load
+term, is the trap (the test builds exactly that workload).
+
+Source: SGLang ``cache_aware.rs`` (radix tree per worker, balance thresholds),
+llm-d's approximate prefix-cache scorer, Mirrokni-Thorup-Zadimoghaddam
+(SODA 2018). How it fails: the map is this gateway's guess (other gateways'
+traffic and the engine's own evictions are invisible, so hits are
+over-estimated after heavy churn); eps too small turns it into least-load
+and loses locality, eps too large lets one hot prefix use (1 + eps) x the
+mean of a replica; a replica restart empties its real cache while the map
+still points at it until LRU ages it out.
+
+Parameters: ``epsilon`` (0.5: no replica above 1.5x the mean in-flight, as
+HAProxy's hash-balance-factor 150), ``min_match_blocks`` (1),
+``capacity_blocks`` (per replica, 4,096), ``max_blocks`` (per prompt, 256),
+``placement`` ("least_load" | "ring").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from policies import signals
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.hashring import BoundedLoadRing
+from policies.pick import argmin_ties
+from policies.prefix_index import DEFAULT_CAPACITY_BLOCKS, DEFAULT_MAX_BLOCKS, PrefixIndex
+from router.load import Outcome, ReplicaLoad, load_bound
+
+INF = float("inf")
+# Bounded-load slack: HAProxy's documented example factor 150 (1.5x mean).
+DEFAULT_EPSILON = 0.5
+
+
+def _positive_int(policy: str, name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise TypeError(f"{policy}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_epsilon(policy: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise TypeError(f"{policy}: epsilon must be a number >= 0 (inf: no bound), got {value!r}")
+    return float(value)
+
+
+def least_queue(
+    candidates: Sequence[ReplicaLoad], now: float, rng_value: float
+) -> tuple[ReplicaLoad, float]:
+    """Shortest queue per weight; ``rng_value`` in [0, 1) breaks ties uniformly."""
+    qs = signals.queue_depths(candidates, now)
+    ties = argmin_ties(qs)
+    i = ties[int(rng_value * len(ties))]
+    return candidates[i], qs[i]
+
+
+class PrefixAffinity(BasePolicy):
+    name = "prefix_affinity"
+    summary = "longest cached prefix under a load bound (ceil((1+eps) x mean)), else shortest queue"
+
+    def __init__(
+        self,
+        *,
+        epsilon: float = DEFAULT_EPSILON,
+        min_match_blocks: int = 1,
+        capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
+        max_blocks: int = DEFAULT_MAX_BLOCKS,
+        placement: str = "least_load",
+        **params: object,
+    ) -> None:
+        super().__init__(**params)  # type: ignore[arg-type]
+        self.epsilon = check_epsilon(self.name, epsilon)
+        self.min_match_blocks = _positive_int(self.name, "min_match_blocks", min_match_blocks, 1)
+        capacity_blocks = _positive_int(self.name, "capacity_blocks", capacity_blocks, 1)
+        max_blocks = _positive_int(self.name, "max_blocks", max_blocks, 1)
+        if placement not in ("least_load", "ring"):
+            raise TypeError(f"{self.name}: placement must be 'least_load' or 'ring'")
+        self.placement = placement
+        self.index = PrefixIndex(capacity_blocks, max_blocks)
+        self._ring: BoundedLoadRing | None = None
+
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
+    ) -> Decision:
+        n = len(candidates)
+        if n == 0:
+            return NO_CANDIDATE
+        by_name = {c.name: c for c in candidates}
+        if self.index.replicas() > 2 * n + 16:
+            self.index.forget(by_name)
+        total = sum(c.in_flight for c in candidates)
+        bound = load_bound(total, n, self.epsilon)
+        hashes = request.block_hashes
+        reason = "prefix_miss"
+        depth = 0
+        if hashes:
+            depth, owners = self.index.longest_match(hashes, set(by_name))
+            if depth >= self.min_match_blocks:
+                # Candidate order, not set order: sets of str iterate in a
+                # PYTHONHASHSEED-dependent order and picks must be reproducible.
+                eligible = [c for c in candidates if c.name in owners and c.in_flight < bound]
+                if eligible:
+                    chosen, q = least_queue(eligible, now, self.rng.random())
+                    return Decision(
+                        chosen.name,
+                        "prefix_hit",
+                        {"match_blocks": float(depth), "queue": q, "bound": float(bound)},
+                    )
+                reason = "prefix_overloaded"
+        if self.placement == "ring" and hashes:
+            names = tuple(by_name)
+            ring = self._ring
+            if ring is None or ring.names != names:
+                ring = self._ring = BoundedLoadRing(names)
+            key = hashes[min(len(hashes), self.index.max_blocks) - 1]
+            name = ring.pick(key, lambda r: by_name[r].in_flight, bound)
+            if name is not None:
+                return Decision(name, f"{reason}_ring", {"match_blocks": float(depth)})
+        chosen, q = least_queue(candidates, now, self.rng.random())
+        return Decision(chosen.name, reason, {"match_blocks": float(depth), "queue": q})
+
+    def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:
+        hashes = request.block_hashes
+        if hashes:
+            self.index.insert(replica, hashes)
+
+    def on_complete(
+        self, request: RouteRequest, replica: str, outcome: Outcome, now: float
+    ) -> None:
+        # The blocks stay cached after the request ends (that is the point);
+        # a failed request may not have filled the cache, but forgetting it
+        # would need per-request bookkeeping for a small gain: LRU ages it out.
+        return None

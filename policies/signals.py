@@ -1,0 +1,175 @@
+"""Load signals: one number per replica, and one unit per comparison.
+
+A signal reads a :class:`router.load.ReplicaLoad` and returns a float, or
+``None`` when this replica does not have it (no KV report yet, no latency
+sample yet). Policies compare candidates through :func:`values`, which
+returns every compared candidate's value in ONE unit: if any of them lacks the
+requested signal, all of them fall back to the signal's ``fallback`` (and so
+on down to ``in_flight``, which every replica has). This is SGLang's
+``test_reproduce_incompatible_metric_bug`` lesson made structural: token load
+on one replica is never compared with a request count on another.
+
+Signals (``name``: unit, fallback):
+
+- ``in_flight``: requests this gateway has dispatched and not settled. Always
+  present.
+- ``tokens``: outstanding tokens, prompt estimate + expected output, of those
+  requests. Always present. A request is not a unit of work.
+- ``queue``: the replica's reported queue (waiting + running) plus what this
+  gateway sent since that report minus what settled; our own in-flight count
+  when there is no fresh report (``ReplicaLoad.queue_depth``). Always present,
+  so policies on it work from day one without load reports.
+- ``kv``: reported KV-cache usage in [0, 1]; absent without a fresh report.
+  Falls back to ``queue``.
+- ``ttft`` / ``tpot``: time-to-first-token and time-per-output-token EWMAs in
+  seconds, kept by the router; absent before the first sample. Fall back to
+  ``queue``.
+
+Count signals (in_flight, tokens, queue) are divided by the replica's weight,
+so a replica of weight 2 looks half as loaded as one of weight 1 with the same
+queue. Fractions and latencies are not weighted: they already describe the
+replica's own capacity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from router.load import DEFAULT_REPORT_MAX_AGE_S, ReplicaLoad
+
+Getter = Callable[[ReplicaLoad, float], "float | None"]
+
+# Weight 0 means "send nothing new here" (slow-start at zero, manual): its
+# load reads as infinite rather than raising ZeroDivisionError.
+INF = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A named load reading; ``fallback`` names the signal used when a compared
+    candidate lacks this one (None only for signals every replica has)."""
+
+    name: str
+    get: Getter
+    fallback: str | None
+    per_weight: bool
+    summary: str
+
+
+def _in_flight(load: ReplicaLoad, now: float) -> float:
+    return float(load.in_flight)
+
+
+def _tokens(load: ReplicaLoad, now: float) -> float:
+    return float(load.outstanding_tokens)
+
+
+def _queue(load: ReplicaLoad, now: float) -> float:
+    return load.queue_depth(now)
+
+
+def _kv(load: ReplicaLoad, now: float) -> float | None:
+    # KV usage comes with the queue report; a stale report says nothing about
+    # the cache now, so it counts as absent (and the comparison falls back).
+    if load.kv_usage is None or load.reported_at is None:
+        return None
+    if now - load.reported_at > DEFAULT_REPORT_MAX_AGE_S:
+        return None
+    return load.kv_usage
+
+
+def _ttft(load: ReplicaLoad, now: float) -> float | None:
+    return load.ttft.value
+
+
+def _tpot(load: ReplicaLoad, now: float) -> float | None:
+    return load.tpot.value
+
+
+SIGNALS: dict[str, Signal] = {
+    s.name: s
+    for s in (
+        Signal("in_flight", _in_flight, None, True, "requests in flight from this gateway"),
+        Signal("tokens", _tokens, None, True, "outstanding prompt + expected output tokens"),
+        Signal("queue", _queue, None, True, "reported waiting+running, locally corrected"),
+        Signal("kv", _kv, "queue", False, "reported KV-cache usage in [0, 1]"),
+        Signal("ttft", _ttft, "queue", False, "time-to-first-token EWMA, seconds"),
+        Signal("tpot", _tpot, "queue", False, "time-per-output-token EWMA, seconds"),
+    )
+}
+
+
+def get(name: str) -> Signal:
+    """The signal called ``name``; ValueError (config validation) if unknown."""
+    try:
+        return SIGNALS[name]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}; known: {', '.join(SIGNALS)}") from None
+
+
+def values(
+    signal: Signal, candidates: Sequence[ReplicaLoad], now: float
+) -> tuple[str, list[float]]:
+    """Every candidate's value of ``signal`` in one comparable unit.
+
+    Returns the name of the signal actually used (the requested one, or its
+    fallback chain's first signal that every candidate has) and the values in
+    candidate order. Weighted signals are divided by weight (weight <= 0 reads
+    as infinitely loaded).
+    """
+    sig: Signal | None = signal
+    while sig is not None:
+        get_ = sig.get
+        raw = [get_(c, now) for c in candidates]
+        if None not in raw:
+            if sig.per_weight:
+                out = [
+                    v / c.weight if c.weight > 0 else INF  # type: ignore[operator]
+                    for v, c in zip(raw, candidates, strict=True)
+                ]
+            else:
+                out = raw  # type: ignore[assignment]
+            return sig.name, out
+        sig = SIGNALS[sig.fallback] if sig.fallback is not None else None
+    raise AssertionError("unreachable: the fallback chain ends in an always-present signal")
+
+
+def per_weight(vals: list[float], candidates: Sequence[ReplicaLoad]) -> list[float]:
+    """``vals`` divided by each candidate's weight (weight <= 0: infinite).
+
+    The all-weights-1 case (the common one) returns ``vals`` untouched after
+    one C-speed count, which is what keeps full scans cheap at 1,000 replicas.
+    """
+    ws = [c.weight for c in candidates]
+    if ws.count(1.0) == len(ws):
+        return vals
+    return [v / w if w > 0 else INF for v, w in zip(vals, ws, strict=True)]
+
+
+def queue_depths(candidates: Sequence[ReplicaLoad], now: float) -> list[float]:
+    """The ``queue`` signal per weight for every candidate, on the fast path.
+
+    Same values as ``ReplicaLoad.queue_depth``: a replica without a report
+    is its in-flight count (read directly, skipping the method call that
+    dominates a 1,000-replica scan), the others go through the method.
+    """
+    qs: list[float] = [
+        c.in_flight if c.reported_queue is None else c.queue_depth(now) for c in candidates
+    ]
+    return per_weight(qs, candidates)
+
+
+def token_loads(candidates: Sequence[ReplicaLoad]) -> list[float]:
+    """The ``tokens`` signal per weight for every candidate."""
+    return per_weight([c.outstanding_tokens for c in candidates], candidates)
+
+
+def value_of(signal: Signal, load: ReplicaLoad, now: float) -> float | None:
+    """One replica's value of one signal (weighted), None if absent."""
+    v = signal.get(load, now)
+    if v is None:
+        return None
+    if signal.per_weight:
+        return v / load.weight if load.weight > 0 else INF
+    return v

@@ -1,0 +1,40 @@
+"""Weighted random: each pick independent, probability proportional to weight.
+
+When to use: as a baseline, or when many gateways must not synchronise (there
+is no shared state to synchronise on). Formula: P(i) = w_i / sum_j w_j, one
+uniform draw against the cumulative weights (bisect). Source: Envoy's RANDOM
+load balancer, Finagle's random distributor. Queueing theory: Poisson
+thinning turns N identical replicas into N independent M/M/1 queues at the
+full per-replica load, T = 1 / (mu (1 - rho)), the worst of the usual
+policies (SIMULATOR-CHECKS 3.2). Fails like round-robin (blind to cost and
+to slow replicas), with more variance.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
+
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from router.load import ReplicaLoad
+
+
+class WeightedRandom(BasePolicy):
+    name = "weighted_random"
+    summary = "random pick, probability proportional to weight; baseline"
+
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
+    ) -> Decision:
+        n = len(candidates)
+        if n == 0:
+            return NO_CANDIDATE
+        cumulative = list(accumulate(max(c.weight, 0.0) for c in candidates))
+        total = cumulative[-1]
+        if total <= 0.0:  # every weight is 0: uniform rather than nothing
+            chosen = candidates[int(self.rng.random() * n)]
+            return Decision(chosen.name, "weighted_random_all_zero")
+        i = bisect_right(cumulative, self.rng.random() * total)
+        chosen = candidates[min(i, n - 1)]
+        return Decision(chosen.name, "weighted_random", {"weight": chosen.weight})
