@@ -19,6 +19,7 @@ sees the disconnect and aborts the generation.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import re
@@ -47,6 +48,9 @@ log = logging.getLogger("dp_router.proxy")
 # a typical chat answer (Azure conv trace median ~130, mean ~210).
 DEFAULT_EXPECTED_OUTPUT_TOKENS = 256
 OUTPUT_EWMA_ALPHA = 0.05  # ~20 requests of memory: adapts within a minute
+# aiohttp warns that bytes bodies above 1 MiB block the loop while written;
+# BytesIO is written in chunks with yields in between.
+LARGE_BODY_BYTES = 2**20
 _USAGE_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _SSE_EVENT = b"data:"
 _DONE_EVENT = b"data: [DONE]"
@@ -85,8 +89,17 @@ class Record:
     """What the access log and the request metrics report for one request."""
 
     __slots__ = (
-        "attempts", "bytes_in", "bytes_out", "model", "model_label", "outcome", "reason",
-        "replica", "request_id", "status", "ttfb",
+        "attempts",
+        "bytes_in",
+        "bytes_out",
+        "model",
+        "model_label",
+        "outcome",
+        "reason",
+        "replica",
+        "request_id",
+        "status",
+        "ttfb",
     )
 
     def __init__(self, request_id: str) -> None:
@@ -201,9 +214,7 @@ class Proxy:
             )
         length = request.content_length
         if length is not None and length > self._max_body:
-            raise GatewayError(
-                ErrorKind.TOO_LARGE, f"request body exceeds {self._max_body} bytes"
-            )
+            raise GatewayError(ErrorKind.TOO_LARGE, f"request body exceeds {self._max_body} bytes")
         try:
             return await request.read()  # enforces client_max_size while streaming
         except web.HTTPRequestEntityTooLarge:
@@ -227,8 +238,12 @@ class Proxy:
         while True:
             routed = await res.route(
                 lambda: decide(
-                    route_req, self.registry, self.policy, loop.time(),
-                    exclude=tried, panic=res.panic,
+                    route_req,
+                    self.registry,
+                    self.policy,
+                    loop.time(),
+                    exclude=tried,
+                    panic=res.panic,
                 )
             )
             if isinstance(routed, NoRoute):
@@ -265,7 +280,11 @@ class Proxy:
             self.metrics.retries.labels(failure.reason).inc()
 
     def _settle(
-        self, ticket: Ticket, route_req: RouteRequest, replica: Replica, outcome: Outcome,
+        self,
+        ticket: Ticket,
+        route_req: RouteRequest,
+        replica: Replica,
+        outcome: Outcome,
         now: float,
     ) -> None:
         """The one place a dispatched request's load is released."""
@@ -281,7 +300,11 @@ class Proxy:
         self.metrics.outstanding_tokens.labels(replica.name).set(replica.load.outstanding_tokens)
 
     def _learn(
-        self, route_req: RouteRequest, replica: Replica, result: Attempted, now: float,
+        self,
+        route_req: RouteRequest,
+        replica: Replica,
+        result: Attempted,
+        now: float,
         t0: float,
     ) -> None:
         """Feed latency and output-length observations back into load signals."""
@@ -329,34 +352,43 @@ class Proxy:
             try:
                 async with asyncio.timeout_at(deadline):
                     upstream = await session.post(
-                        replica.base_url + request.rel_url.raw_path_qs, data=body, headers=headers
+                        replica.base_url + request.rel_url.raw_path_qs,
+                        data=io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body,
+                        headers=headers,
                     )
             except aiohttp.ClientConnectorError as exc:
                 raise Retryable(
-                    Outcome.CONNECT_ERROR, "connect_error", ErrorKind.UPSTREAM_ERROR,
+                    Outcome.CONNECT_ERROR,
+                    "connect_error",
+                    ErrorKind.UPSTREAM_ERROR,
                     f"could not connect to replica {replica.name}: {exc.strerror or 'error'}",
                 ) from None
             except TimeoutError:
                 if stream:
                     raise Retryable(
-                        Outcome.TIMEOUT, "first_byte_timeout", ErrorKind.UPSTREAM_TIMEOUT,
+                        Outcome.TIMEOUT,
+                        "first_byte_timeout",
+                        ErrorKind.UPSTREAM_TIMEOUT,
                         f"replica {replica.name} sent nothing within "
                         f"{self._first_byte_timeout:g} s",
                     ) from None
                 raise _response_timeout(replica, self._response_timeout) from None
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientPayloadError) as exc:
+            except (
+                aiohttp.ClientOSError,
+                aiohttp.ServerDisconnectedError,
+                aiohttp.ClientPayloadError,
+            ) as exc:
                 raise Retryable(
-                    Outcome.UPSTREAM_RESET, "upstream_reset", ErrorKind.UPSTREAM_ERROR,
+                    Outcome.UPSTREAM_RESET,
+                    "upstream_reset",
+                    ErrorKind.UPSTREAM_ERROR,
                     f"replica {replica.name} closed the connection: {type(exc).__name__}",
                 ) from None
             status = upstream.status
             if status in (502, 503, 504):
                 raise await self._failed_status(upstream, replica, record, deadline)
             if stream and status == 200:
-                return await self._relay_stream(
-                    request, upstream, replica, record, deadline, t0
-                )
+                return await self._relay_stream(request, upstream, replica, record, deadline, t0)
             return await self._relay_whole(upstream, replica, record, deadline, t0)
         finally:
             if upstream is not None:
@@ -375,33 +407,40 @@ class Proxy:
                 data = await upstream.read()
         except (TimeoutError, aiohttp.ClientError):
             data = b""
-        draining = (
-            upstream.status == 503
-            and (hdr.DRAINING_HEADER in upstream.headers or b'"draining"' in data)
+        draining = upstream.status == 503 and (
+            hdr.DRAINING_HEADER in upstream.headers or b'"draining"' in data
         )
         passthrough = web.Response(
             status=upstream.status,
             body=data,
             headers=hdr.client_response_headers(
-                upstream.headers, request_id=record.request_id,
+                upstream.headers,
+                request_id=record.request_id,
                 replica=replica.name if self._replica_header else None,
             ),
         )
         if draining:
             return Retryable(
-                Outcome.DRAINING, "draining", ErrorKind.NO_REPLICA,
-                f"replica {replica.name} is draining", passthrough,
+                Outcome.DRAINING,
+                "draining",
+                ErrorKind.NO_REPLICA,
+                f"replica {replica.name} is draining",
+                passthrough,
             )
         return Retryable(
-            Outcome.HTTP_5XX, f"http_{upstream.status}", ErrorKind.UPSTREAM_ERROR,
-            f"replica {replica.name} answered {upstream.status}", passthrough,
+            Outcome.HTTP_5XX,
+            f"http_{upstream.status}",
+            ErrorKind.UPSTREAM_ERROR,
+            f"replica {replica.name} answered {upstream.status}",
+            passthrough,
         )
 
     def _response_headers(
         self, upstream: aiohttp.ClientResponse, replica: Replica, record: Record
     ) -> CIMultiDict[str]:
         return hdr.client_response_headers(
-            upstream.headers, request_id=record.request_id,
+            upstream.headers,
+            request_id=record.request_id,
             replica=replica.name if self._replica_header else None,
         )
 
@@ -422,8 +461,7 @@ class Proxy:
                 data = await upstream.read()
         except TimeoutError:
             raise _response_timeout(replica, self._response_timeout) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError,
-                aiohttp.ServerDisconnectedError):
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
             raise GatewayError(
                 ErrorKind.UPSTREAM_ERROR,
                 f"replica {replica.name} closed the connection before the response completed",
@@ -438,8 +476,8 @@ class Proxy:
             status=status, body=data, headers=self._response_headers(upstream, replica, record)
         )
         record.bytes_out = len(data)
-        outcome = Outcome.OK if status < 400 else (
-            Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX
+        outcome = (
+            Outcome.OK if status < 400 else (Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX)
         )
         return Attempted(response, outcome, status, ttfb, tokens)
 
@@ -462,13 +500,16 @@ class Proxy:
                 first = await content.readany()
         except TimeoutError:
             raise Retryable(
-                Outcome.TIMEOUT, "first_byte_timeout", ErrorKind.UPSTREAM_TIMEOUT,
+                Outcome.TIMEOUT,
+                "first_byte_timeout",
+                ErrorKind.UPSTREAM_TIMEOUT,
                 f"replica {replica.name} sent no token within {self._first_byte_timeout:g} s",
             ) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError,
-                aiohttp.ServerDisconnectedError):
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
             raise Retryable(
-                Outcome.UPSTREAM_RESET, "upstream_reset", ErrorKind.UPSTREAM_ERROR,
+                Outcome.UPSTREAM_RESET,
+                "upstream_reset",
+                ErrorKind.UPSTREAM_ERROR,
                 f"replica {replica.name} closed the stream before the first byte",
             ) from None
         ttfb = loop.time() - t0
@@ -492,15 +533,24 @@ class Proxy:
                 except TimeoutError:
                     outcome = Outcome.TIMEOUT
                     await self._fail_stream(
-                        request, response, sse, ErrorKind.UPSTREAM_TIMEOUT,
+                        request,
+                        response,
+                        sse,
+                        ErrorKind.UPSTREAM_TIMEOUT,
                         f"replica {replica.name} stalled for {idle:g} s mid-stream",
                     )
                     break
-                except (aiohttp.ClientPayloadError, aiohttp.ClientOSError,
-                        aiohttp.ServerDisconnectedError):
+                except (
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ClientOSError,
+                    aiohttp.ServerDisconnectedError,
+                ):
                     outcome = Outcome.UPSTREAM_RESET
                     await self._fail_stream(
-                        request, response, sse, ErrorKind.UPSTREAM_ERROR,
+                        request,
+                        response,
+                        sse,
+                        ErrorKind.UPSTREAM_ERROR,
                         f"replica {replica.name} closed the stream mid-response",
                     )
                     break
@@ -563,12 +613,16 @@ class Proxy:
             )
         if why is NoRoute.MODELS_PENDING:
             return self._error(
-                record, ErrorKind.NO_REPLICA,
+                record,
+                ErrorKind.NO_REPLICA,
                 f"no replica is known to serve '{model}' yet (some replicas have not "
-                "reported their models)", retry_after_s=self.resilience.retry_after_s,
+                "reported their models)",
+                retry_after_s=self.resilience.retry_after_s,
             )
         return self._error(
-            record, ErrorKind.NO_REPLICA, f"no healthy replica for model '{model}'",
+            record,
+            ErrorKind.NO_REPLICA,
+            f"no healthy replica for model '{model}'",
             retry_after_s=self.resilience.retry_after_s,
         )
 
@@ -578,9 +632,12 @@ class Proxy:
             record.status = failure.passthrough.status
             self.metrics.errors.labels(failure.reason).inc()
             return failure.passthrough
-        return self._error(record, failure.kind, failure.message,
-                           retry_after_s=self.resilience.retry_after_s
-                           if failure.kind.status == 503 else None)
+        return self._error(
+            record,
+            failure.kind,
+            failure.message,
+            retry_after_s=self.resilience.retry_after_s if failure.kind.status == 503 else None,
+        )
 
     def _finish(self, record: Record, t0: float, t1: float, request: web.Request) -> None:
         m = self.metrics
@@ -618,4 +675,3 @@ def _response_timeout(replica: Replica, seconds: float) -> GatewayError:
         ErrorKind.UPSTREAM_TIMEOUT,
         f"replica {replica.name} did not complete the response within {seconds:g} s",
     )
-
