@@ -95,6 +95,9 @@ from router.prefix import (
 )
 
 FAULT_HEADER = "x-sim-fault"
+# The MoE expert-popularity domain of a request (Conversation.domain), passed
+# to the backend as Job.domain; only the engine model's MoE layer uses it.
+DOMAIN_HEADER = "x-sim-domain"
 DRAIN_HEADER = "x-dp-draining"
 ORCA_REQUEST_HEADER = "endpoint-load-metrics-format"
 ORCA_RESPONSE_HEADER = "endpoint-load-metrics"
@@ -127,7 +130,10 @@ class ReplicaConfig:
 
     ``models`` are the names served (the first is the one in metric labels,
     like vLLM's ``--served-model-name`` list). ``exit_on_die`` is set by
-    :func:`main` only: a ``die`` fault then really exits the process.
+    :func:`main` only: a ``die`` fault then really exits the process. With
+    ``engine`` set, tokens are timed by the engine model (continuous batching,
+    KV cache, prefix reuse, MoE experts) and ``token_interval_s``, ``ttft_s``
+    and ``max_running`` are ignored.
     """
 
     name: str = "replica"
@@ -144,6 +150,14 @@ class ReplicaConfig:
     status: int | None = None  # force every /v1 answer to this status
     drain: bool = False
     exit_on_die: bool = False
+    # The engine model instead of PacedBackend (see make_backend): a preset name
+    # of loadtest.engine.preset ("llama2-7b", "llama2-7b+moe", ...).
+    engine: str | None = None
+    engine_tp: int = 1
+    engine_pp: int = 1
+    engine_interconnect: str = "nvlink"
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -272,6 +286,7 @@ class RequestRecord:
     chunks: int = 0  # token events (streaming) or tokens (non-streaming) produced
     resp_bytes: int = 0  # uncompressed response body bytes sent
     resp_sha256: str | None = None
+    peer: str | None = None  # client address:port, to tell connections apart
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -330,11 +345,18 @@ class ReplicaState:
     def begin(self, request: web.Request) -> RequestRecord:
         self.stats.started += 1
         rid = request.headers.get("x-request-id") or f"{self.cfg.name}-{self.next_id()}"
+        headers: dict[str, str] = {}
+        for k, v in request.headers.items():
+            # A repeated header (two X-Forwarded-For lines) is kept as one
+            # comma-joined value, its meaning under RFC 9110 section 5.3.
+            headers[k] = f"{headers[k]}, {v}" if k in headers else v
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         rec = RequestRecord(
             id=rid,
             path=request.path,
-            headers=dict(request.headers),
+            headers=headers,
             t_start=time.time(),
+            peer=f"{peer[0]}:{peer[1]}" if peer else None,
         )
         self.requests.append(rec)
         return rec
@@ -689,6 +711,26 @@ def _usage(gen: Generation, n: int) -> dict[str, int]:
     }
 
 
+class BackendError(Exception):
+    """The backend refused or failed a job (answered 400 for ValueError, else 500)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.status = 400 if isinstance(cause, ValueError) else 500
+
+
+async def _backend_steps(steps: AsyncIterator[int]) -> AsyncGenerator[int, None]:
+    """The backend's steps, with its failures (not ours, not cancellation) wrapped."""
+    while True:
+        try:
+            new = await anext(steps)
+        except StopAsyncIteration:
+            return
+        except Exception as e:
+            raise BackendError(e) from e
+        yield new
+
+
 async def _tokens(
     state: ReplicaState, job: Job, limit: int, chunk_interval: float | None
 ) -> AsyncGenerator[int, None]:
@@ -702,7 +744,7 @@ async def _tokens(
     last = 0.0
     steps = state.backend.generate(job)
     try:
-        async for new in steps:
+        async for new in _backend_steps(steps):
             for _ in range(max(0, new)):
                 if produced >= limit:
                     return
@@ -780,6 +822,7 @@ async def _generate_inner(
         prompt_tokens=gen.prompt_tokens,
         block_hashes=gen.block_hashes,
         max_tokens=gen.max_tokens,
+        domain=request.headers.get(DOMAIN_HEADER) or None,
     )
     limit = gen.max_tokens if fault.chunks is None else min(gen.max_tokens, fault.chunks)
     cut = fault.chunks is not None and fault.chunks < gen.max_tokens
@@ -788,10 +831,16 @@ async def _generate_inner(
 
     if not gen.stream:
         n = 0
-        async with contextlib.aclosing(_tokens(state, job, limit, fault.chunk_interval)) as toks:
-            async for _ in toks:
-                n += 1
-                rec.chunks = n
+        try:
+            async with contextlib.aclosing(
+                _tokens(state, job, limit, fault.chunk_interval)
+            ) as toks:
+                async for _ in toks:
+                    n += 1
+                    rec.chunks = n
+        except BackendError as e:
+            state.finish(rec, "error", e.status)
+            return error_response(e.status, str(e))
         if cut and fault.after == "die":
             await _die(request, state, rec)
         if cut and fault.after == "hang":
@@ -828,12 +877,21 @@ async def _generate_inner(
     await resp.prepare(request)
     rec.status = 200
     n = 0
-    async with contextlib.aclosing(_tokens(state, job, limit, fault.chunk_interval)) as toks:
-        async for i in toks:
-            reason = "length" if i + 1 == gen.max_tokens else None
-            await resp.write(body.encode(_chunk(gen, rid, created, i, reason)))
-            n += 1
-            rec.chunks = n
+    try:
+        async with contextlib.aclosing(_tokens(state, job, limit, fault.chunk_interval)) as toks:
+            async for i in toks:
+                reason = "length" if i + 1 == gen.max_tokens else None
+                await resp.write(body.encode(_chunk(gen, rid, created, i, reason)))
+                n += 1
+                rec.chunks = n
+    except BackendError as e:
+        # Headers are gone: report in-band, then end the stream, as vLLM does.
+        err = {"error": {"message": str(e), "type": _ERROR_TYPES[e.status], "code": e.status}}
+        await resp.write(body.encode(b"data: " + json.dumps(err).encode() + b"\n\n"))
+        await resp.write(body.encode(b"data: [DONE]\n\n", final=True))
+        await resp.write_eof()
+        state.finish(rec, "error")  # the HTTP status stays the 200 already sent
+        return resp
     if cut and fault.after == "die":
         await _die(request, state, rec)
     if cut and fault.after == "hang":
@@ -1097,12 +1155,36 @@ async def sim_config_post(request: web.Request) -> web.StreamResponse:
 # app, in-process runner, CLI
 
 
+def make_backend(cfg: ReplicaConfig) -> GenerationBackend:
+    """The backend a config asks for: the engine model, or PacedBackend.
+
+    The engine modules are imported only when asked for, so fault tests and
+    the benchmark do not pay for loading profiles.
+    """
+    if cfg.engine is None:
+        return PacedBackend(cfg.token_interval_s, cfg.ttft_s, cfg.max_running)
+    import random
+
+    from loadtest.engine import Engine, preset
+    from loadtest.engine_backend import EngineBackend
+
+    engine_cfg = preset(
+        cfg.engine,
+        tp=cfg.engine_tp,
+        pp=cfg.engine_pp,
+        interconnect=cfg.engine_interconnect,
+        **cfg.engine_overrides,
+    )
+    backend: GenerationBackend = EngineBackend(Engine(engine_cfg, random.Random(cfg.seed)))
+    return backend
+
+
 def create_replica_app(
     cfg: ReplicaConfig, backend: GenerationBackend | None = None
 ) -> web.Application:
-    """The aiohttp app of one replica; ``backend`` defaults to a PacedBackend."""
+    """The aiohttp app of one replica; ``backend`` defaults to :func:`make_backend`."""
     if backend is None:
-        backend = PacedBackend(cfg.token_interval_s, cfg.ttft_s, cfg.max_running)
+        backend = make_backend(cfg)
     app = web.Application()
     app[STATE_KEY] = ReplicaState(cfg, backend)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -1186,11 +1268,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running", type=int, default=None)
     p.add_argument("--speed", type=float, default=1.0, help="slow-down factor (10 = 10x slower)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    e = p.add_argument_group("engine model (instead of the paced model)")
+    e.add_argument(
+        "--engine",
+        metavar="PRESET",
+        help="loadtest.engine preset, e.g. llama2-7b, llama2-70b, llama2-7b+moe",
+    )
+    e.add_argument("--engine-tp", type=int, default=1)
+    e.add_argument("--engine-pp", type=int, default=1)
+    e.add_argument("--engine-interconnect", default="nvlink", choices=("nvlink", "pcie5"))
+    e.add_argument(
+        "--engine-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an EngineConfig field (value parsed as JSON if it can be)",
+    )
+    e.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="engine RNG seed; replica i of this process uses seed + i",
+    )
     return p
+
+
+def _engine_overrides(opts: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for opt in opts:
+        key, sep, raw = opt.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-opt expects KEY=VALUE, got {opt!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
 
 
 def configs_from_args(args: argparse.Namespace) -> list[ReplicaConfig]:
     ports: list[int] = args.port
+    overrides = _engine_overrides(args.engine_opt)
     cfgs = []
     for i, port in enumerate(ports):
         if args.name:
@@ -1211,6 +1329,12 @@ def configs_from_args(args: argparse.Namespace) -> list[ReplicaConfig]:
                 api_key=args.api_key,
                 speed=args.speed,
                 exit_on_die=True,
+                engine=args.engine,
+                engine_tp=args.engine_tp,
+                engine_pp=args.engine_pp,
+                engine_interconnect=args.engine_interconnect,
+                engine_overrides=overrides,
+                seed=args.seed + i,
             )
         )
     return cfgs
@@ -1255,7 +1379,12 @@ def main(argv: list[str]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(serve(args.host, args.port, cfgs))
+        run: Callable[..., Any] = asyncio.run
     else:
-        uvloop.run(serve(args.host, args.port, cfgs))
+        run = uvloop.run
+    try:
+        run(serve(args.host, args.port, cfgs))
+    except (ValueError, ImportError) as e:  # a bad --engine preset or option
+        print(f"dp-router replica: {e}", file=sys.stderr)
+        return 2
     return 0

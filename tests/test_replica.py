@@ -27,10 +27,12 @@ from loadtest.replica import (
     FaultError,
     ReplicaConfig,
     ReplicaState,
+    main,
     orca_header,
     parse_fault,
     run_replica,
 )
+from router.prefix import block_hashes, chat_prompt_text, estimate_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello"}]}
@@ -527,6 +529,77 @@ async def test_orca_header_both_formats(replica: Replica, http: aiohttp.ClientSe
     assert orca_header("BIN", BackendLoad(0, 0, 0.0)) is None
 
 
+class RecordingBackend(PacedBackend):
+    """Keeps the jobs it was given; refuses prompts that contain "REFUSE"."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.jobs: list[Job] = []
+
+    async def generate(self, job: Job) -> AsyncIterator[int]:
+        self.jobs.append(job)
+        if "REFUSE" in job.prompt_text:
+            raise ValueError("prompt too long for the KV cache")
+        async for n in super().generate(job):
+            yield n
+
+
+async def test_backend_sees_parsed_job_and_domain(http: aiohttp.ClientSession) -> None:
+    backend = RecordingBackend()
+    async with run_replica(ReplicaConfig(), backend=backend) as (url, _):
+        body = {**CHAT, "messages": [{"role": "user", "content": "z" * 1000}], "max_tokens": 2}
+        hdr = {"x-sim-domain": "code", "x-request-id": "j1"}
+        async with http.post(f"{url}/v1/chat/completions", json=body, headers=hdr) as r:
+            assert r.status == 200
+    job = backend.jobs[0]
+    assert (job.request_id, job.domain, job.max_tokens) == ("j1", "code", 2)
+    assert job.prompt_tokens == estimate_tokens(len(job.prompt_text))
+    assert job.block_hashes == block_hashes(chat_prompt_text(body["messages"]))
+    assert len(job.block_hashes) == 3  # 1000 chars + role markers = 3 full blocks
+
+
+async def test_backend_refusal_is_an_error_before_or_in_band(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with run_replica(ReplicaConfig(), backend=RecordingBackend()) as (url, state):
+        body = {**CHAT, "messages": [{"role": "user", "content": "REFUSE"}]}
+        async with http.post(f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status == 400
+            assert "KV cache" in (await r.json())["error"]["message"]
+        async with http.post(f"{url}/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status == 200  # headers went out before the engine refused
+            events = sse_events(await r.read())
+        assert json.loads(events[0])["error"]["code"] == 400
+        assert events[-1] == "[DONE]"
+        s = await stats(http, url)
+        assert (s["errors"], s["in_progress"]) == (2, 0)
+        assert state.requests[-1].status == 200
+
+
+async def test_repeated_request_headers_are_joined(
+    replica: Replica, http: aiohttp.ClientSession
+) -> None:
+    url, state = replica
+    hdrs = [("X-Forwarded-For", "1.2.3.4"), ("X-Forwarded-For", "5.6.7.8")]
+    async with http.post(f"{url}/v1/chat/completions", json=CHAT, headers=hdrs) as r:
+        assert r.status == 200
+    rec = state.requests[-1]
+    assert rec.headers["X-Forwarded-For"] == "1.2.3.4, 5.6.7.8"
+    assert rec.peer is not None and rec.peer.startswith("127.0.0.1:")
+
+
+async def test_engine_backend_from_config(http: aiohttp.ClientSession) -> None:
+    pytest.importorskip("loadtest.engine_backend")
+    cfg = ReplicaConfig(engine="llama2-7b", metrics="vllm")
+    async with run_replica(cfg) as (url, _):
+        body = {**CHAT, "stream": True, "max_tokens": 8}
+        async with http.post(f"{url}/v1/chat/completions", json=body) as r:
+            events = sse_events(await r.read())
+        assert events[-1] == "[DONE]" and len(events) == 9
+        async with http.get(f"{url}/metrics") as r:
+            assert "vllm:kv_cache_usage_perc" in families(await r.text())
+
+
 # -- the backend ------------------------------------------------------------------
 
 
@@ -621,3 +694,10 @@ async def test_cli_die_exits_the_process(http: aiohttp.ClientSession) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--port", "0", "--engine", "no-such-model"]) == 2
+    assert main(["--port", "0", "--engine-opt", "novalue"]) == 2
+    assert main(["--port", "0", "--metrics", "vllm", "--speed", "0"]) == 2
+    assert "dp-router replica:" in capsys.readouterr().err
