@@ -465,20 +465,28 @@ async def _open_loop(
             await one(conv, index, turn)
 
     tasks: set[asyncio.Task[None]] = set()
-    for conv in workload:
-        if t0 + conv.arrival_s >= budget.deadline:
-            break
-        delay = t0 + conv.arrival_s - time.perf_counter()
-        if delay > 0 and await _sleep_or_stop(delay, budget.stop):
-            break
-        if not budget.take():
-            break
-        budget.left += 1  # only a peek: converse() takes it for real
-        task = asyncio.create_task(converse(conv))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.gather(*tasks)
+    try:
+        for conv in workload:
+            if t0 + conv.arrival_s >= budget.deadline:
+                break
+            delay = t0 + conv.arrival_s - time.perf_counter()
+            if delay > 0 and await _sleep_or_stop(delay, budget.stop):
+                break
+            if not budget.take():
+                break
+            budget.left += 1  # only a peek: converse() takes it for real
+            task = asyncio.create_task(converse(conv))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        # Cancelled (Ctrl-C, demo shutdown) or failed: no conversation may
+        # outlive the run and its HTTP session.
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _closed_loop(
