@@ -287,9 +287,13 @@ class RequestRecord:
     resp_bytes: int = 0  # uncompressed response body bytes sent
     resp_sha256: str | None = None
     peer: str | None = None  # client address:port, to tell connections apart
+    hasher: Any = None  # the running SHA-256 of the body; not exported
 
     def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del d["hasher"]
+        d["headers"] = dict(self.headers)
+        return d
 
 
 @dataclass
@@ -366,6 +370,9 @@ class ReplicaState:
             return  # settled once: a late cancel after a die must not count twice
         rec.outcome = outcome
         rec.t_end = time.time()
+        if rec.hasher is not None:
+            rec.resp_sha256 = rec.hasher.hexdigest()
+            rec.hasher = None
         if status is not None:
             rec.status = status
         if outcome == "ok":
@@ -506,14 +513,13 @@ class _Body:
 
     def __init__(self, rec: RequestRecord, use_gzip: bool) -> None:
         self.rec = rec
-        self._sha = hashlib.sha256()
+        self._sha = rec.hasher = hashlib.sha256()  # digested once, when the record settles
         # wbits 31 = gzip container; a stream is sync-flushed per event below.
         self._z = zlib.compressobj(wbits=31) if use_gzip else None
 
     def encode(self, data: bytes, final: bool = False) -> bytes:
         self.rec.resp_bytes += len(data)
         self._sha.update(data)
-        self.rec.resp_sha256 = self._sha.hexdigest()
         if self._z is None:
             return data
         mode = zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH
@@ -703,6 +709,30 @@ def _chunk(gen: Generation, rid: str, created: int, i: int | None, finish: str |
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+class _Chunks:
+    """SSE token events for one response, built from a per-request template.
+
+    Serializing a whole chunk per token cost more than everything else the
+    replica does per token; a middle token's event differs only in its text,
+    so it is the template's head + text + tail. ``_chunk`` remains the one
+    definition: the template is cut from its output, and the tests check the
+    two agree byte for byte.
+    """
+
+    def __init__(self, gen: Generation, rid: str, created: int) -> None:
+        self.gen, self.rid, self.created = gen, rid, created
+        probe = _chunk(gen, rid, created, None, None).decode()
+        # The text is the last string in the chunk (only null fields follow),
+        # so the last '""' is it whatever an escaped request id contains.
+        head, _, tail = probe.rpartition('""')
+        self._head, self._tail = head.encode(), tail.encode()
+
+    def event(self, i: int, finish: str | None) -> bytes:
+        if i == 0 or finish is not None:
+            return _chunk(self.gen, self.rid, self.created, i, finish)
+        return self._head + f'"{_token_text(i)}"'.encode() + self._tail
+
+
 def _usage(gen: Generation, n: int) -> dict[str, int]:
     return {
         "prompt_tokens": gen.prompt_tokens,
@@ -877,11 +907,12 @@ async def _generate_inner(
     await resp.prepare(request)
     rec.status = 200
     n = 0
+    chunks = _Chunks(gen, rid, created)
     try:
         async with contextlib.aclosing(_tokens(state, job, limit, fault.chunk_interval)) as toks:
             async for i in toks:
                 reason = "length" if i + 1 == gen.max_tokens else None
-                await resp.write(body.encode(_chunk(gen, rid, created, i, reason)))
+                await resp.write(body.encode(chunks.event(i, reason)))
                 n += 1
                 rec.chunks = n
     except BackendError as e:

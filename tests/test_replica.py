@@ -25,8 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtest.backend import BackendLoad, Job, PacedBackend
 from loadtest.replica import (
     FaultError,
+    Generation,
     ReplicaConfig,
     ReplicaState,
+    _chunk,
+    _Chunks,
     main,
     orca_header,
     parse_fault,
@@ -701,3 +704,13 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--port", "0", "--engine-opt", "novalue"]) == 2
     assert main(["--port", "0", "--metrics", "vllm", "--speed", "0"]) == 2
     assert "dp-router replica:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+@pytest.mark.parametrize("rid", ["chatcmpl-r-1", 'cmpl-odd"" id'])
+def test_chunk_template_matches_full_serialization(kind: str, rid: str) -> None:
+    gen = Generation(kind, "m", True, False, 50, "p", 1)  # type: ignore[arg-type]
+    chunks = _Chunks(gen, rid, 1234)
+    for i in (0, 1, 7, 49):
+        for finish in (None, "length"):
+            assert chunks.event(i, finish) == _chunk(gen, rid, 1234, i, finish)
