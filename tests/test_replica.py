@@ -669,11 +669,23 @@ async def test_cli_serves_several_ports_in_one_process(http: aiohttp.ClientSessi
                 assert r.status == 200
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert "sglang:num_running_reqs" in await r.text()
+        # A request that never ends must not hold up a clean shutdown.
+        hanging = asyncio.create_task(
+            http.post(
+                f"http://127.0.0.1:{ports[0]}/v1/chat/completions",
+                json=CHAT,
+                headers={"x-sim-fault": "hang_before_headers=1"},
+            )
+        )
+        await asyncio.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
+        # SHUTDOWN_TIMEOUT_S (1 s) for the hanging handler, plus slack.
         async with asyncio.timeout(5):
             rc = await proc.wait()
     assert rc == 0
+    with pytest.raises(aiohttp.ClientError):
+        await hanging
 
 
 async def test_cli_die_exits_the_process(http: aiohttp.ClientSession) -> None:
