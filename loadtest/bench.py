@@ -1,0 +1,767 @@
+"""``dp-router bench``: the gateway's own overhead, measured against a direct path.
+
+Every figure is taken in the same run twice, once straight to the upstream
+and once through the gateway, so the difference is the gateway and nothing
+else (same machine state, same upstream, same client):
+
+- added latency p50/p99 at concurrency 1 (non-streaming, small body);
+- throughput at concurrency 64 (small bodies, then 100 KB prompts);
+- added time to first token of streams on keep-alive connections
+  (sequential streaming requests from a small aiohttp client);
+- the gateway's CPU time per request: the delta of its utime + stime
+  (``/proc/PID/stat``) over a run, divided by the requests it served.
+
+To measure the gateway and not the load generator, the gateway is pinned to
+one core (``taskset``) and driven by wrk (a C load generator, from the system
+packages) with a Lua script for the POST body; the upstream and wrk share
+the other core. The upstream is a minimal aiohttp/uvloop server defined here
+that answers from pre-built bytes: the simulated replica does more per
+request (request log, prefix hashing, metrics), which on a shared core
+would make the *direct* baseline, not the gateway, the bottleneck
+(``--upstream replica`` measures with it instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+MODEL = "bench"
+LUA_SCRIPT = Path(__file__).with_name("bench_post.lua")
+SMALL_PROMPT_BYTES = 64
+LARGE_PROMPT_BYTES = 100 * 1024  # the issue's "100 KB prompts"
+HIGH_CONCURRENCY = 64
+STREAM_TOKENS = 16  # events per benchmark stream; TTFT only needs the first
+DEFAULT_RUN_S = 5.0  # per wrk run: enough for a stable p99 at c=1 (~5k samples)
+QUICK_RUN_S = 2.0
+WARMUP_S = 1.0  # connection pools, code paths and CPU caches warm before measuring
+DEFAULT_STREAMS = 300
+START_TIMEOUT_S = 30.0
+# Targets from the issue, for one gateway process on one core.
+TARGET_CPU_US = 200.0
+TARGET_ADDED_P50_US = 250.0
+TARGET_ADDED_TTFT_US = 1000.0
+TARGET_LARGE_RATIO = 2.0
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# ---- the fast upstream ------------------------------------------------------
+
+
+def _upstream_main(port: int) -> int:
+    """A minimal OpenAI-shaped upstream: pre-built answers, no bookkeeping."""
+    from aiohttp import web
+
+    completion = json.dumps(
+        {
+            "id": "cmpl-bench",
+            "object": "chat.completion",
+            "created": 0,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok " * STREAM_TOKENS},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 16,
+                "completion_tokens": STREAM_TOKENS,
+                "total_tokens": 16 + STREAM_TOKENS,
+            },
+        }
+    ).encode()
+    events = [
+        b'data: {"id":"cmpl-bench","object":"chat.completion.chunk","choices":[{"index":0,'
+        b'"delta":{"content":"ok "},"finish_reason":null}]}\n\n'
+    ] * STREAM_TOKENS
+    events.append(
+        b'data: {"id":"cmpl-bench","object":"chat.completion.chunk","choices":[],'
+        b'"usage":{"prompt_tokens":16,"completion_tokens":16,"total_tokens":32}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    models = json.dumps(
+        {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}
+    ).encode()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if b'"stream":true' not in body and b'"stream": true' not in body:
+            return web.Response(body=completion, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(event)
+        await resp.write_eof()
+        return resp
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(body=models, content_type="application/json")
+
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", ok)
+    app.router.add_get("/health", ok)
+    app.router.add_get("/metrics", lambda r: web.Response(text=""))
+
+    async def serve() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, HOST, port, backlog=1024)
+        await site.start()
+        bound = runner.addresses[0][1]
+        print(f"ready {bound}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    import uvloop
+
+    uvloop.run(serve())
+    return 0
+
+
+def _floor_main(port: int, upstream: str) -> int:
+    """The floor: a bare aiohttp pass-through proxy (no routing, no accounting).
+
+    Whatever an aiohttp-based gateway costs beyond this is its own logic; the
+    rest is the framework (HTTP parsing on both sides, the client pool).
+    """
+    import aiohttp
+    from aiohttp import web
+
+    session: aiohttp.ClientSession | None = None
+    skip = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        assert session is not None
+        body = await request.read()
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        async with session.post(upstream + request.path, data=body, headers=headers) as up:
+            resp = web.StreamResponse(
+                status=up.status,
+                headers={k: v for k, v in up.headers.items() if k.lower() not in skip},
+            )
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def serve() -> None:
+        nonlocal session
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0), auto_decompress=False
+        )
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", forward)
+        app.router.add_get("/readyz", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port, backlog=1024).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        await session.close()
+
+    import uvloop
+
+    uvloop.run(serve())
+    return 0
+
+
+# ---- processes --------------------------------------------------------------
+
+
+def _pin(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
+
+
+@dataclass(slots=True)
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        return ""
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (all its threads), from /proc."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # After "pid (comm)": field 14 utime and 15 stime are at 11 and 12 here.
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, stdout_pipe: bool = False) -> Proc:
+    log = workdir / f"{name}.log"
+    with log.open("ab") as logf:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else logf,
+            stderr=logf,
+            start_new_session=True,
+        )
+    return Proc(name, popen, log)
+
+
+def _wait_ready_line(proc: Proc) -> int:
+    assert proc.popen.stdout is not None
+    line = proc.popen.stdout.readline().decode()
+    if not line.startswith("ready"):
+        raise BenchError(f"{proc.name} did not start:\n{proc.tail()}")
+    return int(line.split()[1])
+
+
+def _wait_http(proc: Proc, url: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    raise BenchError(f"{proc.name} not ready at {url}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _gateway_config(
+    upstream: str, port: int, admin_port: int, policy: str, access_log: bool
+) -> str:
+    return "\n".join(
+        [
+            "# generated by dp-router bench",
+            "[server]",
+            f'host = "{HOST}"',
+            f"port = {port}",
+            f"access_log = {'true' if access_log else 'false'}",
+            "shutdown_timeout_s = 1.0",
+            "[admin]",
+            f'host = "{HOST}"',
+            f"port = {admin_port}",
+            "[health]",
+            "slow_start_s = 0.0  # measure the steady state from the first request",
+            "[routing]",
+            f'policy = "{policy}"',
+            "[[replicas]]",
+            f'url = "{upstream}"',
+            'name = "upstream"',
+            f'models = ["{MODEL}"]',
+            "",
+        ]
+    )
+
+
+# ---- measurements -----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WrkRun:
+    requests: int
+    duration_s: float
+    errors: int
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    mean_us: float
+    cpu_us_per_request: float | None = None  # gateway runs only
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+
+def wrk(
+    url: str,
+    *,
+    connections: int,
+    seconds: float,
+    prompt_bytes: int,
+    cpu: int | None,
+    gateway: Proc | None = None,
+) -> WrkRun:
+    """One wrk run (one thread: the other core is shared with the upstream)."""
+    env = {
+        **os.environ,
+        "BENCH_MODEL": MODEL,
+        "BENCH_PROMPT_BYTES": str(prompt_bytes),
+        "BENCH_MAX_TOKENS": str(STREAM_TOKENS),
+    }
+    argv = [
+        *_pin(cpu),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA_SCRIPT),
+        url + "/v1/chat/completions",
+    ]
+    cpu_before = gateway.cpu_seconds() if gateway else 0.0
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    cpu_after = gateway.cpu_seconds() if gateway else 0.0
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout}")
+    data = json.loads(line.split(" ", 1)[1])
+    requests = int(data["requests"])
+    errors = sum(int(v) for v in data["errors"].values())
+    return WrkRun(
+        requests=requests,
+        duration_s=data["duration_us"] / 1e6,
+        errors=errors,
+        p50_us=float(data["p50_us"]),
+        p90_us=float(data["p90_us"]),
+        p99_us=float(data["p99_us"]),
+        mean_us=float(data["mean_us"]),
+        cpu_us_per_request=(
+            (cpu_after - cpu_before) * 1e6 / requests if gateway and requests else None
+        ),
+    )
+
+
+async def _stream_ttfts(url: str, n: int) -> list[float]:
+    """TTFT of ``n`` sequential streams on one keep-alive connection, seconds."""
+    import aiohttp
+
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x" * SMALL_PROMPT_BYTES}],
+            "max_tokens": STREAM_TOKENS,
+            "stream": True,
+        }
+    ).encode()
+    headers = {"Content-Type": "application/json"}
+    out: list[float] = []
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(n + n // 10):  # the first tenth warms up and is dropped
+            start = time.perf_counter()
+            first: float | None = None
+            async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                if r.status != 200:
+                    raise BenchError(f"stream answered {r.status}: {await r.text()}")
+                async for line in r.content:
+                    if first is None and line.startswith(b"data:") and b'"content"' in line:
+                        first = time.perf_counter() - start
+            if first is None:
+                raise BenchError("a benchmark stream carried no content")
+            if i >= n // 10:
+                out.append(first)
+    return out
+
+
+def stream_ttfts(url: str, n: int) -> list[float]:
+    import uvloop
+
+    return uvloop.run(_stream_ttfts(url, n))
+
+
+# ---- the report -------------------------------------------------------------
+
+SCENARIO_LABELS = {
+    "c1_small": "c=1, small body",
+    "c1_100k": "c=1, 100 KB prompt",
+    "c64_small": "c=64, small body",
+    "c64_100k": "c=64, 100 KB prompt",
+}
+
+
+@dataclass(slots=True)
+class BenchResult:
+    upstream: str
+    run_s: float
+    gateway_cpu: int | None
+    client_cpu: int | None
+    # scenario -> "direct" / "gateway" / "floor" (the bare proxy, with --floor)
+    runs: dict[str, dict[str, WrkRun]] = field(default_factory=dict)
+    ttft_us: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "upstream": self.upstream,
+            "run_s": self.run_s,
+            "gateway_cpu": self.gateway_cpu,
+            "client_cpu": self.client_cpu,
+            "runs": {
+                name: {side: {**asdict(r), "rps": r.rps} for side, r in pair.items()}
+                for name, pair in self.runs.items()
+            },
+            "stream_ttft_us": self.ttft_us,
+            "targets": self.targets(),
+        }
+
+    def targets(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        small = self.runs.get("c64_small", {}).get("gateway")
+        large = self.runs.get("c64_100k", {}).get("gateway")
+        c1 = self.runs.get("c1_small")
+        if small and small.cpu_us_per_request is not None:
+            cpu = small.cpu_us_per_request
+            out["cpu_per_small_request_us"] = _target(cpu, TARGET_CPU_US)
+        if c1:
+            added = c1["gateway"].p50_us - c1["direct"].p50_us
+            out["added_p50_us"] = _target(added, TARGET_ADDED_P50_US)
+        if self.ttft_us:
+            added = self.ttft_us["gateway"]["p50"] - self.ttft_us["direct"]["p50"]
+            out["added_stream_ttft_p50_us"] = _target(added, TARGET_ADDED_TTFT_US)
+        if small and large and small.cpu_us_per_request and large.cpu_us_per_request:
+            ratio = large.cpu_us_per_request / small.cpu_us_per_request
+            out["cpu_100k_vs_small_ratio"] = _target(ratio, TARGET_LARGE_RATIO)
+        return out
+
+    def table(self) -> str:
+        floor = any("floor" in pair for pair in self.runs.values())
+        rows: list[list[str]] = []
+
+        def add(label: str, d: float, g: float, f: float | None, unit: str, higher: bool) -> None:
+            if not d:
+                delta = "-"
+            elif higher:
+                delta = f"x{g / d:.2f}"
+            else:
+                delta = f"{g - d:+.0f} {unit} (x{g / d:.2f})"
+            row = [label, f"{d:.0f} {unit}", f"{g:.0f} {unit}", delta]
+            if floor:
+                row.append("-" if f is None else f"{f:.0f} {unit}")
+            rows.append(row)
+
+        for key, label in SCENARIO_LABELS.items():
+            pair = self.runs.get(key)
+            if not pair:
+                continue
+            d, g, f = pair["direct"], pair["gateway"], pair.get("floor")
+            if key.startswith("c1"):
+                add(f"{label}: latency p50", d.p50_us, g.p50_us, f and f.p50_us, "us", False)
+                add(f"{label}: latency p99", d.p99_us, g.p99_us, f and f.p99_us, "us", False)
+            add(f"{label}: throughput", d.rps, g.rps, f and f.rps, "req/s", True)
+        if self.ttft_us:
+            d2, g2 = self.ttft_us["direct"], self.ttft_us["gateway"]
+            f2 = self.ttft_us.get("floor")
+            for q in ("p50", "p99"):
+                label = f"stream TTFT {q} (keep-alive, c=1)"
+                add(label, d2[q], g2[q], f2 and f2[q], "us", False)
+        header = ["measurement", "direct", "through gateway", "gateway adds / ratio"]
+        if floor:
+            header.append("bare aiohttp proxy")
+        lines = [_md(header, rows), "", "CPU per request (utime+stime / requests served):", ""]
+        cpu_header = ["run", "gateway"] + (["bare aiohttp proxy"] if floor else [])
+        cpu_rows = []
+        for key, pair in self.runs.items():
+            row = [SCENARIO_LABELS[key], _us(pair["gateway"].cpu_us_per_request)]
+            if floor:
+                row.append(_us(pair["floor"].cpu_us_per_request if "floor" in pair else None))
+            cpu_rows.append(row)
+        lines.append(_md(cpu_header, cpu_rows))
+        errors = {
+            f"{k}/{side}": r.errors
+            for k, pair in self.runs.items()
+            for side, r in pair.items()
+            if r.errors
+        }
+        if errors:
+            lines += ["", f"wrk errors (non-2xx, timeouts, resets): {errors}"]
+        lines += ["", "Targets (one gateway process on one core):", ""]
+        t_rows = [
+            [name, f"{t['value']:.2f}", f"<= {t['target']:g}", "ok" if t["ok"] else "MISSED"]
+            for name, t in self.targets().items()
+        ]
+        lines.append(_md(["target", "measured", "goal", ""], t_rows))
+        return "\n".join(lines) + "\n"
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} us"
+
+
+def _target(value: float, goal: float) -> dict[str, Any]:
+    return {"value": value, "target": goal, "ok": value <= goal}
+
+
+def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    )
+
+
+def _quantiles_us(values: list[float]) -> dict[str, float]:
+    from loadtest.report import percentile
+
+    data = sorted(values)
+    return {
+        "p50": percentile(data, 0.5) * 1e6,
+        "p90": percentile(data, 0.9) * 1e6,
+        "p99": percentile(data, 0.99) * 1e6,
+        "mean": statistics.fmean(data) * 1e6,
+    }
+
+
+# ---- orchestration ----------------------------------------------------------
+
+
+def _cpus() -> tuple[int | None, int | None]:
+    """(gateway core, upstream + client core), or (None, None) with one core."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None, None
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+@contextlib.contextmanager
+def _processes(
+    args: argparse.Namespace, workdir: Path
+) -> Iterator[tuple[str, str, Proc, tuple[str, Proc] | None]]:
+    gw_cpu, other_cpu = _cpus()
+    procs: list[Proc] = []
+    try:
+        if args.upstream == "replica":
+            argv = [
+                sys.executable,
+                "-m",
+                "router",
+                "replica",
+                "--port",
+                "0",
+                "--model",
+                MODEL,
+                "--token-interval",
+                "0",
+                "--max-tokens",
+                str(STREAM_TOKENS),
+            ]
+        else:
+            argv = [sys.executable, "-m", "router", "bench", "_upstream", "0"]
+        upstream_proc = _spawn("upstream", [*_pin(other_cpu), *argv], workdir, stdout_pipe=True)
+        procs.append(upstream_proc)
+        upstream = f"http://{HOST}:{_wait_ready_line(upstream_proc)}"
+        port, admin_port = _free_port(), _free_port()
+        config = workdir / "gateway.toml"
+        config.write_text(_gateway_config(upstream, port, admin_port, args.policy, args.access_log))
+        gw = _spawn(
+            "gateway",
+            [
+                *_pin(gw_cpu),
+                sys.executable,
+                "-m",
+                "router",
+                "serve",
+                "--config",
+                str(config),
+                "--log-level",
+                "WARNING",
+            ],
+            workdir,
+        )
+        procs.append(gw)
+        gateway = f"http://{HOST}:{port}"
+        _wait_http(gw, gateway + "/readyz")
+        floor: tuple[str, Proc] | None = None
+        if args.floor:
+            floor_port = _free_port()
+            argv = [sys.executable, "-m", "router", "bench", "_floor", str(floor_port), upstream]
+            fp = _spawn("floor", [*_pin(gw_cpu), *argv], workdir)
+            procs.append(fp)
+            _wait_http(fp, f"http://{HOST}:{floor_port}/readyz")
+            floor = (f"http://{HOST}:{floor_port}", fp)
+        yield upstream, gateway, gw, floor
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def run_bench(args: argparse.Namespace) -> BenchResult:
+    gw_cpu, other_cpu = _cpus()
+    if other_cpu is not None:
+        # The Python parts of the client (TTFT streams) stay off the gateway's core.
+        os.sched_setaffinity(0, {other_cpu})
+    result = BenchResult(
+        upstream=args.upstream, run_s=args.seconds, gateway_cpu=gw_cpu, client_cpu=other_cpu
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="dp-router-bench-") as tmp,
+        _processes(args, Path(tmp)) as (upstream, gateway, gw, floor),
+    ):
+        say = _say
+        say(f"upstream {args.upstream} at {upstream}; gateway at {gateway} (core {gw_cpu})")
+        # Warm-up at the highest concurrency, so every pool holds its connections.
+        for url in [gateway] + ([floor[0]] if floor else []):
+            wrk(
+                url,
+                connections=HIGH_CONCURRENCY,
+                seconds=WARMUP_S,
+                prompt_bytes=SMALL_PROMPT_BYTES,
+                cpu=other_cpu,
+            )
+        scenarios = [
+            ("c1_small", 1, SMALL_PROMPT_BYTES),
+            ("c64_small", HIGH_CONCURRENCY, SMALL_PROMPT_BYTES),
+            ("c1_100k", 1, LARGE_PROMPT_BYTES),
+            ("c64_100k", HIGH_CONCURRENCY, LARGE_PROMPT_BYTES),
+        ]
+        for name, conns, size in scenarios:
+            direct = wrk(
+                upstream, connections=conns, seconds=args.seconds, prompt_bytes=size, cpu=other_cpu
+            )
+            via = wrk(
+                gateway,
+                connections=conns,
+                seconds=args.seconds,
+                prompt_bytes=size,
+                cpu=other_cpu,
+                gateway=gw,
+            )
+            result.runs[name] = {"direct": direct, "gateway": via}
+            if floor:
+                result.runs[name]["floor"] = wrk(
+                    floor[0],
+                    connections=conns,
+                    seconds=args.seconds,
+                    prompt_bytes=size,
+                    cpu=other_cpu,
+                    gateway=floor[1],
+                )
+            say(
+                f"{name}: direct {direct.rps:.0f} req/s p50 {direct.p50_us:.0f} us; "
+                f"gateway {via.rps:.0f} req/s p50 {via.p50_us:.0f} us, "
+                f"{via.cpu_us_per_request or 0:.0f} us CPU/req"
+            )
+        result.ttft_us = {
+            "direct": _quantiles_us(stream_ttfts(upstream, args.streams)),
+            "gateway": _quantiles_us(stream_ttfts(gateway, args.streams)),
+        }
+        if floor:
+            result.ttft_us["floor"] = _quantiles_us(stream_ttfts(floor[0], args.streams))
+        say(
+            f"stream TTFT p50: direct {result.ttft_us['direct']['p50']:.0f} us, "
+            f"gateway {result.ttft_us['gateway']['p50']:.0f} us"
+        )
+    return result
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dp-router bench",
+        description="Gateway overhead: direct-to-upstream vs through the gateway, same run.",
+    )
+    p.add_argument("--seconds", type=float, default=DEFAULT_RUN_S, help="per wrk run")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_RUN_S:g} s runs, fewer streams")
+    p.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="sequential TTFT streams")
+    p.add_argument("--upstream", choices=("minimal", "replica"), default="minimal")
+    p.add_argument("--policy", default="round_robin", help="gateway policy (one upstream)")
+    p.add_argument("--access-log", action="store_true", help="measure with access logging on")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure a bare aiohttp pass-through proxy on the gateway's core",
+    )
+    p.add_argument("--json", action="store_true", help="print results JSON to stdout")
+    p.add_argument("--out", type=Path, help="write bench.json and bench.md here")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_upstream"]:  # internal: the fast upstream subprocess
+        return _upstream_main(int(argv[1]) if len(argv) > 1 else 0)
+    if argv[:1] == ["_floor"]:  # internal: the bare-proxy floor subprocess
+        return _floor_main(int(argv[1]), argv[2])
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.seconds = min(args.seconds, QUICK_RUN_S)
+        args.streams = min(args.streams, 100)
+    if shutil.which("wrk") is None:
+        print(
+            "dp-router bench: wrk is not installed (Debian/Ubuntu: apt-get install -y wrk; "
+            "macOS: brew install wrk)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        result = run_bench(args)
+    except BenchError as exc:
+        print(f"dp-router bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(result.table())
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        (args.out / "bench.md").write_text(result.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
