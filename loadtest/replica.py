@@ -57,10 +57,12 @@ object; ``GET /_sim/config`` reads them back):
 - ``drain``: answer every ``/v1/*`` request with the draining 503 until cleared.
 
 Test support endpoints: ``GET /_sim/stats`` (``started``, ``completed``,
-``aborted``, ``errors``, ``in_progress``, ``health_checks``; every ``/v1``
-request that passed authentication ends as exactly one of completed, aborted
-or errors), ``GET /_sim/requests`` (the last 1000 ``/v1`` requests),
-``POST /_sim/reset``. These are never behind the API key.
+``aborted``, ``errors``, ``in_progress``, ``health_checks``; every request
+to a ``/v1`` generation or embeddings route, 401s included, ends as exactly
+one of completed, aborted or errors), ``GET /_sim/requests`` (the last 1000
+of those requests, with the headers as received; ``/v1/models``, ``/health``
+and ``/metrics`` are not recorded), ``POST /_sim/reset``. These are never
+behind the API key.
 """
 
 from __future__ import annotations
@@ -669,6 +671,13 @@ def _authorized(cfg: ReplicaConfig, request: web.Request) -> bool:
     return hmac.compare_digest(got.encode(), f"Bearer {cfg.api_key}".encode())
 
 
+def _unauthorized(state: ReplicaState, rec: RequestRecord) -> web.Response:
+    # vLLM's exact answer, before reading the body. Recorded like any other
+    # request, so a test can see what reached the replica without the key.
+    state.finish(rec, "error", 401)
+    return web.json_response({"error": "Unauthorized"}, status=401)
+
+
 def _response_headers(state: ReplicaState, request: web.Request, fault: Fault) -> dict[str, str]:
     headers: dict[str, str] = {}
     fmt = request.headers.get(ORCA_REQUEST_HEADER)
@@ -797,11 +806,9 @@ async def _generate(
     request: web.Request, kind: Literal["chat", "completion"]
 ) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    cfg = state.cfg
-    if not _authorized(cfg, request):
-        # vLLM answers 401 before doing anything: not counted as a started request.
-        return web.json_response({"error": "Unauthorized"}, status=401)
     rec = state.begin(request)
+    if not _authorized(state.cfg, request):
+        return _unauthorized(state, rec)
     try:
         return await _generate_inner(request, state, rec, kind)
     except asyncio.CancelledError:
@@ -968,9 +975,9 @@ def _embedding(text: str) -> list[float]:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    if not _authorized(state.cfg, request):
-        return web.json_response({"error": "Unauthorized"}, status=401)
     rec = state.begin(request)
+    if not _authorized(state.cfg, request):
+        return _unauthorized(state, rec)
     try:
         raw = await request.read()
         rec.body_len = len(raw)

@@ -435,6 +435,7 @@ async def test_api_key(http: aiohttp.ClientSession) -> None:
             assert r.status == 200
         async with http.get(f"{url}/v1/models") as r:
             assert r.status == 401
+        assert (await stats(http, url))["errors"] == 2  # the two refused generations
         for path in ("/health", "/metrics", "/_sim/stats"):
             async with http.get(f"{url}{path}") as r:
                 assert r.status == 200, path
