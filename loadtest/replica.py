@@ -45,6 +45,19 @@ a typo in a test cannot silently disable the fault it meant to inject).
   ``Connection: X-Hop``) so a gateway's hop-by-hop filter can be tested.
 - ``echo=1``: nothing special (headers are always recorded).
 
+A ``/v1`` request is checked in this order: API key (401), flapping or not
+ready (503), ``delay``, ``hang_before_headers``, drain (knob or marker, 503),
+status (the process knob, else the header's), body validation (400, or 404
+for an unknown model), then generation. A backend that refuses the job
+(e.g. a prompt larger than the modelled KV cache) gets 400 for a
+``ValueError``, else 500, or, once the stream's headers are out, an in-band
+``data: {"error": ...}`` event then ``[DONE]``, as vLLM does.
+
+Other request headers: ``x-request-id`` becomes the response ``id``
+(``chatcmpl-<id>``) and is echoed back; ``x-sim-domain`` is the MoE domain
+passed to the backend (``Job.domain``); ``endpoint-load-metrics-format``
+asks for the ORCA header.
+
 Process knobs (CLI flags, or at runtime: ``POST /_sim/config`` with a JSON
 object; ``GET /_sim/config`` reads them back):
 
@@ -114,9 +127,10 @@ EMBEDDING_DIM = 8
 # A hanging request (hang_before_headers, after=hang) waits this long at most,
 # so that a test that forgets to disconnect cannot pin a task forever.
 MAX_HANG_S = 3600.0
-# On shutdown, in-flight handlers get this long before they are cancelled:
-# replicas are test doubles, and hanging requests must not delay a test's exit.
-SHUTDOWN_TIMEOUT_S = 1.0
+# On shutdown, in-flight handlers get this long to finish (aiohttp then waits
+# up to as long again before the connection is closed under them): replicas
+# are test doubles, and hanging requests must not delay a test's exit.
+SHUTDOWN_TIMEOUT_S = 0.5
 
 MetricsFlavour = Literal["vllm", "sglang"]
 AfterAction = Literal["die", "hang", "finish"]

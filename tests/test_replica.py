@@ -681,7 +681,7 @@ async def test_cli_serves_several_ports_in_one_process(http: aiohttp.ClientSessi
         await asyncio.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
-        # SHUTDOWN_TIMEOUT_S (1 s) for the hanging handler, plus slack.
+        # 2 x SHUTDOWN_TIMEOUT_S (0.5 s) for the hanging handler, plus slack.
         async with asyncio.timeout(5):
             rc = await proc.wait()
     assert rc == 0
