@@ -422,6 +422,25 @@ class Engine:
             self._free(seq)
         return result
 
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the KV bookkeeping is inconsistent (for tests)."""
+        seqs = list(self._running) + list(self._waiting)
+        assert len(seqs) == len(self._seqs) == len({id(s) for s in seqs})
+        assert self._private_total == sum(s.private for s in seqs)
+        assert all(s.private == 0 and s.shared == 0 for s in self._waiting)
+        expected_refs: dict[int, int] = {}
+        for s in self._running:
+            assert 0 <= s.shared <= s.n_hash
+            assert s.computed <= s.prompt + s.out
+            assert s.private == -(-(s.computed - s.shared * BLOCK_TOKENS) // self._bs)
+            for h in s.hashes[: s.shared]:
+                expected_refs[h] = expected_refs.get(h, 0) + 1
+        for h, r in self._refs.items():
+            assert r == expected_refs.get(h, 0), "reference count"
+            assert (h in self._lru) == (r == 0), "LRU holds exactly the unreferenced entries"
+        assert len(self._lru) <= len(self._refs)
+        assert 0 <= self._free_blocks() <= self._total_blocks
+
     # -- cost model ---------------------------------------------------------
 
     def _duration(

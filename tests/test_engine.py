@@ -304,3 +304,47 @@ def test_deterministic_for_a_seed() -> None:
         return [s.duration_s for s in run_until_done(e)[2]]
 
     assert run(3) == run(3)
+
+
+def test_bookkeeping_survives_a_random_mix_of_adds_aborts_and_steps() -> None:
+    # Small cache, shared prefixes and aborts: every path of the KV accounting.
+    cfg = preset("llama2-7b", kv_capacity_tokens=6000, max_num_seqs=16)
+    engine = Engine(cfg, random.Random(0))
+    rng = random.Random(42)
+    live: set[str] = set()
+    emitted: dict[str, int] = {}
+    want: dict[str, int] = {}
+    now = 0.0
+    for i in range(1500):
+        op = rng.random()
+        if op < 0.3:
+            prompt = rng.randint(1, 1500)
+            out = rng.randint(1, 300)
+            tag = rng.randrange(4)  # four shared "documents"
+            blocks = prompt // BLOCK_TOKENS
+            hs = hashes(tag, min(blocks, 8)) + hashes(100 + i, max(0, blocks - 8))
+            engine.add_request(EngineRequest(f"r{i}", prompt, out, hs), now)
+            live.add(f"r{i}")
+            want[f"r{i}"] = out
+        elif op < 0.35 and live:
+            victim = rng.choice(sorted(live))
+            engine.abort(victim)
+            live.discard(victim)
+            want.pop(victim)
+        elif engine.has_work():
+            res = engine.step(now)
+            now += res.duration_s
+            for rid, n in res.emitted.items():
+                emitted[rid] = emitted.get(rid, 0) + n
+            for rid in res.finished:
+                live.discard(rid)
+                assert emitted[rid] == want[rid]
+        engine.check_invariants()
+    while engine.has_work():
+        for rid in engine.step(now).finished:
+            live.discard(rid)
+        engine.check_invariants()
+    assert not live
+    s = engine.stats()
+    assert s["preemptions"] > 0 and s["prefix_hits"] > 0
+    assert engine.kv_usage() == 0.0
