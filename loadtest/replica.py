@@ -88,6 +88,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import os
 import signal
 import struct
@@ -399,7 +400,10 @@ class ReplicaState:
             self.stats.errors += 1
 
     def reset(self) -> None:
-        self.stats = Stats()
+        """Zero the counters and the log; requests still in flight stay counted
+        as started, so when they settle ``in_progress`` returns to 0, not -n."""
+        in_flight = self.stats.as_json()["in_progress"]
+        self.stats = Stats(started=in_flight)
         self.requests.clear()
 
     def config_json(self) -> dict[str, Any]:
@@ -422,8 +426,8 @@ class ReplicaState:
         for key in ("not_ready_for", "flap_period", "speed"):
             if key in body:
                 v = body[key]
-                if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                    raise ValueError(f"{key} must be a number >= 0")
+                if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+                    raise ValueError(f"{key} must be a finite number >= 0")
                 updates[key] = float(v)
         if updates.get("speed") == 0.0:
             raise ValueError("speed must be > 0")

@@ -727,3 +727,27 @@ def test_chunk_template_matches_full_serialization(kind: str, rid: str) -> None:
     for i in (0, 1, 7, 49):
         for finish in (None, "length"):
             assert chunks.event(i, finish) == _chunk(gen, rid, 1234, i, finish)
+
+
+async def test_reset_keeps_requests_in_flight_counted(
+    replica: Replica, http: aiohttp.ClientSession
+) -> None:
+    url, _ = replica
+    hdr = {"x-sim-fault": "hang_before_headers=1"}
+    task = asyncio.create_task(http.post(f"{url}/v1/chat/completions", json=CHAT, headers=hdr))
+
+    async def started() -> bool:
+        return (await stats(http, url))["in_progress"] == 1
+
+    await eventually(started)
+    async with http.post(f"{url}/_sim/reset"):
+        pass
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def settled() -> bool:
+        s = await stats(http, url)
+        return (s["started"], s["aborted"], s["in_progress"]) == (1, 1, 0)
+
+    await eventually(settled)
