@@ -158,6 +158,9 @@ class ReplicaConfig:
     token_interval_s: float = 0.01
     ttft_s: float = 0.0
     default_max_tokens: int = 16
+    # Prompt + output tokens beyond this are refused with vLLM's 400; 128k is
+    # a common long-context setting (Llama 3.1).
+    max_model_len: int = 131_072
     metrics: MetricsFlavour = "vllm"
     not_ready_for_s: float = 0.0
     flap_period_s: float = 0.0
@@ -181,8 +184,8 @@ class ReplicaConfig:
             raise ValueError("a replica serves at least one model")
         if self.metrics not in ("vllm", "sglang"):
             raise ValueError(f"metrics flavour must be vllm or sglang, not {self.metrics!r}")
-        if self.default_max_tokens < 1:
-            raise ValueError("default_max_tokens must be >= 1")
+        if not 1 <= self.default_max_tokens <= self.max_model_len:
+            raise ValueError("default_max_tokens must be in 1..max_model_len")
         if self.token_interval_s < 0 or self.ttft_s < 0:
             raise ValueError("token_interval_s and ttft_s must be >= 0")
         if self.not_ready_for_s < 0 or self.flap_period_s < 0:
@@ -572,7 +575,7 @@ class Generation:
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise BadRequest(400, "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest(400, "request body must be a JSON object")
@@ -615,6 +618,16 @@ def parse_generation(
         if "prompt" not in body:
             raise BadRequest(400, "prompt is required")
         text = completion_prompt_text(body["prompt"])
+    prompt_tokens = estimate_tokens(len(text))
+    if prompt_tokens + max_tokens > cfg.max_model_len:
+        # vLLM's context-length refusal: the classic client error (M4).
+        raise BadRequest(
+            400,
+            f"This model's maximum context length is {cfg.max_model_len} tokens. However, "
+            f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+            f"messages, {max_tokens} in the completion). Please reduce the length of the "
+            "messages or completion.",
+        )
     return Generation(
         kind=kind,
         model=model,
@@ -622,7 +635,7 @@ def parse_generation(
         include_usage=include_usage,
         max_tokens=max_tokens,
         prompt_text=text,
-        prompt_tokens=estimate_tokens(len(text)),
+        prompt_tokens=prompt_tokens,
         block_hashes=block_hashes(text),
     )
 
@@ -1318,6 +1331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-interval", type=float, default=0.01, help="seconds per output token")
     p.add_argument("--ttft", type=float, default=0.0, help="seconds to the first token")
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens when not requested")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=131_072,
+        help="prompt + output token limit (vLLM's context-length 400 beyond it)",
+    )
     p.add_argument("--metrics", choices=("vllm", "sglang"), default="vllm")
     p.add_argument("--not-ready-for", type=float, default=0.0)
     p.add_argument("--flap-period", type=float, default=0.0)
@@ -1378,6 +1397,7 @@ def configs_from_args(args: argparse.Namespace) -> list[ReplicaConfig]:
                 token_interval_s=args.token_interval,
                 ttft_s=args.ttft,
                 default_max_tokens=args.max_tokens,
+                max_model_len=args.max_model_len,
                 metrics=args.metrics,
                 not_ready_for_s=args.not_ready_for,
                 flap_period_s=args.flap_period,

@@ -161,7 +161,13 @@ async def test_bad_requests_are_openai_errors(
             assert set((await r.json())["error"]) >= {"message", "type", "code"}
     async with http.post(f"{url}/v1/chat/completions", data=b"{not json") as r:
         assert r.status == 400
-    assert (await stats(http, url))["errors"] == 5
+    async with http.post(f"{url}/v1/chat/completions", data=b"[" * 100_000) as r:
+        assert r.status == 400
+    huge = {**CHAT, "max_tokens": 131_072}  # + the prompt: over the context length
+    async with http.post(f"{url}/v1/chat/completions", json=huge) as r:
+        assert r.status == 400
+        assert "maximum context length is 131072" in (await r.json())["error"]["message"]
+    assert (await stats(http, url))["errors"] == 7
 
 
 async def test_models_and_embeddings(replica: Replica, http: aiohttp.ClientSession) -> None:
