@@ -322,6 +322,7 @@ class Engine:
         running = self._running
         sched: list[tuple[_Seq, int]] = []
         preempted: list[str] = []
+        kv_read = 0  # context tokens before this step, summed over the batch
 
         # 1. Running sequences, oldest first; preempt from the newest end when
         #    the KV cache cannot hold the next tokens. (Hot loop: kept flat.)
@@ -356,6 +357,7 @@ class Engine:
                 seq.private += need
                 self._private_total += need
             sched.append((seq, n))
+            kv_read += seq.computed
             budget -= n
             i += 1
 
@@ -379,6 +381,7 @@ class Engine:
             self.prefix_queries += target
             self.prefix_hits += hit
             sched.append((seq, n))
+            kv_read += seq.computed
             budget -= n
 
         self.preemptions += len(preempted)
@@ -387,10 +390,9 @@ class Engine:
             return result
 
         # 3. Cost of the iteration.
+        # Attention reads each scheduled sequence's whole context once.
         tokens = budget_start - budget
-        kv_read = tokens
-        for seq, _ in sched:
-            kv_read += seq.computed
+        kv_read += tokens
         domains: dict[str | None, int] | None = None
         if self._moe is not None:
             domains = {}
