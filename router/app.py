@@ -129,9 +129,10 @@ class Gateway:
                 timeout_s=max(up.connect_timeout_s, 2.0),
             )
         )
+        await self.resilience.start()
+        self._stack.push_async_callback(self.resilience.stop)
         for replica in self.registry:
             self.metrics.in_flight.labels(replica.name).set(0)
-            self.metrics.replica_healthy.labels(replica.name).set(1 if replica.healthy else 0)
         self._admin_runner, self.admin_port = await self._listen(
             self.admin_app, cfg.admin.host, cfg.admin.port
         )

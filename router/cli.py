@@ -25,8 +25,13 @@ log = logging.getLogger("dp_router")
 def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dp-router serve", description="Run the gateway.")
     p.add_argument("--config", help="TOML config file (see config/example.toml)")
-    p.add_argument("--replica", action="append", default=[], metavar="URL",
-                   help="replica base URL (repeatable); added to those in the config")
+    p.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="replica base URL (repeatable); added to those in the config",
+    )
     p.add_argument("--host", help="data listener address")
     p.add_argument("--port", type=int, help="data listener port")
     p.add_argument("--admin-port", type=int, help="admin listener port (binds 127.0.0.1)")
@@ -70,7 +75,8 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=getattr(logging, level), stream=sys.stderr,
+        level=getattr(logging, level),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 
@@ -82,8 +88,12 @@ async def run(cfg: Config) -> None:
     await gateway.start()
     log.info(
         "dp-router listening on %s:%d (admin %s:%d), policy %s, %d replicas",
-        cfg.server.host, gateway.data_port, cfg.admin.host, gateway.admin_port,
-        cfg.routing.policy, len(cfg.replicas),
+        cfg.server.host,
+        gateway.data_port,
+        cfg.admin.host,
+        gateway.admin_port,
+        cfg.routing.policy,
+        len(cfg.replicas),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,8 +118,10 @@ def serve(argv: list[str]) -> int:
     from router.admin import is_loopback
 
     if not is_loopback(cfg.admin.host) and not cfg.admin.token:
-        print("dp-router: config error: admin.token: required when admin.host is not loopback",
-              file=sys.stderr)
+        print(
+            "dp-router: config error: admin.token: required when admin.host is not loopback",
+            file=sys.stderr,
+        )
         return 2
     try:
         import uvloop
@@ -150,5 +162,3 @@ def main(argv: list[str]) -> int:
     if command == "policies":
         return list_policies(rest)
     raise SystemExit(f"unknown command {command}")
-
-

@@ -297,8 +297,14 @@ def _validate(cfg: Config) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"server.trusted_proxies[{i}]: not an IP network: {cidr!r}") from None
-    for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s",
-                "response_timeout_s", "keepalive_timeout_s", "models_refresh_s"):
+    for key in (
+        "connect_timeout_s",
+        "first_byte_timeout_s",
+        "idle_timeout_s",
+        "response_timeout_s",
+        "keepalive_timeout_s",
+        "models_refresh_s",
+    ):
         _positive(f"upstream.{key}", getattr(cfg.upstream, key))
     _positive("upstream.max_retries", cfg.upstream.max_retries, allow_zero=True)
     h = cfg.health
@@ -331,7 +337,7 @@ def _validate(cfg: Config) -> None:
     if a.reject_status not in (429, 503):
         raise ConfigError("admission.reject_status: must be 429 or 503")
     if a.when_none_routable not in ("fail", "panic"):
-        raise ConfigError("admission.when_none_routable: must be \"fail\" or \"panic\"")
+        raise ConfigError('admission.when_none_routable: must be "fail" or "panic"')
     if cfg.redis.url and urlsplit(cfg.redis.url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis.url: expected redis://, rediss:// or unix://")
     if not cfg.replicas:
@@ -358,8 +364,9 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
-    sections = {name: _section(name, cls, data[name]) for name, cls in _SECTIONS.items()
-                if name in data}
+    sections = {
+        name: _section(name, cls, data[name]) for name, cls in _SECTIONS.items() if name in data
+    }
     raw_replicas = data.get("replicas", [])
     if not isinstance(raw_replicas, list):
         raise ConfigError("replicas: expected an array of tables ([[replicas]])")

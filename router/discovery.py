@@ -30,9 +30,10 @@ async def fetch_models(
     session: aiohttp.ClientSession, replica: Replica, timeout_s: float
 ) -> list[dict[str, Any]]:
     headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
-    async with asyncio.timeout(timeout_s), session.get(
-        replica.base_url + "/v1/models", headers=headers
-    ) as resp:
+    async with (
+        asyncio.timeout(timeout_s),
+        session.get(replica.base_url + "/v1/models", headers=headers) as resp,
+    ):
         resp.raise_for_status()
         payload = await resp.json(content_type=None)
     entries = []

@@ -60,13 +60,17 @@ def error_response(
     *,
     retry_after_s: float | None = None,
     headers: dict[str, str] | None = None,
+    status: int | None = None,
 ) -> web.Response:
+    """``status`` overrides the kind's own where config chooses (429 or 503)."""
     out = dict(headers or {})
     if retry_after_s is not None:
         # Retry-After takes whole seconds; round up so clients never retry early.
         out["Retry-After"] = str(max(1, int(-(-retry_after_s // 1))))
     return web.Response(
-        status=kind.status, body=error_body(kind, message), content_type="application/json",
+        status=status or kind.status,
+        body=error_body(kind, message),
+        content_type="application/json",
         headers=out,
     )
 
@@ -80,12 +84,20 @@ class GatewayError(Exception):
     """Raised inside the data path; the handler turns it into ``error_response``."""
 
     def __init__(
-        self, kind: ErrorKind, message: str, *, retry_after_s: float | None = None
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.retry_after_s = retry_after_s
+        self.status = status or kind.status
 
     def response(self) -> web.Response:
-        return error_response(self.kind, self.message, retry_after_s=self.retry_after_s)
+        return error_response(
+            self.kind, self.message, retry_after_s=self.retry_after_s, status=self.status
+        )

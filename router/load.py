@@ -105,9 +105,7 @@ class ReplicaLoad:
             return float(self.in_flight)
         if now - self.reported_at > max_age:
             return float(self.in_flight)
-        corrected = (
-            self.reported_queue + self.dispatched_since_report - self.settled_since_report
-        )
+        corrected = self.reported_queue + self.dispatched_since_report - self.settled_since_report
         # A report can lag our own sends; never claim less than we know is there.
         return max(corrected, float(self.in_flight), 0.0)
 

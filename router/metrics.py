@@ -24,10 +24,23 @@ UNKNOWN = "unknown"
 
 # Seconds; LLM requests run from milliseconds (embeddings) to minutes.
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
 )
-TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                30.0)
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -37,97 +50,136 @@ class Metrics:
         self.requests = Counter(
             f"{PREFIX}_requests_total",
             "Client requests by model, serving replica and HTTP status returned to the client.",
-            ["model", "replica", "status"], registry=r,
+            ["model", "replica", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "End-to-end time from request received to last byte sent.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttfb = Histogram(
             f"{PREFIX}_time_to_first_byte_seconds",
             "Time from request received to the first upstream body byte "
             "(the first token for streams).",
-            ["model"], buckets=TTFB_BUCKETS, registry=r,
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge(
             f"{PREFIX}_replica_in_flight",
             "Requests this gateway has dispatched to the replica and not settled.",
-            ["replica"], registry=r,
+            ["replica"],
+            registry=r,
         )
         self.outstanding_tokens = Gauge(
             f"{PREFIX}_replica_outstanding_tokens",
             "Prompt + expected output tokens of the in-flight requests.",
-            ["replica"], registry=r,
+            ["replica"],
+            registry=r,
         )
         self.attempts = Counter(
             f"{PREFIX}_upstream_attempts_total",
             "Upstream attempts by replica and outcome (ok, http_4xx, http_5xx, connect_error, "
             "timeout, upstream_reset, client_disconnect, draining).",
-            ["replica", "outcome"], registry=r,
+            ["replica", "outcome"],
+            registry=r,
         )
         self.retries = Counter(
-            f"{PREFIX}_retries_total", "Retries on another replica, by reason.",
-            ["reason"], registry=r,
+            f"{PREFIX}_retries_total",
+            "Retries on another replica, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.retry_budget_exhausted = Counter(
             f"{PREFIX}_retry_budget_exhausted_total",
-            "Retries not made because the retry budget or concurrency cap refused.",
+            "Retries not made, by cause: the ratio budget (budget) or the cap on "
+            "concurrent retries (concurrency).",
+            ["cause"],
             registry=r,
         )
         self.errors = Counter(
             f"{PREFIX}_errors_total",
             "Errors returned to clients (or in-band on started streams), by reason.",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.decisions = Counter(
-            f"{PREFIX}_routing_decisions_total", "Routing decisions by policy and reason.",
-            ["policy", "reason"], registry=r,
+            f"{PREFIX}_routing_decisions_total",
+            "Routing decisions by policy and reason.",
+            ["policy", "reason"],
+            registry=r,
         )
         self.replica_healthy = Gauge(
-            f"{PREFIX}_replica_healthy", "1 if the active health check passes, else 0.",
-            ["replica"], registry=r,
+            f"{PREFIX}_replica_healthy",
+            "1 if the active health check passes, else 0.",
+            ["replica"],
+            registry=r,
         )
         self.replica_routable = Gauge(
             f"{PREFIX}_replica_routable",
             "1 if the replica may receive new requests (healthy, not ejected, not draining).",
-            ["replica"], registry=r,
+            ["replica"],
+            registry=r,
         )
         self.replica_weight = Gauge(
             f"{PREFIX}_replica_effective_weight",
-            "Configured weight times the slow-start factor.", ["replica"], registry=r,
+            "Configured weight times the slow-start factor.",
+            ["replica"],
+            registry=r,
         )
         self.health_transitions = Counter(
             f"{PREFIX}_health_transitions_total",
-            "Active health check state changes.", ["replica", "to"], registry=r,
+            "Active health check state changes.",
+            ["replica", "to"],
+            registry=r,
         )
         self.ejections = Counter(
             f"{PREFIX}_outlier_ejections_total",
-            "Passive outlier ejections by reason.", ["replica", "reason"], registry=r,
+            "Passive outlier ejections by reason.",
+            ["replica", "reason"],
+            registry=r,
         )
         self.ejected = Gauge(
-            f"{PREFIX}_replica_ejected", "1 while the replica is ejected.", ["replica"],
+            f"{PREFIX}_replica_ejected",
+            "1 while the replica is ejected.",
+            ["replica"],
             registry=r,
         )
         self.admission_waits = Counter(
             f"{PREFIX}_admission_waits_total",
-            "Requests that waited for capacity at the gateway.", registry=r,
+            "Requests that waited for capacity at the gateway.",
+            registry=r,
         )
         self.admission_wait_seconds = Histogram(
-            f"{PREFIX}_admission_wait_seconds", "Time spent waiting for capacity.",
-            buckets=TTFB_BUCKETS, registry=r,
+            f"{PREFIX}_admission_wait_seconds",
+            "Time spent waiting for capacity.",
+            buckets=TTFB_BUCKETS,
+            registry=r,
         )
         self.admission_rejections = Counter(
             f"{PREFIX}_admission_rejections_total",
             "Requests refused for lack of capacity, by reason (queue_full, queue_timeout).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.admission_queue = Gauge(
-            f"{PREFIX}_admission_queue_length", "Requests waiting for capacity.", registry=r,
+            f"{PREFIX}_admission_queue_length",
+            "Requests waiting for capacity.",
+            registry=r,
+        )
+        self.retry_budget_balance = Gauge(
+            f"{PREFIX}_retry_budget_balance",
+            "Retries the budget would allow now.",
+            registry=r,
         )
         self.models_refresh_failures = Counter(
             f"{PREFIX}_models_refresh_failures_total",
-            "Failed GET /v1/models against a replica.", ["replica"], registry=r,
+            "Failed GET /v1/models against a replica.",
+            ["replica"],
+            registry=r,
         )
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}

@@ -56,8 +56,11 @@ _SSE_EVENT = b"data:"
 _DONE_EVENT = b"data: [DONE]"
 
 
-class Retryable(Exception):
-    """An attempt failed before any byte reached the client."""
+class AttemptFailed(Exception):
+    """One upstream attempt failed. ``retryable``: nothing reached the client
+    and the failure says "try another replica" (connect error, reset, a
+    stream's first-byte timeout, 502/503/504); a non-streaming response
+    timeout is never retried (the engine may be mid-generation)."""
 
     def __init__(
         self,
@@ -65,15 +68,28 @@ class Retryable(Exception):
         reason: str,
         kind: ErrorKind,
         message: str,
+        *,
+        retryable: bool = True,
         passthrough: web.Response | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.outcome = outcome
         self.reason = reason
         self.kind = kind
         self.message = message
+        self.retryable = retryable
         # The upstream's own answer (a 502/503/504), returned if not retried.
         self.passthrough = passthrough
+        self.status = status
+
+
+class _NoRouteError(Exception):
+    """Routing found nothing to reserve (raised through admission)."""
+
+    def __init__(self, why: NoRoute) -> None:
+        super().__init__(why.value)
+        self.why = why
 
 
 @dataclass(slots=True)
@@ -167,7 +183,7 @@ class Proxy:
             response = await self._serve(request, endpoint, record, t0)
             return response
         except GatewayError as exc:
-            response = self._error(record, exc.kind, exc.message, exc.retry_after_s)
+            response = self._error(record, exc.kind, exc.message, exc.retry_after_s, exc.status)
             return response
         except asyncio.CancelledError:
             record.outcome = record.outcome or Outcome.CLIENT_DISCONNECT.value
@@ -231,53 +247,83 @@ class Proxy:
         t0: float,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        tried: list[str] = []
-        last_failure: Retryable | None = None
         res = self.resilience
-        res.on_request()
-        while True:
-            routed = await res.route(
-                lambda: decide(
-                    route_req,
-                    self.registry,
-                    self.policy,
-                    loop.time(),
-                    exclude=tried,
-                    panic=res.panic,
-                )
+        tried: list[str] = []
+        cost = route_req.cost_tokens
+
+        def reserve() -> tuple[Routed, Ticket] | None:
+            """Decide and dispatch in one synchronous step, so no other
+            request can take the capacity in between (late binding: a queued
+            request runs this again when capacity frees)."""
+            routed = decide(
+                route_req,
+                self.registry,
+                self.policy,
+                loop.time(),
+                exclude=tried,
+                panic=res.panic,
             )
+            if routed is NoRoute.AT_CAPACITY:
+                return None
             if isinstance(routed, NoRoute):
-                return self._no_route(record, routed, last_failure)
-            replica = routed.replica
-            record.replica = replica.name
-            record.reason = routed.decision.reason
-            record.attempts += 1
-            self.metrics.decisions.labels(self.policy.name, routed.decision.reason).inc()
-            failure: Retryable | None = None
-            outcome = Outcome.CLIENT_DISCONNECT
-            now = loop.time()
-            ticket = dispatch(replica.load, route_req.cost_tokens)
-            self.policy.on_dispatch(route_req, replica.name, now)
-            self._publish_load(replica)
-            try:
-                result = await self._attempt(request, body, route_req, routed, t0, record)
-                outcome = result.outcome
-                record.status = result.status
-                record.ttfb = result.ttfb
-                self._learn(route_req, replica, result, loop.time(), t0)
-                return result.response
-            except Retryable as exc:
-                failure = exc
-                outcome = exc.outcome
-            finally:
-                self._settle(ticket, route_req, replica, outcome, loop.time())
-            last_failure = failure
-            tried.append(replica.name)
-            if len(tried) > self.config.upstream.max_retries or not await res.allow_retry(
-                failure.reason
-            ):
-                return self._give_up(record, failure)
-            self.metrics.retries.labels(failure.reason).inc()
+                raise _NoRouteError(routed)
+            return routed, dispatch(routed.replica.load, cost)
+
+        def release(reserved: tuple[Routed, Ticket]) -> None:
+            routed, ticket = reserved
+            self._settle(
+                ticket, route_req, routed.replica, Outcome.CLIENT_DISCONNECT, None, loop.time()
+            )
+
+        res.on_request()
+        last_failure: AttemptFailed | None = None
+        # A granted retry holds its reason's slot until the retry settles.
+        retry_slot: str | None = None
+        try:
+            while True:
+                try:
+                    routed, ticket = await res.admit(reserve, route_req.model, release)
+                except _NoRouteError as exc:
+                    return self._no_route(record, exc.why, last_failure)
+                replica = routed.replica
+                record.replica = replica.name
+                record.reason = routed.decision.reason
+                record.attempts += 1
+                self.metrics.decisions.labels(self.policy.name, routed.decision.reason).inc()
+                self.policy.on_dispatch(route_req, replica.name, loop.time())
+                self._publish_load(replica)
+                outcome = Outcome.CLIENT_DISCONNECT  # what a cancellation leaves
+                status: int | None = None
+                failure: AttemptFailed | None = None
+                try:
+                    result = await self._attempt(request, body, route_req, routed, t0, record)
+                    outcome, status = result.outcome, result.status
+                    record.status = result.status
+                    record.ttfb = result.ttfb
+                    self._learn(route_req, replica, result, loop.time(), t0)
+                    return result.response
+                except AttemptFailed as exc:
+                    failure = exc
+                    outcome, status = exc.outcome, exc.status
+                finally:
+                    self._settle(ticket, route_req, replica, outcome, status, loop.time())
+                    if retry_slot is not None:
+                        res.release_retry(retry_slot)
+                        retry_slot = None
+                last_failure = failure
+                tried.append(replica.name)
+                if (
+                    not failure.retryable
+                    or len(tried) > self.config.upstream.max_retries
+                    or not res.try_retry(failure.reason)
+                ):
+                    return self._give_up(record, failure)
+                retry_slot = failure.reason
+                self.metrics.retries.labels(failure.reason).inc()
+                await asyncio.sleep(res.backoff(len(tried)))
+        finally:
+            if retry_slot is not None:
+                res.release_retry(retry_slot)
 
     def _settle(
         self,
@@ -285,6 +331,7 @@ class Proxy:
         route_req: RouteRequest,
         replica: Replica,
         outcome: Outcome,
+        status: int | None,
         now: float,
     ) -> None:
         """The one place a dispatched request's load is released."""
@@ -293,7 +340,7 @@ class Proxy:
         self.metrics.attempts.labels(replica.name, outcome.value).inc()
         self._publish_load(replica)
         self.policy.on_complete(route_req, replica.name, outcome, now)
-        self.resilience.on_settled(replica, outcome, now)
+        self.resilience.on_settled(replica, outcome, status, now)
 
     def _publish_load(self, replica: Replica) -> None:
         self.metrics.in_flight.labels(replica.name).set(replica.load.in_flight)
@@ -357,7 +404,7 @@ class Proxy:
                         headers=headers,
                     )
             except aiohttp.ClientConnectorError as exc:
-                raise Retryable(
+                raise AttemptFailed(
                     Outcome.CONNECT_ERROR,
                     "connect_error",
                     ErrorKind.UPSTREAM_ERROR,
@@ -365,7 +412,7 @@ class Proxy:
                 ) from None
             except TimeoutError:
                 if stream:
-                    raise Retryable(
+                    raise AttemptFailed(
                         Outcome.TIMEOUT,
                         "first_byte_timeout",
                         ErrorKind.UPSTREAM_TIMEOUT,
@@ -378,7 +425,7 @@ class Proxy:
                 aiohttp.ServerDisconnectedError,
                 aiohttp.ClientPayloadError,
             ) as exc:
-                raise Retryable(
+                raise AttemptFailed(
                     Outcome.UPSTREAM_RESET,
                     "upstream_reset",
                     ErrorKind.UPSTREAM_ERROR,
@@ -401,7 +448,7 @@ class Proxy:
 
     async def _failed_status(
         self, upstream: aiohttp.ClientResponse, replica: Replica, record: Record, deadline: float
-    ) -> Retryable:
+    ) -> AttemptFailed:
         try:
             async with asyncio.timeout_at(deadline):
                 data = await upstream.read()
@@ -420,14 +467,14 @@ class Proxy:
             ),
         )
         if draining:
-            return Retryable(
+            return AttemptFailed(
                 Outcome.DRAINING,
                 "draining",
                 ErrorKind.NO_REPLICA,
                 f"replica {replica.name} is draining",
                 passthrough,
             )
-        return Retryable(
+        return AttemptFailed(
             Outcome.HTTP_5XX,
             f"http_{upstream.status}",
             ErrorKind.UPSTREAM_ERROR,
@@ -462,9 +509,14 @@ class Proxy:
         except TimeoutError:
             raise _response_timeout(replica, self._response_timeout) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            raise GatewayError(
+            # Headers came, then the body broke off: the engine did the work,
+            # so the request is not replayed elsewhere.
+            raise AttemptFailed(
+                Outcome.UPSTREAM_RESET,
+                "upstream_reset",
                 ErrorKind.UPSTREAM_ERROR,
                 f"replica {replica.name} closed the connection before the response completed",
+                retryable=False,
             ) from None
         status = upstream.status
         tokens = None
@@ -499,14 +551,14 @@ class Proxy:
             async with asyncio.timeout_at(deadline):
                 first = await content.readany()
         except TimeoutError:
-            raise Retryable(
+            raise AttemptFailed(
                 Outcome.TIMEOUT,
                 "first_byte_timeout",
                 ErrorKind.UPSTREAM_TIMEOUT,
                 f"replica {replica.name} sent no token within {self._first_byte_timeout:g} s",
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            raise Retryable(
+            raise AttemptFailed(
                 Outcome.UPSTREAM_RESET,
                 "upstream_reset",
                 ErrorKind.UPSTREAM_ERROR,
@@ -594,15 +646,21 @@ class Proxy:
     # -- outcomes without a served response ---------------------------------
 
     def _error(
-        self, record: Record, kind: ErrorKind, message: str, retry_after_s: float | None = None
+        self,
+        record: Record,
+        kind: ErrorKind,
+        message: str,
+        retry_after_s: float | None = None,
+        status: int | None = None,
     ) -> web.Response:
-        record.status = kind.status
+        response = error_response(kind, message, retry_after_s=retry_after_s, status=status)
+        record.status = response.status
         record.outcome = record.outcome or kind.code
         self.metrics.errors.labels(kind.code).inc()
-        return error_response(kind, message, retry_after_s=retry_after_s)
+        return response
 
     def _no_route(
-        self, record: Record, why: NoRoute, last_failure: Retryable | None
+        self, record: Record, why: NoRoute, last_failure: AttemptFailed | None
     ) -> web.Response:
         if last_failure is not None:
             return self._give_up(record, last_failure)
@@ -626,7 +684,7 @@ class Proxy:
             retry_after_s=self.resilience.retry_after_s,
         )
 
-    def _give_up(self, record: Record, failure: Retryable) -> web.Response:
+    def _give_up(self, record: Record, failure: AttemptFailed) -> web.Response:
         record.outcome = failure.outcome.value
         if failure.passthrough is not None and failure.outcome is not Outcome.DRAINING:
             record.status = failure.passthrough.status
@@ -670,8 +728,13 @@ class Proxy:
             )
 
 
-def _response_timeout(replica: Replica, seconds: float) -> GatewayError:
-    return GatewayError(
+def _response_timeout(replica: Replica, seconds: float) -> AttemptFailed:
+    """Non-streaming: never retried (vLLM sends no headers until it is done,
+    so a retry would double a long generation)."""
+    return AttemptFailed(
+        Outcome.TIMEOUT,
+        "response_timeout",
         ErrorKind.UPSTREAM_TIMEOUT,
         f"replica {replica.name} did not complete the response within {seconds:g} s",
+        retryable=False,
     )
