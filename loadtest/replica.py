@@ -1318,7 +1318,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="port to serve a replica on (repeat for more; 0 = any free port)",
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument(
         "--model",
         action="append",
@@ -1337,10 +1337,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=131_072,
         help="prompt + output token limit (vLLM's context-length 400 beyond it)",
     )
-    p.add_argument("--metrics", choices=("vllm", "sglang"), default="vllm")
-    p.add_argument("--not-ready-for", type=float, default=0.0)
-    p.add_argument("--flap-period", type=float, default=0.0)
-    p.add_argument("--max-running", type=int, default=None)
+    p.add_argument(
+        "--metrics", choices=("vllm", "sglang"), default="vllm", help="metric names on /metrics"
+    )
+    p.add_argument(
+        "--not-ready-for",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="for S seconds /health is 200 but /v1/* answers 503 (loading)",
+    )
+    p.add_argument(
+        "--flap-period",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="alternate OK and 503-for-everything every S seconds",
+    )
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N requests generate at once; the rest wait (FIFO)",
+    )
     p.add_argument("--speed", type=float, default=1.0, help="slow-down factor (10 = 10x slower)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     e = p.add_argument_group("engine model (instead of the paced model)")
