@@ -387,3 +387,72 @@ def load_workload(
     raise ValueError(
         f"unknown workload {name_or_path!r}: not a file, and not one of {', '.join(WORKLOADS)}"
     )
+
+
+# -- inspection CLI -------------------------------------------------------------
+
+
+def summarize(convs: Iterator[Conversation]) -> dict[str, float]:
+    """Counts and length statistics of a workload, for ``main`` and for reports."""
+    n_conv = n_turn = 0
+    ins: list[int] = []
+    outs: list[int] = []
+    first_blocks: dict[int, int] = {}
+    last_arrival = 0.0
+    for conv in convs:
+        n_conv += 1
+        last_arrival = max(last_arrival, conv.arrival_s)
+        for turn in conv.turns:
+            n_turn += 1
+            ins.append(turn.prompt_tokens)
+            outs.append(turn.output_tokens)
+        hashes = conv.turns[0].block_hashes()
+        if hashes:
+            first_blocks[hashes[0]] = first_blocks.get(hashes[0], 0) + 1
+    ins.sort()
+    outs.sort()
+    return {
+        "conversations": n_conv,
+        "requests": n_turn,
+        "turns_per_conversation": n_turn / n_conv if n_conv else 0.0,
+        "input_mean": sum(ins) / len(ins) if ins else 0.0,
+        "input_median": ins[len(ins) // 2] if ins else 0,
+        "output_mean": sum(outs) / len(outs) if outs else 0.0,
+        "output_median": outs[len(outs) // 2] if outs else 0,
+        "last_arrival_s": last_arrival,
+        "top_first_block_share": max(first_blocks.values()) / n_conv if first_blocks else 0.0,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """``python -m loadtest.workloads [NAME|PATH ...]``: list or summarize workloads."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="loadtest.workloads", description=main.__doc__)
+    p.add_argument("workload", nargs="*", help="names (see the list) or trace files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--rate", type=float, default=None)
+    p.add_argument("--speed", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if not args.workload:
+        for name, desc in WORKLOADS.items():
+            print(f"{name:22s} {desc}")
+        return 0
+    for w in args.workload:
+        try:
+            convs = load_workload(
+                w, seed=args.seed, requests=args.requests, rate=args.rate, speed=args.speed
+            )
+        except ValueError as e:
+            print(f"error: {e}")
+            return 2
+        print(json.dumps({"workload": w, **summarize(convs)}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 from collections import Counter
 
@@ -145,3 +146,15 @@ def test_lazy_and_errors_are_raised_at_once() -> None:
         load_workload("chat", seed=0, speed=0)
     with pytest.raises(ValueError):
         load_workload("chat", seed=0, rate=-1)
+
+
+def test_summary_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.workloads import main
+
+    assert main([]) == 0
+    assert "sglang-shared-prefix" in capsys.readouterr().out
+    assert main(["shared-system", "--requests", "500", "--seed", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["requests"] == 500
+    assert 0.75 < summary["top_first_block_share"] < 0.85
+    assert main(["no-such-thing"]) == 2
