@@ -395,13 +395,14 @@ async def test_flap_period_with_a_hand_driven_clock(
     replica: Replica, http: aiohttp.ClientSession
 ) -> None:
     url, state = replica
-    now = [1000.0]
+    t0 = state.clock()  # the replica is already ready at t0 (not_ready_for 0)
+    now = [t0]
     state.clock = lambda: now[0]
     async with http.post(f"{url}/_sim/config", json={"flap_period": 2}) as r:
         assert r.status == 200
     seen = []
     for t in (0.5, 2.5, 4.5, 6.5):
-        now[0] = 1000.0 + t
+        now[0] = t0 + t
         async with http.get(f"{url}/health") as r:
             h = r.status
         async with http.post(f"{url}/v1/chat/completions", json=CHAT) as r:
