@@ -30,13 +30,14 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import itertools
 import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import aiohttp
 
 from loadtest.loadgen import LoadConfig, conversations, run_load, run_with_uvloop
 from loadtest.report import RunResult, comparison_table, write_plots, write_results
+from loadtest.workload_types import Conversation
 
 HOST = "127.0.0.1"
 MODEL = "dp-demo"
@@ -55,12 +57,17 @@ QUICK_POLICY_COUNT = 2
 DEFAULT_REPLICAS = 3
 DEFAULT_DURATION_S = 15.0  # per policy: 3 policies + start-up ~ one minute
 QUICK_DURATION_S = 4.0  # 2 policies + start-up + tail ~ 15 s
-# The replica model: 20 ms per token (50 tok/s per stream, a busy 7B replica)
-# and at most 8 sequences generating at once, so a burst queues and queueing
-# shows in TTFT, which is what routing policies change.
-TOKEN_INTERVAL_S = 0.02
+# The replica model: 5 ms per token (200 tok/s per stream: a small model on a
+# fast GPU, chosen so a one-minute demo completes hundreds of requests) and at
+# most 8 sequences generating at once, so a burst queues and queueing shows in
+# TTFT, which is what routing policies change.
+TOKEN_INTERVAL_S = 0.005
 TTFT_S = 0.03
-MAX_RUNNING = 4
+MAX_RUNNING = 8
+# Output lengths are clamped so that the last requests of a run (on the slow
+# replica: 3 x 5 ms x 256 = 3.8 s) do not double the demo's wall time; the
+# chat workload's lognormal tail otherwise reaches thousands of tokens.
+MAX_OUTPUT_TOKENS = 256
 SLOW_FACTOR = 3.0  # one replica this much slower (an older GPU, a noisy neighbour)
 # Offered load as a share of the fleet's capacity. At 0.65 a load-aware
 # policy keeps every replica below saturation, while round-robin gives the
@@ -85,6 +92,7 @@ class DemoOptions:
     out: Path | None
     token_interval_s: float = TOKEN_INTERVAL_S
     slow_factor: float = SLOW_FACTOR
+    engine: str | None = None  # a loadtest.engine preset instead of the paced model
 
 
 def free_ports(n: int) -> list[int]:
@@ -244,8 +252,11 @@ async def fleet(
 ) -> AsyncIterator[list[str]]:
     """N replicas in one process, the last one slowed down; yields their URLs."""
     argv = [sys.executable, "-m", "router", "replica", "--host", HOST, "--model", MODEL]
-    argv += ["--token-interval", str(opts.token_interval_s), "--ttft", str(TTFT_S)]
-    argv += ["--max-running", str(MAX_RUNNING)]
+    if opts.engine:
+        argv += ["--engine", opts.engine, "--seed", str(opts.seed)]
+    else:
+        argv += ["--token-interval", str(opts.token_interval_s), "--ttft", str(TTFT_S)]
+        argv += ["--max-running", str(MAX_RUNNING)]
     # Port 0: the replica process binds free ports and reports them (no race).
     argv += ["--port", "0"] * opts.replicas
     child = await spawn("replicas", argv, workdir / "replicas.log", pipe_stdout=True)
@@ -309,7 +320,9 @@ async def run_policy(
             timeout_s=60.0,
             replica_metrics=[f"{u}/metrics" for u in urls],
         )
-        workload = conversations(opts.workload, seed=opts.seed, requests=None, rate=opts.rate)
+        workload = clamp_outputs(
+            conversations(opts.workload, seed=opts.seed, requests=None, rate=opts.rate)
+        )
         return await run_load(
             cfg, workload, label=policy, workload_name=opts.workload, progress=sys.stderr.isatty()
         )
@@ -339,25 +352,45 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def auto_rate(opts_replicas: int, workload: str, seed: int, slow_factor: float) -> float:
+def clamp_outputs(source: Iterable[Conversation]) -> Iterator[Conversation]:
+    """The workload with output lengths capped at MAX_OUTPUT_TOKENS."""
+    for conv in source:
+        turns = tuple(
+            dataclasses.replace(t, output_tokens=min(t.output_tokens, MAX_OUTPUT_TOKENS))
+            for t in conv.turns
+        )
+        yield dataclasses.replace(conv, turns=turns)
+
+
+def auto_rate(
+    replicas: int, workload: str, seed: int, slow_factor: float, duration_s: float
+) -> float:
     """Conversations per second that offer ``TARGET_UTILIZATION`` of the fleet.
 
     A replica serves MAX_RUNNING requests at once, each taking about
     TTFT + output_tokens * TOKEN_INTERVAL; the slow one 1/slow_factor of that.
-    The workload's own mean output length and turns per conversation turn
-    request capacity into a conversation arrival rate, so any workload
-    (short chats or long traces) lands at the same utilization.
+    The workload's mean output length and turns per conversation turn request
+    capacity into a conversation arrival rate, so any workload (short chats or
+    long traces) lands at the same utilization. A later turn counts only with
+    the chance that it starts within the run: a conversation starts uniformly
+    in [0, duration) and turn k waits the sum of the think times before it
+    (5 s on average for "chat"), so a 4 s run sees mostly first turns.
     """
-    sample = list(
-        itertools.islice(conversations(workload, seed=seed, requests=None, rate=1.0), RATE_SAMPLE)
-    )
+    source = conversations(workload, seed=seed, requests=RATE_SAMPLE * 4, rate=1.0)
+    sample = list(itertools.islice(clamp_outputs(source), RATE_SAMPLE))
     turns = [t for conv in sample for t in conv.turns]
     if not turns:
         raise StartError(f"workload {workload!r} produced no requests")
     mean_out = sum(t.output_tokens for t in turns) / len(turns)
-    turns_per_conv = len(turns) / len(sample)
+    offered = 0.0
+    for conv in sample:
+        waited = 0.0
+        for k, turn in enumerate(conv.turns):
+            waited += turn.think_time_s if k else 0.0
+            offered += max(0.0, 1.0 - waited / duration_s)
+    turns_per_conv = offered / len(sample)
     service_s = TTFT_S + mean_out * TOKEN_INTERVAL_S
-    speeds = opts_replicas - 1 + 1 / slow_factor if opts_replicas > 1 else 1.0
+    speeds = replicas - 1 + 1 / slow_factor if replicas > 1 else 1.0
     capacity_rps = speeds * MAX_RUNNING / service_s
     return TARGET_UTILIZATION * capacity_rps / turns_per_conv
 
@@ -378,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", help="policy to compare (repeatable)")
     p.add_argument("--duration", type=float, help="seconds of load per policy")
     p.add_argument("--rate", type=float, help="conversations per second (default: by fleet size)")
-    p.add_argument("--workload", default="chat")
+    p.add_argument("--workload", default="chat", help="a loadtest.workloads name or trace file")
+    p.add_argument(
+        "--engine",
+        metavar="PRESET",
+        help="simulate replicas with the engine model (e.g. llama2-7b) instead of fixed pacing",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write results.json, summary.md and charts here")
     p.add_argument("--quick", action="store_true", help="two policies, short runs (~15 s)")
@@ -404,8 +442,10 @@ def main(argv: list[str]) -> int:
         policies = tuple(available_policies()[:count])
     duration = args.duration or (QUICK_DURATION_S if args.quick else DEFAULT_DURATION_S)
     try:
-        rate = args.rate or auto_rate(args.replicas, args.workload, args.seed, SLOW_FACTOR)
-    except StartError as exc:
+        rate = args.rate or auto_rate(
+            args.replicas, args.workload, args.seed, SLOW_FACTOR, duration
+        )
+    except (StartError, ValueError) as exc:
         print(f"dp-router demo: {exc}", file=sys.stderr)
         return 2
     opts = DemoOptions(
@@ -416,6 +456,7 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         workload=args.workload,
         out=args.out,
+        engine=args.engine,
     )
     _say(
         f"{opts.replicas} replicas ({replica_names(opts.replicas)[-1]} is "

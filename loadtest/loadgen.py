@@ -30,9 +30,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
-import random
 import signal
 import sys
 import time
@@ -53,6 +53,7 @@ from loadtest.report import (
     write_results,
 )
 from loadtest.workload_types import Conversation, Turn
+from loadtest.workloads import WORKLOADS, load_workload
 
 REPLICA_HEADER = "x-dp-replica"
 SESSION_HEADER = "x-session-id"
@@ -301,23 +302,28 @@ def conversations(
     rate: float | None,
     speed: float = 1.0,
 ) -> Iterator[Conversation]:
-    """The workload as an endless (or ``requests``-long) stream of conversations.
+    """The workload as a stream of conversations (``loadtest.workloads`` names or a trace).
 
-    When only a duration bounds the run, batches are generated on demand, with
-    fresh seeds, continuing arrival times and unique ids, so a long run never
-    needs to know its request count up front.
+    With ``requests`` it is exactly that many turns. Without (a run bounded by
+    time only) batches are generated on demand with fresh seeds, continuing
+    arrival times and unique ids, so a long run never needs to know its
+    request count up front. A bad name or file raises ValueError here, at
+    once, not in the middle of a run.
     """
-    load = _workload_loader()
     if requests is not None:
-        yield from load(workload, seed=seed, requests=requests, rate=rate, speed=speed)
-        return
-    offset = 0.0
-    for batch in range(1_000_000):
+        return load_workload(workload, seed=seed, requests=requests, rate=rate, speed=speed)
+    first = load_workload(workload, seed=seed, requests=WORKLOAD_BATCH, rate=rate, speed=speed)
+    return _batches(first, workload, seed=seed, rate=rate, speed=speed)
+
+
+def _batches(
+    first: Iterator[Conversation], workload: str, *, seed: int, rate: float | None, speed: float
+) -> Iterator[Conversation]:
+    batch, offset, source = 0, 0.0, first
+    while True:
         last = offset
         empty = True
-        for conv in load(
-            workload, seed=seed + batch, requests=WORKLOAD_BATCH, rate=rate, speed=speed
-        ):
+        for conv in source:
             empty = False
             if batch:
                 conv = dataclasses.replace(
@@ -327,48 +333,10 @@ def conversations(
             yield conv
         if empty:
             return
-        offset = last
-
-
-def _workload_loader() -> Callable[..., Iterable[Conversation]]:
-    try:
-        from loadtest.workloads import load_workload
-    except ImportError:  # the workloads module is not there yet: a small built-in one
-        return _builtin_workload
-    return load_workload
-
-
-def _builtin_workload(
-    name: str, *, seed: int, requests: int | None, rate: float | None, speed: float = 1.0
-) -> Iterator[Conversation]:
-    """Multi-turn chats with growing context (fallback without loadtest.workloads)."""
-    del speed
-    if name != DEFAULT_WORKLOAD:
-        raise SystemExit(f"loadtest: unknown workload {name!r} (built-in: {DEFAULT_WORKLOAD})")
-    rng = random.Random(seed)
-    t = 0.0
-    sent = 0
-    limit = requests if requests is not None else WORKLOAD_BATCH
-    i = 0
-    while sent < limit:
-        context = f"conversation {seed}-{i}. " + "lorem ipsum dolor sit amet " * rng.randint(8, 60)
-        turns = []
-        for _ in range(min(rng.choice((1, 1, 2, 2, 3, 4)), limit - sent)):
-            context += f" user: question {rng.random():.6f} " + "tell me more " * rng.randint(2, 20)
-            turns.append(
-                Turn(
-                    prompt_text=context,
-                    prompt_tokens=len(context) // 4,
-                    output_tokens=rng.randint(8, 48),
-                    think_time_s=rng.uniform(0.0, 0.5) if turns else 0.0,
-                )
-            )
-            context += " assistant: " + "reply " * 16
-        sent += len(turns)
-        yield Conversation(id=f"c{seed}-{i}", arrival_s=t, turns=tuple(turns))
-        if rate:
-            t += rng.expovariate(rate)
-        i += 1
+        batch, offset = batch + 1, last
+        source = load_workload(
+            workload, seed=seed + batch, requests=WORKLOAD_BATCH, rate=rate, speed=speed
+        )
 
 
 # ---- the run ----------------------------------------------------------------
@@ -459,6 +427,8 @@ async def _open_loop(
     async def converse(conv: Conversation) -> None:
         for index, turn in enumerate(conv.turns):
             if index and turn.think_time_s > 0:
+                if time.perf_counter() + turn.think_time_s >= budget.deadline:
+                    return  # the next turn would start after the run: do not wait for it
                 await _sleep_or_stop(turn.think_time_s, budget.stop)
             if not budget.take():
                 return
@@ -470,7 +440,7 @@ async def _open_loop(
             if t0 + conv.arrival_s >= budget.deadline:
                 break
             delay = t0 + conv.arrival_s - time.perf_counter()
-            if delay > 0 and await _sleep_or_stop(delay, budget.stop):
+            if await _sleep_or_stop(delay, budget.stop):
                 break
             if not budget.take():
                 break
@@ -505,9 +475,12 @@ async def _closed_loop(
 
 
 async def _sleep_or_stop(delay: float, stop: asyncio.Event) -> bool:
-    """Sleep ``delay`` seconds; True if ``stop`` was set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), delay)
+    """Sleep ``delay`` seconds (at least one loop turn); True if ``stop`` was set."""
+    if delay <= 0:
+        await asyncio.sleep(0)  # a burst of arrivals must still let requests run
+    else:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
     return stop.is_set()
 
 
@@ -538,9 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive load at an OpenAI-compatible endpoint and report latencies.",
     )
     p.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--workload", default=DEFAULT_WORKLOAD, help="workload name or trace path")
+    p.add_argument(
+        "--workload",
+        default=DEFAULT_WORKLOAD,
+        help=f"workload name ({', '.join(WORKLOADS)}) or a trace file (Azure CSV, Mooncake JSONL)",
+    )
     loop = p.add_mutually_exclusive_group()
-    loop.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    loop.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: Poisson conversation arrivals per second (default without "
+        "--concurrency: the workload's own timestamps, e.g. a trace)",
+    )
     loop.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
     p.add_argument("--duration", type=float, help="seconds during which requests are started")
     p.add_argument("--requests", type=int, help="number of requests (turns) to send")
@@ -582,9 +564,23 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"dp-router loadtest: {exc}", file=sys.stderr)
         return 2
-    workload = conversations(
-        args.workload, seed=args.seed, requests=args.requests, rate=args.rate, speed=args.speed
-    )
+    try:
+        workload = conversations(
+            args.workload, seed=args.seed, requests=args.requests, rate=args.rate, speed=args.speed
+        )
+    except ValueError as exc:
+        print(f"dp-router loadtest: {exc}", file=sys.stderr)
+        return 2
+    if cfg.rate is None and cfg.concurrency is None:
+        head = list(itertools.islice(workload, 2))
+        if len(head) == 2 and head[0].arrival_s == head[1].arrival_s == 0.0:
+            print(
+                f"dp-router loadtest: workload {args.workload!r} has no timestamps; "
+                "give --rate or --concurrency",
+                file=sys.stderr,
+            )
+            return 2
+        workload = itertools.chain(head, workload)
 
     async def run() -> RunResult:
         stop = asyncio.Event()
