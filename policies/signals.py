@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import add, ge, sub
 
 from router.load import DEFAULT_REPORT_MAX_AGE_S, ReplicaLoad
 
@@ -150,14 +151,50 @@ def per_weight(vals: list[float], candidates: Sequence[ReplicaLoad]) -> list[flo
 def queue_depths(candidates: Sequence[ReplicaLoad], now: float) -> list[float]:
     """The ``queue`` signal per weight for every candidate, on the fast path.
 
-    Same values as ``ReplicaLoad.queue_depth``: a replica without a report
-    is its in-flight count (read directly, skipping the method call that
-    dominates a 1,000-replica scan), the others go through the method.
+    Exactly ``ReplicaLoad.queue_depth(now)`` (a test holds the two equal over
+    random states), computed column-wise with C-level ``map``: the method
+    call costs ~0.5 us per replica, which at 1,000 replicas is the whole
+    budget of a scan. Fast path: every candidate has a fresh report (the
+    steady state with scraping) or none has one (no telemetry); mixed fleets
+    take the per-replica path.
     """
+    inflight = [c.in_flight for c in candidates]
+    reported = [c.reported_queue for c in candidates]
+    n_none = reported.count(None)
+    if n_none == len(reported):
+        return per_weight(inflight, candidates)  # type: ignore[arg-type]
+    if n_none == 0:
+        stamps = [c.reported_at for c in candidates]
+        if now - min(stamps) <= DEFAULT_REPORT_MAX_AGE_S:  # type: ignore[type-var, operator]
+            corrected = list(
+                map(
+                    sub,
+                    map(add, reported, [c.dispatched_since_report for c in candidates]),
+                    [c.settled_since_report for c in candidates],
+                )
+            )
+            if not all(map(ge, corrected, inflight)):  # a report lags our own sends
+                corrected = [q if q >= f else f for q, f in zip(corrected, inflight, strict=True)]
+            return per_weight(corrected, candidates)  # type: ignore[arg-type]
+    age = DEFAULT_REPORT_MAX_AGE_S
     qs: list[float] = [
-        c.in_flight if c.reported_queue is None else c.queue_depth(now) for c in candidates
+        c.in_flight
+        if (rq := c.reported_queue) is None
+        or now - c.reported_at > age  # type: ignore[operator]
+        or (v := rq + c.dispatched_since_report - c.settled_since_report) < c.in_flight
+        else v
+        for c in candidates
     ]
     return per_weight(qs, candidates)
+
+
+def kv_usages(candidates: Sequence[ReplicaLoad], now: float) -> list[float | None]:
+    """The ``kv`` signal for every candidate (None where absent or stale), inlined."""
+    cut = DEFAULT_REPORT_MAX_AGE_S
+    return [
+        None if (kv := c.kv_usage) is None or now - c.reported_at > cut else kv  # type: ignore[operator]
+        for c in candidates
+    ]
 
 
 def token_loads(candidates: Sequence[ReplicaLoad]) -> list[float]:

@@ -30,7 +30,13 @@ class WeightedRandom(BasePolicy):
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE
-        cumulative = list(accumulate(max(c.weight, 0.0) for c in candidates))
+        weights = [c.weight for c in candidates]
+        if weights.count(1.0) == n:  # the common case: uniform, no cumulative sums
+            chosen = candidates[int(self.rng.random() * n)]
+            return Decision(chosen.name, "weighted_random", {"weight": 1.0})
+        if min(weights) < 0:
+            weights = [max(w, 0.0) for w in weights]
+        cumulative = list(accumulate(weights))
         total = cumulative[-1]
         if total <= 0.0:  # every weight is 0: uniform rather than nothing
             chosen = candidates[int(self.rng.random() * n)]

@@ -66,3 +66,32 @@ def test_every_fallback_chain_ends_in_an_always_present_signal() -> None:
         name, vals = signals.values(sig, [empty], 0.0)
         assert signals.SIGNALS[name].fallback is None or vals[0] is not None
         assert vals[0] is not None
+
+
+def test_fast_queue_depths_equal_replica_load_queue_depth() -> None:
+    """signals.queue_depths inlines ReplicaLoad.queue_depth: they must agree."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        c = ReplicaLoad("x", weight=rng.choice([1.0, 1.0, 2.0, 0.5]))
+        c.in_flight = rng.randrange(6)
+        if rng.random() < 0.7:
+            c.record_report(float(rng.randrange(8)), None, rng.uniform(0, 10))
+            c.dispatched_since_report = rng.randrange(4)
+            c.settled_since_report = rng.randrange(6)
+        now = rng.uniform(0, 20)
+        assert signals.queue_depths([c], now) == [c.queue_depth(now) / c.weight]
+
+
+def test_fast_kv_usages_equal_the_kv_signal() -> None:
+    import random
+
+    rng = random.Random(3)
+    kv = signals.get("kv")
+    for _ in range(500):
+        c = ReplicaLoad("x")
+        if rng.random() < 0.7:
+            c.record_report(1.0, rng.choice([None, rng.random()]), rng.uniform(0, 10))
+        now = rng.uniform(0, 20)
+        assert signals.kv_usages([c], now) == [signals.value_of(kv, c, now)]

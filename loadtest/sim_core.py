@@ -1,0 +1,414 @@
+"""The discrete-event core of the policy simulator: virtual clock, heapq, no I/O.
+
+It drives the SAME objects as the gateway: a policy from policies.registry
+(``choose`` / ``on_dispatch`` / ``on_complete``, and ``observe`` where the
+policy has it), :class:`router.load.ReplicaLoad` per replica, and
+``router.load.dispatch`` / ``Ticket.close`` for the load accounting; it feeds
+the TTFT / TPOT EWMAs as the gateway does. Only the replicas are modelled
+(loadtest/sim_service.py, or loadtest/engine.py).
+
+Cost per request: a few heap operations and one ``choose``, so sampling
+policies run 10^6 requests over 1,000 replicas in well under a minute;
+full-scan policies cost O(N) per pick on top.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest.sim_service import PrefixCache, QueueService
+from loadtest.sim_workload import SimArrival, SimTurn
+from policies.base import BasePolicy, RouteRequest
+from router.load import Outcome, ReplicaLoad, Ticket, dispatch
+from router.prefix import BLOCK_TOKENS
+
+# Event kinds, ordered so that at equal times completions free capacity
+# before new arrivals look at the load.
+_DONE, _FIRST, _STEP, _REPORT, _ARRIVE = range(5)
+MODEL = "sim"
+
+
+@dataclass
+class SimConfig:
+    replicas: int = 8
+    service: str = "exp"  # exp | lognormal | engine
+    mu: float = 1.0  # exp: service rate per slot
+    slots: int = 1  # queue servers: requests in service at once
+    slow_factor: float = 1.0  # replica r0 is this much slower
+    slow_count: int = 1
+    report_interval: float = 0.0  # > 0: replicas report waiting+running (and KV) this often
+    warmup: float = 0.1  # fraction of requests (by arrival) left out of the statistics
+    cache_blocks: int = 0  # queue servers: per-replica prefix cache in blocks (0: none)
+    engine_preset: str = "llama2-7b"
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    # The output estimate the gateway would use (RouteRequest.expected_output_tokens):
+    # "mean" = the workload's mean output (an EWMA's steady state), "oracle" = exact.
+    expected_output: str = "mean"
+    mean_output: float = 100.0
+
+
+@dataclass
+class SimResult:
+    policy: str
+    measured: int
+    ttft: list[float]
+    e2e: list[float]
+    per_replica: list[int]
+    per_replica_e2e: list[float]  # mean end-to-end per replica (measured requests)
+    cache_hit: float | None
+    backlog_mid: int
+    backlog_end: int
+    # Requests in system per replica at each tenth of the arrivals (10 rows).
+    checkpoints: list[list[int]]
+    arrivals: int
+    sim_time: float
+    wall_s: float
+    reasons: dict[str, int]
+
+    # Replicas whose waiting queue never emptied during the second half of the
+    # arrivals while their backlog grew (see ``unstable``).
+    undrained: list[int] = field(default_factory=list)
+
+    @property
+    def unstable(self) -> bool:
+        """Some replica's queue grew without bound: no steady state to report.
+
+        Test: a replica whose waiting queue (requests not yet in service, or
+        not yet admitted by the engine) never emptied between the half-way
+        arrival and the last arrival, and that holds more requests at the
+        end than at half-way. A stable queue empties again and again (an
+        M/M/1 at rho = 0.9 is idle 10% of the time); an overloaded one never
+        does once it is behind (round-robin with one replica 1.5x slower at
+        load 0.8 puts that replica at 115% utilisation). A run too short to
+        see a stable queue drain (rho -> 1) is reported unstable too: it has
+        not reached a steady state either.
+        """
+        return bool(self.undrained)
+
+    @property
+    def unstable_replicas(self) -> list[int]:
+        return list(self.undrained)
+
+
+class _Job:
+    __slots__ = ("arrival", "idx", "rep", "req", "svc", "t_arr", "t_first", "ticket", "turn")
+
+    def __init__(self) -> None:
+        self.t_first = -1.0
+
+
+class _QReplica:
+    __slots__ = ("busy", "cache", "queue", "slow")
+
+    def __init__(self, slow: float, cache_blocks: int) -> None:
+        self.busy = 0
+        self.queue: deque[_Job] = deque()
+        self.slow = slow
+        self.cache = PrefixCache(cache_blocks) if cache_blocks > 0 else None
+
+
+class _EReplica:
+    __slots__ = ("engine", "slow", "stepping")
+
+    def __init__(self, engine: Any, slow: float) -> None:
+        self.engine = engine
+        self.slow = slow
+        self.stepping = False
+
+
+def _percentile(sorted_xs: list[float], q: float) -> float:
+    if not sorted_xs:
+        return math.nan
+    k = min(len(sorted_xs) - 1, max(0, math.ceil(q * len(sorted_xs)) - 1))
+    return sorted_xs[k]
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    """mean / p50 / p90 / p99 of already-sorted samples."""
+    if not xs:
+        return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan}
+    return {
+        "mean": sum(xs) / len(xs),
+        "p50": _percentile(xs, 0.50),
+        "p90": _percentile(xs, 0.90),
+        "p99": _percentile(xs, 0.99),
+    }
+
+
+def run(
+    policy: BasePolicy,
+    arrivals: Iterator[SimArrival],
+    total_requests: int,
+    cfg: SimConfig,
+    service: QueueService | None = None,
+) -> SimResult:
+    """Simulate ``arrivals`` through ``policy`` over ``cfg.replicas`` modelled replicas.
+
+    ``total_requests`` is the number of requests (turns) the workload will
+    produce, for the warm-up cut and the stability probes.
+    """
+    wall0 = time.perf_counter()
+    n = cfg.replicas
+    rng = random.Random(f"sim:{cfg.seed}")
+    names = [f"r{i}" for i in range(n)]
+    loads = [ReplicaLoad(name) for name in names]
+    index = {name: i for i, name in enumerate(names)}
+    candidates = list(loads)
+    slow = [cfg.slow_factor if i < cfg.slow_count else 1.0 for i in range(n)]
+    engine_mode = cfg.service == "engine"
+    qreps: list[_QReplica] = []
+    ereps: list[_EReplica] = []
+    jobs_by_id: dict[str, _Job] = {}
+    if engine_mode:
+        from loadtest.engine import Engine, EngineRequest, preset
+
+        ecfg = preset(cfg.engine_preset, **cfg.engine_overrides)
+        ereps = [
+            _EReplica(Engine(ecfg, random.Random(f"engine:{cfg.seed}:{i}")), slow[i])
+            for i in range(n)
+        ]
+        kv_cap = ecfg.kv_capacity_tokens
+    else:
+        assert service is not None
+        qreps = [_QReplica(slow[i], cfg.cache_blocks) for i in range(n)]
+    observe = getattr(policy, "observe", None)
+    choose, on_dispatch, on_complete = policy.choose, policy.on_dispatch, policy.on_complete
+    oracle = cfg.expected_output == "oracle"
+    mean_out = round(cfg.mean_output)
+
+    heap: list[tuple[float, int, int, Any]] = []
+    push, pop = heapq.heappush, heapq.heappop
+    seq = 0
+    warm = int(total_requests * cfg.warmup)
+    half = total_requests // 2
+    mid_rep: list[int] = []
+    in_system = 0
+    rep_in = [0] * n
+    last_drain = [0.0] * n  # last time replica i had nobody waiting
+    t_half = 0.0
+    undrained: list[int] = []
+    checkpoints: list[list[int]] = []
+    tenth = {total_requests * k // 10 for k in range(1, 11)}
+    backlog_mid = backlog_end = 0
+    dispatched = 0
+    ttfts: list[float] = []
+    e2es: list[float] = []
+    per_rep = [0] * n
+    per_rep_sum = [0.0] * n
+    reasons: dict[str, int] = {}
+    now = 0.0
+
+    if cfg.report_interval > 0:
+        push(heap, (cfg.report_interval, -1, _REPORT, None))
+
+    def start_queue(job: _Job, t: float) -> None:
+        nonlocal seq
+        rep = qreps[job.rep]
+        rep.busy += 1
+        turn = job.turn
+        cached = 0
+        if rep.cache is not None:
+            hashes = job.req.block_hashes
+            if hashes:
+                cached = rep.cache.lookup_insert(hashes) * BLOCK_TOKENS
+        total, first = service.sample(turn.prompt_tokens, turn.output_tokens, cached, rng)  # type: ignore[union-attr]
+        total *= rep.slow
+        first *= rep.slow
+        seq += 1
+        if first <= 0.0:
+            first_token(job, t)
+        else:
+            push(heap, (t + first, seq, _FIRST, job))
+            seq += 1
+        push(heap, (t + total, seq, _DONE, job))
+
+    def first_token(job: _Job, t: float) -> None:
+        job.t_first = t
+        ttft = t - job.t_arr
+        load = loads[job.rep]
+        load.ttft.add(ttft, t)
+        if observe is not None:
+            observe(load.name, ttft, None, t)
+
+    def step_engine(i: int, t: float) -> None:
+        nonlocal seq
+        rep = ereps[i]
+        res = rep.engine.step(t)
+        seq += 1
+        push(heap, (t + res.duration_s * rep.slow, seq, _STEP, (i, res)))
+        rep.stepping = True
+
+    def finish(job: _Job, t: float) -> None:
+        nonlocal in_system, seq
+        in_system -= 1
+        rep_in[job.rep] -= 1
+        load = loads[job.rep]
+        job.ticket.close(Outcome.OK)
+        out = job.turn.output_tokens
+        if job.t_first < 0:
+            first_token(job, t)
+        if out > 1:
+            tpot = (t - job.t_first) / (out - 1)
+            load.tpot.add(tpot, t)
+            if observe is not None:
+                observe(load.name, None, tpot, t)
+        on_complete(job.req, load.name, Outcome.OK, t)
+        if job.idx >= warm:
+            e2e = t - job.t_arr
+            ttfts.append(job.t_first - job.t_arr)
+            e2es.append(e2e)
+            per_rep[job.rep] += 1
+            per_rep_sum[job.rep] += e2e
+        arr = job.arrival
+        k = arr.turns.index(job.turn) if len(arr.turns) > 1 else 0
+        if k + 1 < len(arr.turns):
+            nxt = arr.turns[k + 1]
+            seq += 1
+            push(heap, (t + nxt.think_s, seq, _ARRIVE, (arr, nxt)))
+
+    def arrive(arr: SimArrival, turn: SimTurn, t: float) -> None:
+        nonlocal dispatched, in_system, backlog_mid, backlog_end, seq, t_half, mid_rep
+        hashes = turn._hashes
+        req = RouteRequest(
+            MODEL,
+            prompt_tokens=turn.prompt_tokens,
+            max_tokens=turn.output_tokens if oracle else None,
+            expected_output_tokens=turn.output_tokens if oracle else mean_out,
+            prompt_text=turn.prompt_text() if hashes is None else "",
+            block_hashes=hashes,
+            request_id=arr.id,
+        )
+        d = choose(req, candidates, t)
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        if d.replica is None:
+            raise RuntimeError("policy chose no replica although every replica is a candidate")
+        i = index[d.replica]
+        job = _Job()
+        job.arrival, job.turn, job.req, job.rep, job.t_arr = arr, turn, req, i, t
+        job.idx = dispatched
+        dispatched += 1
+        job.ticket = dispatch(loads[i], req.cost_tokens)
+        on_dispatch(req, d.replica, t)
+        in_system += 1
+        rep_in[i] += 1
+        if dispatched in tenth:
+            checkpoints.append(list(rep_in))
+        if dispatched == half:
+            backlog_mid, t_half = in_system, t
+            mid_rep = list(rep_in)
+        if dispatched == total_requests:
+            backlog_end = in_system
+            if half:
+                undrained.extend(
+                    j for j in range(n) if last_drain[j] < t_half and rep_in[j] > mid_rep[j]
+                )
+        if engine_mode:
+            rid = f"{arr.id}#{job.idx}"
+            job.svc = rid
+            jobs_by_id[rid] = job
+            out = max(1, min(turn.output_tokens, kv_cap - turn.prompt_tokens))
+            ereps[i].engine.add_request(
+                EngineRequest(rid, turn.prompt_tokens, out, req.block_hashes, arr.domain), t
+            )
+            if not ereps[i].stepping:
+                step_engine(i, t)
+        else:
+            rep = qreps[i]
+            if rep.busy < service.slots:  # type: ignore[union-attr]
+                last_drain[i] = t
+                start_queue(job, t)
+            else:
+                rep.queue.append(job)
+
+    nxt_arr = next(arrivals, None)
+    while True:
+        if heap and (nxt_arr is None or heap[0][0] <= nxt_arr.t):
+            now, _, kind, payload = pop(heap)
+            if kind == _DONE:
+                job = payload
+                finish(job, now)
+                rep = qreps[job.rep]
+                rep.busy -= 1
+                if rep.queue:
+                    start_queue(rep.queue.popleft(), now)
+                if not rep.queue:
+                    last_drain[job.rep] = now
+            elif kind == _FIRST:
+                first_token(payload, now)
+            elif kind == _STEP:
+                i, res = payload
+                ereps[i].stepping = False
+                for rid in res.emitted:
+                    job = jobs_by_id[rid]
+                    if job.t_first < 0:
+                        first_token(job, now)
+                for rid in res.finished:
+                    finish(jobs_by_id.pop(rid), now)
+                eng = ereps[i].engine
+                if eng.num_waiting == 0:
+                    last_drain[i] = now
+                if eng.has_work():
+                    step_engine(i, now)
+            elif kind == _ARRIVE:
+                arr, turn = payload
+                arrive(arr, turn, now)
+            else:  # _REPORT
+                for i in range(n):
+                    if engine_mode:
+                        e = ereps[i].engine
+                        loads[i].record_report(
+                            float(e.num_running + e.num_waiting), e.kv_usage(), now
+                        )
+                    else:
+                        r = qreps[i]
+                        loads[i].record_report(float(r.busy + len(r.queue)), None, now)
+                if nxt_arr is not None or in_system:
+                    seq += 1
+                    push(heap, (now + cfg.report_interval, seq, _REPORT, None))
+        elif nxt_arr is not None:
+            now = nxt_arr.t
+            arrive(nxt_arr, nxt_arr.turns[0], now)
+            nxt_arr = next(arrivals, None)
+        else:
+            break
+
+    ttfts.sort()
+    e2es.sort()
+    if engine_mode:
+        q = sum(r.engine.prefix_queries for r in ereps)
+        h = sum(r.engine.prefix_hits for r in ereps)
+        cache_hit: float | None = h / q if q else None
+    else:
+        caches = [r.cache for r in qreps if r.cache is not None]
+        q = sum(c.queries for c in caches)
+        cache_hit = sum(c.hits for c in caches) / q if q else None
+    return SimResult(
+        policy=getattr(policy, "name", type(policy).__name__),
+        measured=len(e2es),
+        ttft=ttfts,
+        e2e=e2es,
+        per_replica=per_rep,
+        per_replica_e2e=[
+            s / c if c else math.nan for s, c in zip(per_rep_sum, per_rep, strict=True)
+        ],
+        cache_hit=cache_hit,
+        backlog_mid=backlog_mid,
+        backlog_end=backlog_end,
+        checkpoints=checkpoints,
+        undrained=undrained,
+        arrivals=dispatched,
+        sim_time=now,
+        wall_s=time.perf_counter() - wall0,
+        reasons=reasons,
+    )
+
+
+__all__ = ["SimConfig", "SimResult", "Ticket", "run", "summary"]

@@ -1,0 +1,384 @@
+"""``dp-router simulate``: routing policies side by side on a virtual clock.
+
+Every ``--policy`` runs on the same workload, seed and fleet, through the
+same policy objects and load accounting as the gateway (loadtest/sim_core.py),
+and one table compares them: TTFT and end-to-end mean/p50/p99, per-replica
+share, imbalance, cache hit rate. A policy whose queue grows without bound is
+reported as ``unstable``, not as a latency.
+
+Examples::
+
+    dp-router simulate --policy round_robin --policy p2c --policy queue_depth \\
+        --replicas 8 --load 0.8 --workload azure-conv --service lognormal
+    dp-router simulate --policy p2c:d=3,replacement=true --replicas 1000 --requests 1000000
+    dp-router simulate --theory-checks          # SIMULATOR-CHECKS 1-8, full size
+    dp-router simulate --bench-decisions        # microseconds per pick
+    dp-router simulate --quality-checks         # SIMULATOR-CHECKS 12-13, engine model
+
+``--load RHO`` is the offered load as a fraction of the fleet's saturation
+throughput, slow replicas included: for ``exp`` sum(slots x mu / slowdown);
+for ``lognormal`` slots / (mean service time of the workload's mean lengths,
+no cache hits) per replica; for ``engine`` a calibration run of the workload
+on one engine at saturation (no prefix reuse). Prefix-cache hits make the
+real capacity larger, so a prefix-heavy workload at --load 0.8 is lighter
+than 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from loadtest import sim_core
+from loadtest.sim_service import QueueService, make_queue_service
+from loadtest.sim_workload import BUILTIN, SimArrival, open_workload
+from policies import registry
+
+# Requests sampled from a workload to estimate its mean lengths and turns.
+SAMPLE_REQUESTS = 2000
+# Engine calibration: this many requests at once on one engine; throughput
+# is measured between the 10th and 90th percentile of completions, where
+# the batch is full.
+CALIBRATION_REQUESTS = 600
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value,key=value`` (values: int, float, true/false, text)."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"policy parameter {item!r} is not key=value")
+        params[key.strip()] = _value(raw.strip())
+    return name.strip(), params
+
+
+def _value(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("inf", "infinity"):
+        return math.inf
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def policy_label(name: str, params: dict[str, Any]) -> str:
+    if not params:
+        return name
+    return name + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def workload_means(name: str, seed: int) -> tuple[float, float, float]:
+    """(mean prompt tokens, mean output tokens, mean turns per conversation)."""
+    convs = open_workload(name, seed=seed, requests=SAMPLE_REQUESTS, rate=1.0)
+    p = o = turns = convs_n = 0
+    for arr in convs:
+        convs_n += 1
+        for t in arr.turns:
+            p += t.prompt_tokens
+            o += t.output_tokens
+            turns += 1
+    if turns == 0:
+        raise ValueError(f"workload {name!r} is empty")
+    return p / turns, o / turns, turns / convs_n
+
+
+def engine_capacity(preset: str, workload: str, seed: int, overrides: dict[str, Any]) -> float:
+    """Requests per second one engine sustains on this workload's lengths."""
+    import random
+
+    from loadtest.engine import Engine, EngineRequest
+    from loadtest.engine import preset as make_preset
+
+    cfg = make_preset(preset, **overrides)
+    eng = Engine(cfg, random.Random(seed))
+    k = 0
+    for arr in open_workload(workload, seed=seed + 7, requests=CALIBRATION_REQUESTS, rate=1.0):
+        for t in arr.turns:
+            out = max(1, min(t.output_tokens, cfg.kv_capacity_tokens - t.prompt_tokens))
+            eng.add_request(EngineRequest(f"c{k}", t.prompt_tokens, out), 0.0)
+            k += 1
+    now = 0.0
+    done: list[float] = []
+    while eng.has_work():
+        res = eng.step(now)
+        now += res.duration_s
+        done.extend(now for _ in res.finished)
+    lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
+    return (hi - lo) / (done[hi - 1] - done[lo]) if hi - 1 > lo else len(done) / now
+
+
+def fleet_capacity(args: argparse.Namespace, service: QueueService | None) -> float:
+    """Saturation throughput of the fleet in requests per second."""
+    slow = [args.slow_replica if i < 1 else 1.0 for i in range(args.replicas)]
+    if args.service == "engine":
+        one = engine_capacity(args.engine_preset, args.workload, args.seed, {})
+        return sum(one / s for s in slow)
+    assert service is not None
+    if args.service == "exp":
+        per = service.slots * args.mu
+    else:
+        p, o, _ = workload_means(args.workload, args.seed)
+        per = service.slots / service.mean(p, o)
+    return sum(per / s for s in slow)
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    specs = [parse_policy(s) for s in (args.policy or [registry.DEFAULT_POLICY])]
+    for name, params in specs:
+        registry.create(name, params)  # validate every policy before running any
+    service = (
+        None
+        if args.service == "engine"
+        else make_queue_service(args.service, slots=args.slots, mu=args.mu)
+    )
+    mean_p, mean_o, turns = workload_means(args.workload, args.seed)
+    capacity = fleet_capacity(args, service)
+    rate = args.rate if args.rate is not None else args.load * capacity
+    conv_rate = rate / turns
+    cache_blocks = args.cache_blocks
+    if cache_blocks is None:
+        cache_blocks = 0 if args.service == "exp" else 4096
+    out = []
+    for name, params in specs:
+        cfg = sim_core.SimConfig(
+            replicas=args.replicas,
+            service=args.service,
+            mu=args.mu,
+            slots=args.slots,
+            slow_factor=args.slow_replica,
+            report_interval=args.report_interval,
+            warmup=args.warmup,
+            cache_blocks=cache_blocks,
+            engine_preset=args.engine_preset,
+            seed=args.seed,
+            expected_output=args.expected_output,
+            mean_output=mean_o,
+        )
+        conv: Iterator[SimArrival] = open_workload(
+            args.workload, seed=args.seed, requests=args.requests, rate=conv_rate
+        )
+        policy = registry.create(name, params, seed=args.seed)
+        res = sim_core.run(policy, conv, args.requests, cfg, service)
+        total = sum(res.per_replica) or 1
+        shares = [c / total for c in res.per_replica]
+        mean_share = 1.0 / args.replicas
+        rec: dict[str, Any] = {
+            "policy": policy_label(name, params),
+            "workload": args.workload,
+            "service": args.service,
+            "replicas": args.replicas,
+            "seed": args.seed,
+            "rate": rate,
+            "load": rate / capacity,
+            "slow_replica": args.slow_replica,
+            "requests": res.arrivals,
+            "measured": res.measured,
+            "unstable": res.unstable,
+            "unstable_replicas": [f"r{i}" for i in res.unstable_replicas],
+            "backlog_mid": res.backlog_mid,
+            "backlog_end": res.backlog_end,
+            "ttft": sim_core.summary(res.ttft),
+            "e2e": sim_core.summary(res.e2e),
+            "share": shares,
+            "imbalance": max(shares) / mean_share if shares else math.nan,
+            "replica_e2e_mean": res.per_replica_e2e,
+            "cache_hit": res.cache_hit,
+            "reasons": res.reasons,
+            "sim_time_s": res.sim_time,
+            "wall_s": res.wall_s,
+            "mean_prompt_tokens": mean_p,
+            "mean_output_tokens": mean_o,
+        }
+        out.append(rec)
+        if args.json:
+            print(json.dumps(rec, allow_nan=True), flush=True)
+    return out
+
+
+def _ms(x: float, unit_s: bool) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x * 1000:.0f}" if unit_s else f"{x:.3f}"
+
+
+def format_table(recs: list[dict[str, Any]]) -> str:
+    if not recs:
+        return ""
+    r0 = recs[0]
+    unit_s = r0["service"] != "exp"  # exp runs are in units of the mean service time
+    unit = "ms" if unit_s else "x 1/mu"
+    head = (
+        f"workload={r0['workload']} service={r0['service']} replicas={r0['replicas']} "
+        f"rate={r0['rate']:.3f}/s load={r0['load']:.2f} seed={r0['seed']} "
+        f"requests={r0['requests']} slow_replica={r0['slow_replica']:g}\n"
+        f"latencies in {unit}; share = % of requests; imbalance = max share / mean share"
+    )
+    cols = [
+        "policy",
+        "ttft mean",
+        "p50",
+        "p99",
+        "e2e mean",
+        "p50",
+        "p99",
+        "imbal",
+        "r0 share",
+        "fast e2e",
+        "hit",
+        "wall s",
+    ]
+    rows = [cols]
+    for r in recs:
+        t, e = r["ttft"], r["e2e"]
+        fast = [x for x in r["replica_e2e_mean"][1:] if not math.isnan(x)]
+        fast_mean = sum(fast) / len(fast) if fast else math.nan
+        if r["unstable"]:
+            lat = ["unstable"] + ["-"] * 5
+            fast_s = "-"
+        else:
+            lat = [
+                _ms(t["mean"], unit_s),
+                _ms(t["p50"], unit_s),
+                _ms(t["p99"], unit_s),
+                _ms(e["mean"], unit_s),
+                _ms(e["p50"], unit_s),
+                _ms(e["p99"], unit_s),
+            ]
+            fast_s = _ms(fast_mean, unit_s)
+        hit = "-" if r["cache_hit"] is None else f"{r['cache_hit']:.1%}"
+        rows.append(
+            [
+                r["policy"],
+                *lat,
+                f"{r['imbalance']:.2f}",
+                f"{r['share'][0]:.1%}",
+                fast_s,
+                hit,
+                f"{r['wall_s']:.1f}",
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(cols))]
+    lines = [head]
+    for k, row in enumerate(rows):
+        cells = [
+            str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i])
+            for i, c in enumerate(row)
+        ]
+        lines.append("  ".join(cells))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if r0["replicas"] <= 16:
+        lines.append("")
+        lines.append("per-replica share (%):")
+        for r in recs:
+            shares = " ".join(f"{s * 100:5.1f}" for s in r["share"])
+            lines.append(f"  {r['policy']:<{widths[0]}}  {shares}")
+    lines.append(
+        "(r0 share: the slow replica's share when --slow-replica is set; fast e2e: mean "
+        "end-to-end on the other replicas)"
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dp-router simulate",
+        description="Discrete-event simulator: routing policies side by side on one workload.",
+    )
+    p.add_argument("--policy", action="append", help="policy name[:k=v,...] (repeatable)")
+    p.add_argument("--replicas", type=int, default=8)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--load", type=float, default=0.8, help="fraction of saturation throughput")
+    g.add_argument("--rate", type=float, help="requests per second (overrides --load)")
+    p.add_argument("--requests", type=int, default=20_000)
+    names = ", ".join(itertools.chain(BUILTIN, ["<loadtest workload>", "PATH"]))
+    p.add_argument("--workload", default="exp", help=f"workload: {names}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per policy on stdout")
+    p.add_argument(
+        "--slow-replica",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="replica r0 is FACTOR times slower",
+    )
+    p.add_argument("--service", choices=("exp", "lognormal", "engine"), default="exp")
+    p.add_argument("--mu", type=float, default=1.0, help="exp: service rate per slot")
+    p.add_argument("--slots", type=int, default=1, help="queue servers: requests served at once")
+    p.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=None,
+        help="queue servers: prefix cache per replica, in 64-token blocks "
+        "(default 4096 for lognormal, 0 for exp)",
+    )
+    p.add_argument("--engine-preset", default="llama2-7b")
+    p.add_argument(
+        "--report-interval",
+        type=float,
+        default=0.0,
+        help="seconds between replica load reports (0: none, in-flight only)",
+    )
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of requests not measured")
+    p.add_argument(
+        "--expected-output",
+        choices=("mean", "oracle"),
+        default="mean",
+        help="output estimate the gateway routes on: the workload mean, or exact",
+    )
+    p.add_argument(
+        "--theory-checks",
+        action="store_true",
+        help="run SIMULATOR-CHECKS 1-8 at full size (minutes)",
+    )
+    p.add_argument("--quick", action="store_true", help="with --theory-checks: CI sizes")
+    p.add_argument("--bench-decisions", action="store_true", help="microseconds per pick")
+    p.add_argument(
+        "--quality-checks", action="store_true", help="SIMULATOR-CHECKS 12-13 with the engine model"
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.theory_checks:
+            from loadtest import sim_theory
+
+            results = []
+            for c in sim_theory.checks(
+                "ci" if args.quick else "full", progress=lambda s: print(s, file=sys.stderr)
+            ):
+                results.append(c)
+            print(sim_theory.format_checks(results))
+            return 0 if all(c.ok for c in results) else 1
+        if args.bench_decisions:
+            from loadtest import sim_bench
+
+            print(sim_bench.format_bench(sim_bench.bench(args.seed)))
+            return 0
+        if args.quality_checks:
+            from loadtest import sim_quality
+
+            return sim_quality.main(args)
+        if args.replicas < 1 or args.requests < 1:
+            raise ValueError("--replicas and --requests must be >= 1")
+        recs = run_all(args)
+    except ValueError as exc:
+        print(f"dp-router simulate: {exc}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(format_table(recs))
+    return 0

@@ -1,0 +1,109 @@
+"""The policy simulator: determinism, slow replicas, workloads, engine model, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadtest import sim_core, simulate
+from loadtest.sim_service import ExpService, LognormalService
+from loadtest.sim_workload import open_workload
+from policies import registry
+
+
+def run_exp(
+    policy: str, n: int, rate: float, requests: int, *, slow: float = 1.0, seed: int = 1
+) -> sim_core.SimResult:
+    cfg = sim_core.SimConfig(replicas=n, service="exp", slow_factor=slow, seed=seed)
+    arrivals = open_workload("exp", seed=seed, requests=requests, rate=rate)
+    return sim_core.run(registry.create(policy, seed=seed), arrivals, requests, cfg, ExpService())
+
+
+def test_same_seed_same_result_and_every_request_settles() -> None:
+    a = run_exp("p2c", 8, 6.0, 3000)
+    b = run_exp("p2c", 8, 6.0, 3000)
+    assert a.e2e == b.e2e and a.per_replica == b.per_replica
+    assert a.arrivals == 3000
+    assert a.measured == 3000 - 300  # 10% warm-up left out
+
+
+@pytest.mark.parametrize("policy", ["queue_depth", "least_request", "p2c", "peak_ewma"])
+def test_slow_replica_gets_a_small_share_and_does_not_drag_the_fast_ones(policy: str) -> None:
+    """Issue item 8: one replica 10x slower. Load-aware policies starve it and
+    the other seven serve about as fast as a fleet of seven alone would."""
+    n, rate, reqs = 8, 0.7 * 7.1, 20_000  # 0.7 of capacity (7 + 0.1 service units)
+    slowed = run_exp(policy, n, rate, reqs, slow=10.0)
+    alone = run_exp(policy, n - 1, rate, reqs)
+    assert not slowed.unstable
+    share = slowed.per_replica[0] / sum(slowed.per_replica)
+    assert share < 0.5 / n, f"slow replica kept {share:.1%}"
+    fast = sum(slowed.per_replica_e2e[1:]) / (n - 1)
+    base = sum(alone.e2e) / len(alone.e2e)
+    assert fast < 1.25 * base, (fast, base)
+
+
+def test_round_robin_is_reported_unstable_with_a_slow_replica() -> None:
+    res = run_exp("round_robin", 8, 0.8 * (7 + 1 / 1.5), 20_000, slow=1.5)
+    assert res.unstable and res.unstable_replicas == [0]
+    stable = run_exp("weighted_random", 8, 7.2, 20_000)  # rho = 0.9, identical: stable
+    assert not stable.unstable
+
+
+def test_multi_turn_sessions_follow_their_answers_and_prefix_affinity_hits() -> None:
+    """chat: later turns arrive after the previous answer and reuse its prefix."""
+    hits = {}
+    for policy in ("round_robin", "prefix_affinity"):
+        cfg = sim_core.SimConfig(replicas=4, service="lognormal", cache_blocks=4096, seed=2)
+        arrivals = open_workload("chat", seed=2, requests=600, rate=2.0)
+        res = sim_core.run(
+            registry.create(policy, seed=2), arrivals, 600, cfg, LognormalService(slots=4)
+        )
+        assert res.arrivals == 600
+        hits[policy] = res.cache_hit or 0.0
+    assert hits["prefix_affinity"] > hits["round_robin"] + 0.1, hits
+
+
+def test_engine_model_runs_and_reports_kv() -> None:
+    cfg = sim_core.SimConfig(
+        replicas=3,
+        service="engine",
+        report_interval=0.5,
+        seed=3,
+        engine_overrides={"kv_capacity_tokens": 60_000},
+    )
+    arrivals = open_workload("sglang-shared-prefix", seed=3, requests=120, rate=20.0)
+    res = sim_core.run(registry.create("scored", seed=3), arrivals, 120, cfg)
+    assert res.arrivals == 120 and res.measured == 108
+    assert res.cache_hit is not None and res.cache_hit > 0.3
+    assert all(t > 0 for t in res.ttft)
+
+
+def test_thousand_replicas_sampling_policy_is_fast() -> None:
+    res = run_exp("p2c", 1000, 900.0, 20_000)
+    assert res.measured == 18_000
+    assert max(res.per_replica) < 60  # ~18 each; no replica hoards
+
+
+def test_cli_json_one_object_per_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--policy", "round_robin", "--policy", "p2c:d=3,replacement=true", "--json",
+            "--requests", "2000", "--replicas", "4", "--load", "0.7"]  # fmt: skip
+    assert simulate.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert [r["policy"] for r in recs] == ["round_robin", "p2c:d=3,replacement=True"]
+    for r in recs:
+        assert r["load"] == pytest.approx(0.7)
+        assert r["requests"] == 2000 and len(r["share"]) == 4
+        assert {"mean", "p50", "p99"} <= set(r["ttft"]) and {"mean", "p50", "p99"} <= set(r["e2e"])
+
+
+def test_cli_table_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--policy", "queue_depth", "--requests", "1500", "--workload", "sharegpt",
+            "--service", "lognormal", "--slow-replica", "3"]  # fmt: skip
+    assert simulate.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "queue_depth" in out and "per-replica share" in out
+    assert simulate.main(["--policy", "nope", "--requests", "10"]) == 2
+    assert simulate.main(["--policy", "p2c:d=0", "--requests", "10"]) == 2
+    assert "unknown policy" in capsys.readouterr().err
