@@ -1054,7 +1054,15 @@ async def models(request: web.Request) -> web.StreamResponse:
     if not _authorized(state.cfg, request):
         return web.json_response({"error": "Unauthorized"}, status=401)
     data = [
-        {"id": m, "object": "model", "created": state.created, "owned_by": OWNED_BY}
+        {
+            "id": m,
+            "object": "model",
+            "created": state.created,
+            "owned_by": OWNED_BY,
+            "root": state.cfg.models[0],
+            "parent": None,
+            "max_model_len": state.cfg.max_model_len,
+        }
         for m in state.cfg.models
     ]
     return web.json_response({"object": "list", "data": data})
