@@ -92,6 +92,10 @@ class EngineConfig:
     prefill_chunk: int = 512  # per request per iteration (long_prefill_token_threshold)
     block_size: int = 16  # vLLM's default KV block
     prefix_caching: bool = True
+    # Longest prompt + output accepted (vLLM's max_model_len; Llama-2 is 4096).
+    # None = bounded by the KV cache only: the workloads replay traces whose
+    # prompts exceed Llama-2's window, and the compute model does not care.
+    max_model_len: int | None = None
     # Admit a waiting request only if this share of KV blocks stays free after
     # its first chunk (vLLM V0's watermark=0.01): without it, a full cache
     # admits a request in one step and preempts it in the next.
@@ -257,6 +261,12 @@ class Engine:
             raise ValueError(f"duplicate request id {req.id!r}")
         if req.prompt_tokens < 1 or req.max_tokens < 1:
             raise ValueError("prompt_tokens and max_tokens must be >= 1")
+        limit = self.config.max_model_len
+        if limit is not None and req.prompt_tokens + req.max_tokens > limit:
+            raise ValueError(
+                f"request of {req.prompt_tokens} prompt + {req.max_tokens} output tokens "
+                f"exceeds max_model_len {limit}"
+            )
         if req.prompt_tokens + req.max_tokens > self.config.kv_capacity_tokens:
             raise ValueError(
                 f"request needs {req.prompt_tokens + req.max_tokens} tokens of KV; "

@@ -171,6 +171,15 @@ def test_request_larger_than_the_kv_cache_is_refused() -> None:
         engine.add_request(EngineRequest("big", 4000, 200), 0.0)
 
 
+def test_max_model_len_is_enforced_when_set() -> None:
+    engine = Engine(preset("llama2-7b", max_model_len=4096), random.Random(0))
+    engine.add_request(EngineRequest("fits", 4000, 96), 0.0)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(EngineRequest("long", 4000, 97), 0.0)
+    with pytest.raises(ValueError, match="duplicate"):
+        engine.add_request(EngineRequest("fits", 10, 1), 0.0)
+
+
 def test_abort_frees_kv_and_unknown_ids_are_ignored() -> None:
     engine = Engine(preset("llama2-7b"), random.Random(0))
     engine.add_request(EngineRequest("a", 1000, 100), 0.0)
