@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import socket
 import subprocess
@@ -157,3 +159,38 @@ def test_cli_writes_json_and_summary(tmp_path, capsys) -> None:
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"][0]["requests"] == 4
     assert "| TTFT" in (tmp_path / "summary.md").read_text()
+
+
+def test_time_bounded_workload_continues_across_batches(monkeypatch) -> None:
+    monkeypatch.setattr(loadgen, "WORKLOAD_BATCH", 5)
+    stream = loadgen.conversations("alpaca", seed=1, requests=None, rate=10.0)
+    convs = list(itertools.islice(stream, 12))
+    ids = [c.id for c in convs]
+    assert len(set(ids)) == 12  # later batches get unique ids
+    arrivals = [c.arrival_s for c in convs]
+    assert arrivals == sorted(arrivals)  # and arrival times keep increasing
+
+
+def test_unknown_workload_fails_before_the_run(capsys) -> None:
+    code = loadgen.main(["--target", "http://127.0.0.1:9", "--workload", "nope", "--requests", "1"])
+    assert code == 2
+    assert "unknown workload" in capsys.readouterr().err
+
+
+def test_open_loop_without_timestamps_is_refused(capsys) -> None:
+    # A synthetic workload with no --rate would arrive all at t=0: refuse it.
+    code = loadgen.main(["--target", "http://127.0.0.1:9", "--workload", "chat", "--duration", "1"])
+    assert code == 2
+    assert "--rate or --concurrency" in capsys.readouterr().err
+
+
+async def test_think_time_past_the_deadline_ends_the_conversation() -> None:
+    conv = Conversation(
+        "long",
+        0.0,
+        (Turn("a", 1, 2), Turn("b", 1, 2, think_time_s=30.0)),
+    )
+    async with run_replica(FAST) as (url, _):
+        cfg = LoadConfig(target=url, rate=1.0, duration_s=1.0)
+        result = await asyncio.wait_for(run_load(cfg, [conv]), 1.0 + 5.0)
+    assert result.requests == 1
