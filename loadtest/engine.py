@@ -210,6 +210,7 @@ class _Seq:
         "private",
         "prompt",
         "shared",
+        "step_n",
     )
 
     def __init__(self, req: EngineRequest) -> None:
@@ -224,6 +225,7 @@ class _Seq:
         self.computed = 0  # tokens whose KV exists (shared prefix + private)
         self.shared = 0  # leading prefix blocks held by reference in the cache
         self.private = 0  # engine blocks held privately
+        self.step_n = 0  # tokens scheduled in the current step
 
 
 class Engine:
@@ -330,7 +332,7 @@ class Engine:
         budget = budget_start = cfg.max_num_batched_tokens
         chunk = cfg.prefill_chunk
         running = self._running
-        sched: list[tuple[_Seq, int]] = []
+        sched: list[_Seq] = []
         preempted: list[str] = []
         kv_read = 0  # context tokens before this step, summed over the batch
 
@@ -366,7 +368,8 @@ class Engine:
                         continue
                 seq.private += need
                 self._private_total += need
-            sched.append((seq, n))
+            seq.step_n = n
+            sched.append(seq)
             kv_read += seq.computed
             budget -= n
             i += 1
@@ -390,7 +393,8 @@ class Engine:
             running.append(seq)
             self.prefix_queries += target
             self.prefix_hits += hit
-            sched.append((seq, n))
+            seq.step_n = n
+            sched.append(seq)
             kv_read += seq.computed
             budget -= n
 
@@ -406,8 +410,8 @@ class Engine:
         domains: dict[str | None, int] | None = None
         if self._moe is not None:
             domains = {}
-            for seq, n in sched:
-                domains[seq.domain] = domains.get(seq.domain, 0) + n
+            for seq in sched:
+                domains[seq.domain] = domains.get(seq.domain, 0) + seq.step_n
         result.duration_s = self._duration(tokens, kv_read, len(sched), domains)
         result.tokens = tokens
         result.batch = len(sched)
@@ -417,8 +421,8 @@ class Engine:
         emitted = result.emitted
         finished = result.finished
         caching = cfg.prefix_caching
-        for seq, n in sched:
-            computed = seq.computed + n
+        for seq in sched:
+            computed = seq.computed + seq.step_n
             seq.computed = computed
             if caching and seq.shared < seq.n_hash:
                 self._register_blocks(seq)
