@@ -29,10 +29,18 @@ Prefix-cache granularity: the gateway hashes prompts in blocks of
 that granularity: one cache entry = one prefix block = 64 tokens = 4 engine
 blocks of 16 tokens (``block_size`` must divide 64). KV capacity and
 allocation are counted in engine blocks; only full prompt prefix blocks are
-cached. Output tokens are not cached: the next turn's prompt hashes its text,
-and the engine never sees the text of what it generated, so a returning
-session recomputes the previous answer (a vLLM engine would hit on it too:
-this under-counts multi-turn hits by the length of the last answer).
+cached. Output tokens are not cached: the engine never sees the text of what
+it generated, so it cannot know their hashes. A real vLLM caches generated
+blocks and hits on them when the client sends the exact reply back; our
+workloads send a synthetic reply instead, so a returning session hits on its
+previous prompt and recomputes the previous answer, in both worlds.
+
+Admission (vLLM V0's watermark): a waiting request starts only if 1% of
+the KV blocks stay free after its first chunk, so a full cache does not admit
+a request in one step and preempt it in the next (it cut preemptions 3x in
+an overloaded closed-loop run). ``add_request`` refuses (ValueError) what
+could never run: more tokens than the whole KV cache, or than
+``max_model_len`` when set.
 
 Not modelled: speculative decoding, prefill/decode disaggregation, swap-out
 preemption, CPU overheads, per-request sampling cost.
