@@ -1,0 +1,70 @@
+"""dp-router bench: the report arithmetic, and the wrk Lua script against the fast upstream."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from loadtest import bench
+from loadtest.bench import BenchResult, WrkRun
+
+
+def run(rps: float, p50: float, cpu: float | None = None) -> WrkRun:
+    return WrkRun(
+        requests=int(rps * 2),
+        duration_s=2.0,
+        errors=0,
+        p50_us=p50,
+        p90_us=p50 * 1.5,
+        p99_us=p50 * 3,
+        mean_us=p50,
+        cpu_us_per_request=cpu,
+    )
+
+
+def test_targets_and_table_by_hand() -> None:
+    result = BenchResult(upstream="minimal", run_s=2.0, gateway_cpu=0, client_cpu=1)
+    result.runs = {
+        "c1_small": {"direct": run(5000, 150), "gateway": run(2000, 350, cpu=180)},
+        "c64_small": {"direct": run(9000, 7000), "gateway": run(5000, 12000, cpu=150)},
+        "c64_100k": {"direct": run(2000, 30000), "gateway": run(1500, 40000, cpu=360)},
+    }
+    result.ttft_us = {
+        "direct": {"p50": 500.0, "p90": 600.0, "p99": 900.0, "mean": 520.0},
+        "gateway": {"p50": 1700.0, "p90": 2000.0, "p99": 3000.0, "mean": 1800.0},
+    }
+    t = result.targets()
+    assert t["cpu_per_small_request_us"] == {"value": 150, "target": 200.0, "ok": True}
+    assert t["added_p50_us"]["value"] == 200 and t["added_p50_us"]["ok"]
+    assert (
+        t["added_stream_ttft_p50_us"]["value"] == 1200 and not t["added_stream_ttft_p50_us"]["ok"]
+    )
+    assert t["cpu_100k_vs_small_ratio"]["value"] == pytest.approx(2.4)
+    table = result.table()
+    assert "| c=1, small body: latency p50" in table
+    assert "+200 us (x2.33)" in table
+    assert "x0.56" in table  # c=64 throughput ratio 5000 / 9000
+    assert "MISSED" in table
+    assert result.to_json()["runs"]["c1_small"]["gateway"]["rps"] == 2000
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_lua_script_drives_the_fast_upstream() -> None:
+    argv = [sys.executable, "-m", "router", "bench", "_upstream", "0"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline().split()[1])
+            url = f"http://127.0.0.1:{port}"
+            small = bench.wrk(url, connections=2, seconds=1, prompt_bytes=64, cpu=None)
+            large = bench.wrk(url, connections=2, seconds=1, prompt_bytes=100 * 1024, cpu=None)
+            ttfts = bench.stream_ttfts(url, 10)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert small.requests > 0 and small.errors == 0 and small.p50_us > 0
+    assert large.requests > 0 and large.errors == 0
+    assert len(ttfts) == 10 and all(t > 0 for t in ttfts)
