@@ -9,11 +9,13 @@ between filter and policy when they land.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 
 from policies.base import BasePolicy, Decision, RouteRequest
+from router.load import load_bound
 from router.replicas import Registry, Replica
 
 
@@ -54,6 +56,8 @@ def decide(
         if not routable:
             return NoRoute.ALL_TRIED
     candidates = [r for r in routable if r.load.has_capacity()]
+    if any(r.slow_start_factor < 1.0 for r in candidates):
+        candidates = _slow_start_filter(candidates)
     if not candidates:
         return NoRoute.AT_CAPACITY
     decision = policy.choose(request, [r.load for r in candidates], now)
@@ -63,3 +67,23 @@ def decide(
         if replica.name == decision.replica:
             return Routed(replica, decision)
     raise RuntimeError(f"policy {policy.name} chose {decision.replica!r}, not a candidate")
+
+
+def _slow_start_filter(candidates: list[Replica]) -> list[Replica]:
+    """A warming replica holds at most its factor's share of a fair load.
+
+    Weight alone does not slow a least-loaded policy down: an idle replica of
+    weight 0.1 still scores 0 and wins every pick. So, like HAProxy, which
+    ramps maxconn along with weight, a replica in slow start may hold at most
+    max(1, factor x the load bound) requests; it keeps getting some traffic
+    (to prove itself) but cannot be flooded while cold (M7, M11).
+    """
+    total = sum(r.load.in_flight for r in candidates)
+    fair = load_bound(total, len(candidates), 0.0)
+    kept = [
+        r
+        for r in candidates
+        if r.slow_start_factor >= 1.0
+        or r.load.in_flight < max(1, math.floor(r.slow_start_factor * fair))
+    ]
+    return kept or candidates

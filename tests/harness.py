@@ -187,3 +187,77 @@ async def replica_process(n: int = 1, *args: str) -> AsyncIterator[ReplicaProces
         yield proc
     finally:
         await proc.stop()
+
+
+def toml_config(
+    replica_urls: list[str], port: int, admin_port: int, server: dict[str, float] | None = None
+) -> str:
+    """A gateway config file for a process gateway, with the test timings."""
+    lines = [
+        "[server]",
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        *(f"{k} = {v}" for k, v in (server or {}).items()),
+        "[admin]",
+        f"port = {admin_port}",
+        "[upstream]",
+        "connect_timeout_s = 1.0",
+        "first_byte_timeout_s = 2.0",
+        "idle_timeout_s = 2.0",
+        "response_timeout_s = 10.0",
+        "[health]",
+        "interval_s = 0.5",
+        "timeout_s = 0.4",
+        "healthy_threshold = 2",
+        "unhealthy_threshold = 2",
+    ]
+    for url in replica_urls:
+        lines += ["[[replicas]]", f'url = "{url}"', f'models = ["{MODEL}"]']
+    return "\n".join(lines) + "\n"
+
+
+class GatewayProcess:
+    """``dp-router serve`` as a child process (for SIGTERM tests)."""
+
+    def __init__(self, config_path: Path, port: int, admin_port: int) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.admin_port = admin_port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router",
+            "serve",
+            "--config",
+            str(self.config_path),
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+        async def ready() -> bool:
+            try:
+                async with session.get(self.base + "/readyz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        if not await eventually(ready, timeout=15, interval=0.1):
+            raise RuntimeError("gateway process did not become ready")
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 15)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
