@@ -74,7 +74,7 @@ request_like = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     endpoint=st.sampled_from(["chat", "completions", "embeddings"]),
     body=st.one_of(request_like.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64)),
