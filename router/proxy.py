@@ -460,11 +460,7 @@ class Proxy:
         passthrough = web.Response(
             status=upstream.status,
             body=data,
-            headers=hdr.client_response_headers(
-                upstream.headers,
-                request_id=record.request_id,
-                replica=replica.name if self._replica_header else None,
-            ),
+            headers=self._response_headers(upstream, replica, record),
         )
         if draining:
             return AttemptFailed(
@@ -472,14 +468,16 @@ class Proxy:
                 "draining",
                 ErrorKind.NO_REPLICA,
                 f"replica {replica.name} is draining",
-                passthrough,
+                passthrough=passthrough,
+                status=upstream.status,
             )
         return AttemptFailed(
             Outcome.HTTP_5XX,
             f"http_{upstream.status}",
             ErrorKind.UPSTREAM_ERROR,
             f"replica {replica.name} answered {upstream.status}",
-            passthrough,
+            passthrough=passthrough,
+            status=upstream.status,
         )
 
     def _response_headers(
