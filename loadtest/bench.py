@@ -114,11 +114,14 @@ def _upstream_main(port: int) -> int:
     async def ok(request: web.Request) -> web.Response:
         return web.Response(body=models, content_type="application/json")
 
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", ok)
     app.router.add_get("/health", ok)
-    app.router.add_get("/metrics", lambda r: web.Response(text=""))
+    app.router.add_get("/metrics", empty)
 
     async def serve() -> None:
         runner = web.AppRunner(app, access_log=None)
@@ -490,15 +493,29 @@ class BenchResult:
                 continue
             d, g, f = pair["direct"], pair["gateway"], pair.get("floor")
             if key.startswith("c1"):
-                add(f"{label}: latency p50", d.p50_us, g.p50_us, f and f.p50_us, "us", False)
-                add(f"{label}: latency p99", d.p99_us, g.p99_us, f and f.p99_us, "us", False)
-            add(f"{label}: throughput", d.rps, g.rps, f and f.rps, "req/s", True)
+                add(
+                    f"{label}: latency p50",
+                    d.p50_us,
+                    g.p50_us,
+                    f.p50_us if f else None,
+                    "us",
+                    False,
+                )
+                add(
+                    f"{label}: latency p99",
+                    d.p99_us,
+                    g.p99_us,
+                    f.p99_us if f else None,
+                    "us",
+                    False,
+                )
+            add(f"{label}: throughput", d.rps, g.rps, f.rps if f else None, "req/s", True)
         if self.ttft_us:
             d2, g2 = self.ttft_us["direct"], self.ttft_us["gateway"]
             f2 = self.ttft_us.get("floor")
             for q in ("p50", "p99"):
                 label = f"stream TTFT {q} (keep-alive, c=1)"
-                add(label, d2[q], g2[q], f2 and f2[q], "us", False)
+                add(label, d2[q], g2[q], f2[q] if f2 else None, "us", False)
         header = ["measurement", "direct", "through gateway", "gateway adds / ratio"]
         if floor:
             header.append("bare aiohttp proxy")

@@ -200,7 +200,12 @@ def result_from_json(data: dict[str, Any]) -> RunResult:
     """Inverse of :meth:`RunResult.to_json` (for comparing saved runs)."""
 
     def dist(d: dict[str, Any]) -> Distribution:
-        return Distribution(**{k: math.nan if v is None else v for k, v in d.items()})
+        def num(key: str) -> float:
+            return math.nan if d[key] is None else float(d[key])
+
+        return Distribution(
+            int(d["count"]), num("mean"), num("p50"), num("p90"), num("p99"), num("max")
+        )
 
     fields = {k: v for k, v in data.items() if k not in ("schema", "replica_share")}
     for name in ("ttft", "tpot", "e2e"):
