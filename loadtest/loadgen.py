@@ -349,6 +349,7 @@ class _Budget:
         self.left = cfg.requests if cfg.requests is not None else math.inf
         self.deadline = t0 + cfg.duration_s if cfg.duration_s is not None else math.inf
         self.stop = stop
+        self.started = 0
         self.done = 0
         self.errors = 0
 
@@ -383,6 +384,7 @@ async def run_load(
         bar = asyncio.create_task(_progress(cfg, budget, t0)) if progress else None
 
         async def one(conv: Conversation, index: int, turn: Turn) -> None:
+            budget.started += 1
             rec = await sender.send(conv, index, turn)
             records.append(rec)
             budget.done += 1
@@ -497,7 +499,10 @@ async def _progress(cfg: LoadConfig, budget: _Budget, t0: float) -> None:
         frac = min(1.0, max(fractions, default=0.0))
         filled = int(frac * width)
         bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {elapsed:6.1f}s  {budget.done} done  {budget.errors} errors ")
+        sys.stderr.write(
+            f"\r[{bar}] {elapsed:6.1f}s  {budget.done} done  "
+            f"{budget.started - budget.done} in flight  {budget.errors} errors "
+        )
         sys.stderr.flush()
         await asyncio.sleep(PROGRESS_INTERVAL_S)
 
