@@ -328,6 +328,25 @@ class WrkRun:
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
+    @classmethod
+    def median(cls, runs: Sequence[WrkRun]) -> WrkRun:
+        """Field-wise median of repeated runs (robust to one disturbed run)."""
+        if len(runs) == 1:
+            return runs[0]
+        med = statistics.median
+        cpus = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
+        duration = med(r.duration_s for r in runs)
+        return cls(
+            requests=round(med(r.rps for r in runs) * duration),
+            duration_s=duration,
+            errors=sum(r.errors for r in runs),
+            p50_us=med(r.p50_us for r in runs),
+            p90_us=med(r.p90_us for r in runs),
+            p99_us=med(r.p99_us for r in runs),
+            mean_us=med(r.mean_us for r in runs),
+            cpu_us_per_request=med(cpus) if cpus else None,
+        )
+
 
 def wrk(
     url: str,
@@ -434,6 +453,7 @@ class BenchResult:
     run_s: float
     gateway_cpu: int | None
     client_cpu: int | None
+    repeat: int = 1
     # scenario -> "direct" / "gateway" / "floor" (the bare proxy, with --floor)
     runs: dict[str, dict[str, WrkRun]] = field(default_factory=dict)
     ttft_us: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -444,6 +464,7 @@ class BenchResult:
             "run_s": self.run_s,
             "gateway_cpu": self.gateway_cpu,
             "client_cpu": self.client_cpu,
+            "repeat": self.repeat,
             "runs": {
                 name: {side: {**asdict(r), "rps": r.rps} for side, r in pair.items()}
                 for name, pair in self.runs.items()
@@ -519,7 +540,16 @@ class BenchResult:
         header = ["measurement", "direct", "through gateway", "gateway adds / ratio"]
         if floor:
             header.append("bare aiohttp proxy")
-        lines = [_md(header, rows), "", "CPU per request (utime+stime / requests served):", ""]
+        runs = "one run" if self.repeat == 1 else f"median of {self.repeat} interleaved runs"
+        lines = [
+            f"Gateway overhead ({runs} of {self.run_s:g} s per figure; upstream: {self.upstream}; "
+            f"gateway on core {self.gateway_cpu}, wrk + upstream on core {self.client_cpu})",
+            "",
+            _md(header, rows),
+            "",
+            "CPU per request (utime+stime / requests served):",
+            "",
+        ]
         cpu_header = ["run", "gateway"] + (["bare aiohttp proxy"] if floor else [])
         cpu_rows = []
         for key, pair in self.runs.items():
@@ -658,7 +688,11 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         # The Python parts of the client (TTFT streams) stay off the gateway's core.
         os.sched_setaffinity(0, {other_cpu})
     result = BenchResult(
-        upstream=args.upstream, run_s=args.seconds, gateway_cpu=gw_cpu, client_cpu=other_cpu
+        upstream=args.upstream,
+        run_s=args.seconds,
+        gateway_cpu=gw_cpu,
+        client_cpu=other_cpu,
+        repeat=args.repeat,
     )
     with (
         tempfile.TemporaryDirectory(prefix="dp-router-bench-") as tmp,
@@ -681,28 +715,25 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
             ("c1_100k", 1, LARGE_PROMPT_BYTES),
             ("c64_100k", HIGH_CONCURRENCY, LARGE_PROMPT_BYTES),
         ]
+        targets = [("direct", upstream, None), ("gateway", gateway, gw)]
+        if floor:
+            targets.append(("floor", floor[0], floor[1]))
         for name, conns, size in scenarios:
-            direct = wrk(
-                upstream, connections=conns, seconds=args.seconds, prompt_bytes=size, cpu=other_cpu
-            )
-            via = wrk(
-                gateway,
-                connections=conns,
-                seconds=args.seconds,
-                prompt_bytes=size,
-                cpu=other_cpu,
-                gateway=gw,
-            )
-            result.runs[name] = {"direct": direct, "gateway": via}
-            if floor:
-                result.runs[name]["floor"] = wrk(
-                    floor[0],
-                    connections=conns,
-                    seconds=args.seconds,
-                    prompt_bytes=size,
-                    cpu=other_cpu,
-                    gateway=floor[1],
-                )
+            # Interleaved repetitions, so a noisy neighbour hits every side alike.
+            reps: dict[str, list[WrkRun]] = {side: [] for side, _, _ in targets}
+            for _ in range(args.repeat):
+                for side, url, proc in targets:
+                    run = wrk(
+                        url,
+                        connections=conns,
+                        seconds=args.seconds,
+                        prompt_bytes=size,
+                        cpu=other_cpu,
+                        gateway=proc,
+                    )
+                    reps[side].append(run)
+            result.runs[name] = {side: WrkRun.median(runs) for side, runs in reps.items()}
+            direct, via = result.runs[name]["direct"], result.runs[name]["gateway"]
             say(
                 f"{name}: direct {direct.rps:.0f} req/s p50 {direct.p50_us:.0f} us; "
                 f"gateway {via.rps:.0f} req/s p50 {via.p50_us:.0f} us, "
@@ -733,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=DEFAULT_RUN_S, help="per wrk run")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_RUN_S:g} s runs, fewer streams")
     p.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="sequential TTFT streams")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per measurement, interleaved; the median is reported (3 on shared machines)",
+    )
     p.add_argument("--upstream", choices=("minimal", "replica"), default="minimal")
     p.add_argument("--policy", default="round_robin", help="gateway policy (one upstream)")
     p.add_argument("--access-log", action="store_true", help="measure with access logging on")
@@ -752,6 +789,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["_floor"]:  # internal: the bare-proxy floor subprocess
         return _floor_main(int(argv[1]), argv[2])
     args = build_parser().parse_args(argv)
+    if args.repeat < 1 or args.seconds <= 0:
+        print("dp-router bench: --repeat must be >= 1 and --seconds > 0", file=sys.stderr)
+        return 2
     if args.quick:
         args.seconds = min(args.seconds, QUICK_RUN_S)
         args.streams = min(args.streams, 100)

@@ -68,3 +68,11 @@ def test_lua_script_drives_the_fast_upstream() -> None:
     assert small.requests > 0 and small.errors == 0 and small.p50_us > 0
     assert large.requests > 0 and large.errors == 0
     assert len(ttfts) == 10 and all(t > 0 for t in ttfts)
+
+
+def test_median_of_repeated_runs() -> None:
+    runs = [run(1000, 300, cpu=200), run(3000, 100, cpu=100), run(2000, 200, cpu=900)]
+    m = WrkRun.median(runs)
+    assert m.rps == pytest.approx(2000)
+    assert (m.p50_us, m.p99_us, m.cpu_us_per_request) == (200, 600, 200)
+    assert WrkRun.median(runs[:1]) is runs[0]
