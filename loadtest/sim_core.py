@@ -21,11 +21,11 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from loadtest.sim_service import PrefixCache, QueueService
 from loadtest.sim_workload import SimArrival, SimTurn
-from policies.base import BasePolicy, RouteRequest
+from policies.base import BasePolicy, Policy, RouteRequest
 from router.load import Outcome, ReplicaLoad, Ticket, dispatch
 from router.prefix import BLOCK_TOKENS
 
@@ -83,8 +83,9 @@ class SimResult:
 
         Test: a replica whose waiting queue (requests not yet in service, or
         not yet admitted by the engine) never emptied between the half-way
-        arrival and the last arrival, and that holds more requests at the
-        end than at half-way. A stable queue empties again and again (an
+        arrival and the last arrival. (Not "it grew": a trace's lengths drift
+        over its hour, so an overloaded queue can shrink for a while and
+        still never catch up.) A stable queue empties again and again (an
         M/M/1 at rho = 0.9 is idle 10% of the time); an overloaded one never
         does once it is behind (round-robin with one replica 1.5x slower at
         load 0.8 puts that replica at 115% utilisation). A run too short to
@@ -100,6 +101,14 @@ class SimResult:
 
 class _Job:
     __slots__ = ("arrival", "idx", "rep", "req", "svc", "t_arr", "t_first", "ticket", "turn")
+    arrival: SimArrival
+    idx: int
+    rep: int
+    req: RouteRequest
+    svc: str
+    t_arr: float
+    ticket: Ticket
+    turn: SimTurn
 
     def __init__(self) -> None:
         self.t_first = -1.0
@@ -180,7 +189,9 @@ def run(
         assert service is not None
         qreps = [_QReplica(slow[i], cfg.cache_blocks) for i in range(n)]
     observe = getattr(policy, "observe", None)
-    choose, on_dispatch, on_complete = policy.choose, policy.on_dispatch, policy.on_complete
+    # BasePolicy does not declare choose(); every registered policy has it.
+    choose = cast(Policy, policy).choose
+    on_dispatch, on_complete = policy.on_dispatch, policy.on_complete
     oracle = cfg.expected_output == "oracle"
     mean_out = round(cfg.mean_output)
 
@@ -189,7 +200,6 @@ def run(
     seq = 0
     warm = int(total_requests * cfg.warmup)
     half = total_requests // 2
-    mid_rep: list[int] = []
     in_system = 0
     rep_in = [0] * n
     last_drain = [0.0] * n  # last time replica i had nobody waiting
@@ -275,7 +285,7 @@ def run(
             push(heap, (t + nxt.think_s, seq, _ARRIVE, (arr, nxt)))
 
     def arrive(arr: SimArrival, turn: SimTurn, t: float) -> None:
-        nonlocal dispatched, in_system, backlog_mid, backlog_end, seq, t_half, mid_rep
+        nonlocal dispatched, in_system, backlog_mid, backlog_end, seq, t_half
         hashes = turn._hashes
         req = RouteRequest(
             MODEL,
@@ -303,13 +313,10 @@ def run(
             checkpoints.append(list(rep_in))
         if dispatched == half:
             backlog_mid, t_half = in_system, t
-            mid_rep = list(rep_in)
         if dispatched == total_requests:
             backlog_end = in_system
             if half:
-                undrained.extend(
-                    j for j in range(n) if last_drain[j] < t_half and rep_in[j] > mid_rep[j]
-                )
+                undrained.extend(j for j in range(n) if last_drain[j] < t_half)
         if engine_mode:
             rid = f"{arr.id}#{job.idx}"
             job.svc = rid
@@ -409,6 +416,3 @@ def run(
         wall_s=time.perf_counter() - wall0,
         reasons=reasons,
     )
-
-
-__all__ = ["SimConfig", "SimResult", "Ticket", "run", "summary"]

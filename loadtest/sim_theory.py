@@ -16,12 +16,13 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from loadtest import sim_core
 from loadtest.sim_service import ExpService
 from loadtest.sim_workload import open_workload
 from policies import registry
-from policies.base import RouteRequest
+from policies.base import Policy, RouteRequest
 from policies.hashring import BoundedLoadRing
 from policies.peak_ewma import PENALTY, PeakEwma, peak_load
 from router.load import ReplicaLoad, load_bound
@@ -127,7 +128,10 @@ def mean_sojourn(
 def balls_into_bins(n: int, d: int, seed: int) -> list[int]:
     """Place n balls into n bins with p2c (d samples with replacement); bin loads."""
     loads = [ReplicaLoad(f"b{i}") for i in range(n)]
-    policy = registry.create("p2c", {"d": d, "replacement": True, "signal": "in_flight"}, seed=seed)
+    policy = cast(
+        Policy,
+        registry.create("p2c", {"d": d, "replacement": True, "signal": "in_flight"}, seed=seed),
+    )
     req = RouteRequest("m")
     index = {c.name: c for c in loads}
     for _ in range(n):
