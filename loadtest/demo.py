@@ -407,10 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start simulated replicas and the gateway, run one workload under "
         "several routing policies, and compare them.",
     )
-    p.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS)
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=DEFAULT_REPLICAS,
+        help="simulated replicas (the last is slow)",
+    )
     p.add_argument("--policy", action="append", help="policy to compare (repeatable)")
     p.add_argument("--duration", type=float, help="seconds of load per policy")
-    p.add_argument("--rate", type=float, help="conversations per second (default: by fleet size)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="conversations per second (default: 65%% of the simulated fleet's capacity)",
+    )
     p.add_argument("--workload", default="chat", help="a loadtest.workloads name or trace file")
     p.add_argument(
         "--engine",
@@ -458,11 +467,14 @@ def main(argv: list[str]) -> int:
         out=args.out,
         engine=args.engine,
     )
+    slow = f" ({replica_names(opts.replicas)[-1]} is {opts.slow_factor:g}x slower)"
     _say(
-        f"{opts.replicas} replicas ({replica_names(opts.replicas)[-1]} is "
-        f"{opts.slow_factor:g}x slower), policies {', '.join(policies)}, "
+        f"{opts.replicas} replicas{slow if opts.replicas > 1 else ''}, "
+        f"policies {', '.join(policies)}, "
         f"{opts.duration_s:g} s each at {opts.rate:.2f} conversations/s"
     )
+    if opts.engine and not args.rate:
+        _say("note: the default rate assumes the paced replica model; pass --rate with --engine")
 
     async def guarded() -> list[RunResult]:
         task = asyncio.current_task()
@@ -493,7 +505,8 @@ def main(argv: list[str]) -> int:
         else:
             for path in paths:
                 _say(f"wrote {path}")
-    return 0 if all(r.ok for r in results) else 1
+    # Errors are part of what a demo shows; only a run where nothing worked fails it.
+    return 0 if all(r.ok > 0 for r in results) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -83,7 +83,7 @@ class LoadConfig:
 
     target: str
     model: str | None = None  # None: ask the target's /v1/models
-    rate: float | None = None  # open loop, Poisson arrivals per second
+    rate: float | None = None  # open loop: Poisson conversation arrivals per second
     concurrency: int | None = None  # closed loop
     duration_s: float | None = None
     requests: int | None = None
@@ -108,7 +108,7 @@ class LoadConfig:
         if self.concurrency is not None:
             return f"concurrency={self.concurrency}"
         if self.rate is not None:
-            return f"rate={self.rate:g}/s"
+            return f"rate={self.rate:g} conversations/s"
         return "trace arrivals"
 
 
