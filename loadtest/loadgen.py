@@ -47,6 +47,8 @@ from loadtest.report import (
     ErrorKind,
     RequestRecord,
     RunResult,
+    comparison_table,
+    load_results,
     markdown_summary,
     summarize,
     write_plots,
@@ -544,7 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dp-router loadtest",
         description="Drive load at an OpenAI-compatible endpoint and report latencies.",
     )
-    p.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", help="base URL, e.g. http://127.0.0.1:8000")
+    what.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="no load: print saved runs side by side (results.json files or --out dirs)",
+    )
     p.add_argument(
         "--workload",
         default=DEFAULT_WORKLOAD,
@@ -573,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="replica /metrics URL for the prefix-cache hit rate (repeatable)",
     )
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="extra request header (repeatable), e.g. x-sim-fault:status=503",
+    )
     p.add_argument("--label", default="run", help="name of this run in reports")
     p.add_argument("--json", action="store_true", help="print results JSON to stdout")
     p.add_argument("--out", type=Path, help="directory for results.json and summary.md")
@@ -582,6 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        return _compare(args.compare, args.out)
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            print(f"dp-router loadtest: --header expects NAME:VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        headers[name.strip()] = value.strip()
     try:
         cfg = LoadConfig(
             target=args.target,
@@ -594,6 +620,7 @@ def main(argv: list[str]) -> int:
             timeout_s=args.timeout,
             api_key=args.api_key,
             replica_metrics=args.replica_metrics,
+            headers=headers,
         )
     except ValueError as exc:
         print(f"dp-router loadtest: {exc}", file=sys.stderr)
@@ -646,6 +673,23 @@ def main(argv: list[str]) -> int:
             for path in paths:
                 print(f"wrote {path}", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def _compare(paths: list[Path], out: Path | None) -> int:
+    """Saved runs side by side (policy A's run vs policy B's, from their --out dirs)."""
+    runs: list[RunResult] = []
+    for path in paths:
+        file = path / "results.json" if path.is_dir() else path
+        try:
+            runs += load_results(file)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"dp-router loadtest: cannot read {file}: {exc}", file=sys.stderr)
+            return 2
+    print(comparison_table(runs))
+    if out:
+        for written in write_results(runs, out):
+            print(f"wrote {written}", file=sys.stderr)
+    return 0
 
 
 def _first_interrupt(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

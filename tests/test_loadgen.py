@@ -194,3 +194,45 @@ async def test_think_time_past_the_deadline_ends_the_conversation() -> None:
         cfg = LoadConfig(target=url, rate=1.0, duration_s=1.0)
         result = await asyncio.wait_for(run_load(cfg, [conv]), 1.0 + 5.0)
     assert result.requests == 1
+
+
+def test_compare_saved_runs(tmp_path, capsys) -> None:
+    from loadtest.report import RequestRecord, summarize, write_results
+
+    for label in ("round_robin", "queue_depth"):
+        rec = RequestRecord("c", 0, 0.0, 0.5, ttft_s=0.1, output_tokens=3, replica="r1")
+        write_results([summarize([rec], wall_s=1.0, label=label)], tmp_path / label)
+    code = loadgen.main(
+        ["--compare", str(tmp_path / "round_robin"), str(tmp_path / "queue_depth" / "results.json")]
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "round_robin" in lines[2] and "queue_depth" in lines[3]
+    assert loadgen.main(["--compare", str(tmp_path / "missing")]) == 2
+
+
+def test_header_flag_reaches_the_server(capsys) -> None:
+    argv = [sys.executable, "-m", "router", "replica", "--port", "0", "--token-interval", "0"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline().split()[1])
+            code = loadgen.main(
+                [
+                    "--target",
+                    f"http://127.0.0.1:{port}",
+                    "--concurrency",
+                    "1",
+                    "--requests",
+                    "2",
+                    "--header",
+                    "x-sim-fault: status=429",
+                    "--json",
+                ]
+            )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert code == 1  # nothing succeeded
+    assert json.loads(capsys.readouterr().out)["errors"] == {"http_429": 2}
+    assert loadgen.main(["--target", "http://x", "--requests", "1", "--header", "bad"]) == 2
