@@ -661,7 +661,9 @@ def _processes(
                 "--config",
                 str(config),
                 "--log-level",
-                "WARNING",
+                # The access log is an INFO record: WARNING would mute it even
+                # with --access-log. Either way it goes to a file, as in production.
+                "INFO" if args.access_log else "WARNING",
             ],
             workdir,
         )
