@@ -59,6 +59,9 @@ from loadtest.workloads import WORKLOADS, load_workload
 
 REPLICA_HEADER = "x-dp-replica"
 SESSION_HEADER = "x-session-id"
+# The simulated replica's MoE model draws expert popularity per domain
+# (loadtest.replica.DOMAIN_HEADER); real servers ignore the header.
+DOMAIN_HEADER = "x-sim-domain"
 
 # Per-request limit; long enough for a few thousand tokens at vLLM decode
 # speeds, short enough that a hung upstream cannot stall a run forever.
@@ -150,6 +153,8 @@ class _Sender:
 
     async def send(self, conv: Conversation, index: int, turn: Turn) -> RequestRecord:
         headers = {**self.base_headers, SESSION_HEADER: conv.id}
+        if conv.domain:
+            headers[DOMAIN_HEADER] = conv.domain
         data = self.body(turn)
         now = time.perf_counter
         start = now()

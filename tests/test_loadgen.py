@@ -236,3 +236,21 @@ def test_header_flag_reaches_the_server(capsys) -> None:
     assert code == 1  # nothing succeeded
     assert json.loads(capsys.readouterr().out)["errors"] == {"http_429": 2}
     assert loadgen.main(["--target", "http://x", "--requests", "1", "--header", "bad"]) == 2
+
+
+async def test_prefix_hit_rate_and_domain_header() -> None:
+    # Turn 2 repeats turn 1's prompt and extends it: its leading blocks are cached.
+    first = "a long shared context " * 60
+    conv = Conversation(
+        "c0",
+        0.0,
+        (Turn(first, 330, 2), Turn(first + " and more", 332, 2)),
+        domain="code",
+    )
+    async with run_replica(FAST) as (url, state):
+        cfg = LoadConfig(target=url, concurrency=1, requests=2, replica_metrics=[url + "/metrics"])
+        result = await run_load(cfg, [conv])
+        domains = {r.headers.get("x-sim-domain") for r in state.requests}
+    assert result.ok == 2
+    assert result.prefix_hit_rate is not None and 0 < result.prefix_hit_rate < 1
+    assert domains == {"code"}
