@@ -75,6 +75,10 @@ WORKLOAD_BATCH = 2000
 # Progress bar refresh: often enough to look alive, rarely enough to be free.
 PROGRESS_INTERVAL_S = 0.25
 DEFAULT_WORKLOAD = "chat"
+# Conversations looked at to tell a trace (timestamps) from a synthetic
+# workload generated without --rate (everything at t=0). Traces may start
+# with a few simultaneous requests (Mooncake does), never with this many.
+NO_TIMESTAMPS_PEEK = 50
 
 # vLLM's counters, in tokens (v1 names; prometheus_client strips "_total"
 # from family names, so both spellings are matched on sample names).
@@ -638,8 +642,8 @@ def main(argv: list[str]) -> int:
         print(f"dp-router loadtest: {exc}", file=sys.stderr)
         return 2
     if cfg.rate is None and cfg.concurrency is None:
-        head = list(itertools.islice(workload, 2))
-        if len(head) == 2 and head[0].arrival_s == head[1].arrival_s == 0.0:
+        head = list(itertools.islice(workload, NO_TIMESTAMPS_PEEK))
+        if len(head) > 1 and all(c.arrival_s == 0.0 for c in head):
             print(
                 f"dp-router loadtest: workload {args.workload!r} has no timestamps; "
                 "give --rate or --concurrency",
