@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("loadtest.simulate", "discrete-event policy simulator"),
     "bench": ("loadtest.bench", "gateway overhead benchmark against a direct connection"),
     "demo": ("loadtest.demo", "gateway + simulated fleet + load, with a report"),
+    "faults": ("loadtest.faults", "what clients see when a replica is killed or frozen under load"),
 }
 
 
