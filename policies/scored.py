@@ -60,6 +60,12 @@ def _minmax(values: list[float]) -> list[float]:
     """(max - v) / (max - min): 1 for the least loaded, 0 for the most; all 1
     when all are equal. Infinite loads (weight 0) score 0 and do not stretch
     the scale of the others."""
+    if INF not in values:  # the common case: one pass, no per-item INF test
+        lo, hi = min(values), max(values)
+        if hi == lo:
+            return [1.0] * len(values)
+        scale = 1.0 / (hi - lo)
+        return [(hi - v) * scale for v in values]
     finite = [v for v in values if v != INF]
     if not finite:
         return [1.0] * len(values)
@@ -68,6 +74,24 @@ def _minmax(values: list[float]) -> list[float]:
         return [0.0 if v == INF else 1.0 for v in values]
     span = hi - lo
     return [0.0 if v == INF else (hi - v) / span for v in values]
+
+
+def _combine(ws: list[float], cols: list[list[float]]) -> list[float]:
+    """sum_k ws[k] * cols[k][i] for every i, in one pass (one pass per scorer
+    was the largest cost of a 1,000-replica pick)."""
+    if len(cols) == 1:
+        (w0,), (a,) = ws, cols
+        return [w0 * x for x in a]
+    if len(cols) == 2:
+        w0, w1 = ws
+        return [w0 * x + w1 * y for x, y in zip(*cols, strict=True)]
+    if len(cols) == 3:
+        w0, w1, w2 = ws
+        return [w0 * x + w1 * y + w2 * z for x, y, z in zip(*cols, strict=True)]
+    totals = [0.0] * len(cols[0])
+    for w, col in zip(ws, cols, strict=True):
+        totals = [t + w * v for t, v in zip(totals, col, strict=True)]
+    return totals
 
 
 class Scored(BasePolicy):
@@ -162,10 +186,7 @@ class Scored(BasePolicy):
         per = self.scores(request, pool, now)
         weights = self.weights
         total_w = sum(weights.values())
-        totals = [0.0] * len(pool)
-        for k, vals in per.items():
-            w = weights[k] / total_w
-            totals = [t + w * v for t, v in zip(totals, vals, strict=True)]
+        totals = _combine([weights[k] / total_w for k in per], list(per.values()))
         if self.picker == "weighted" and sum(totals) > 0:
             x = self.rng.random() * sum(totals)
             i = 0
