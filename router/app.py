@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -25,7 +26,7 @@ from router import discovery
 from router.admin import PROXY_KEY, create_admin_app, healthz, readyz
 from router.config import Config
 from router.errors import ErrorKind, error_response
-from router.metrics import Metrics
+from router.metrics import Metrics, ReplicaSample
 from router.proxy import Proxy
 from router.replicas import Registry
 from router.resilience import Resilience
@@ -86,6 +87,7 @@ class Gateway:
         )
         self.resilience = Resilience(config, self.registry, self.metrics, random.Random(seed))
         self.proxy = Proxy(config, self.registry, self.policy, self.metrics, self.resilience)
+        self.metrics.watch_replicas(self._replica_samples)
         self.data_app = create_data_app(self.proxy, config.server.max_body_bytes)
         self.admin_app = create_admin_app(self.proxy, config.admin.token)
         self._stack = contextlib.AsyncExitStack()
@@ -93,6 +95,24 @@ class Gateway:
         self._admin_runner: web.AppRunner | None = None
         self.data_port = 0
         self.admin_port = 0
+
+    def _replica_samples(self) -> list[ReplicaSample]:
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # scraped outside the loop (a test, a debugger)
+            now = time.monotonic()
+        return [
+            ReplicaSample(
+                r.name,
+                r.load.in_flight,
+                r.load.outstanding_tokens,
+                r.healthy,
+                r.routable(now),
+                r.ejected_until > now,
+                r.load.weight,
+            )
+            for r in self.registry
+        ]
 
     async def start(self) -> None:
         cfg = self.config
@@ -131,8 +151,6 @@ class Gateway:
         )
         await self.resilience.start()
         self._stack.push_async_callback(self.resilience.stop)
-        for replica in self.registry:
-            self.metrics.in_flight.labels(replica.name).set(0)
         self._admin_runner, self.admin_port = await self._listen(
             self.admin_app, cfg.admin.host, cfg.admin.port
         )

@@ -11,6 +11,9 @@ prometheus-client's label lookup more than once per combination.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,6 +21,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 PREFIX = "dp_router"
 UNKNOWN = "unknown"
@@ -43,6 +48,63 @@ LATENCY_BUCKETS = (
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaSample:
+    """One replica's state as the scrape sees it."""
+
+    name: str
+    in_flight: int
+    outstanding_tokens: int
+    healthy: bool
+    routable: bool
+    ejected: bool
+    weight: float
+
+
+# name suffix, help, field: per-replica gauges read at scrape time.
+_REPLICA_GAUGES = (
+    (
+        "replica_in_flight",
+        "Requests this gateway has dispatched to the replica and not settled.",
+        "in_flight",
+    ),
+    (
+        "replica_outstanding_tokens",
+        "Prompt + expected output tokens of the in-flight requests.",
+        "outstanding_tokens",
+    ),
+    ("replica_healthy", "1 if the active health check passes, else 0.", "healthy"),
+    (
+        "replica_routable",
+        "1 if the replica may receive new requests (healthy, not ejected, not draining).",
+        "routable",
+    ),
+    ("replica_ejected", "1 while the replica is ejected by outlier detection.", "ejected"),
+    ("replica_effective_weight", "Configured weight times the slow-start factor.", "weight"),
+)
+
+
+class ReplicaCollector(Collector):
+    """Per-replica gauges computed when /metrics is scraped.
+
+    The data path changes in-flight counts twice per request; setting a
+    gauge each time cost measurable CPU (label lookups) for a value nobody
+    reads between scrapes. Reading the live state at scrape time is exact and
+    free on the hot path.
+    """
+
+    def __init__(self, snapshot: Callable[[], Iterable[ReplicaSample]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        samples = list(self._snapshot())
+        for suffix, help_, attr in _REPLICA_GAUGES:
+            family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=["replica"])
+            for sample in samples:
+                family.add_metric([sample.name], float(getattr(sample, attr)))
+            yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -66,18 +128,6 @@ class Metrics:
             "(the first token for streams).",
             ["model"],
             buckets=TTFB_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            f"{PREFIX}_replica_in_flight",
-            "Requests this gateway has dispatched to the replica and not settled.",
-            ["replica"],
-            registry=r,
-        )
-        self.outstanding_tokens = Gauge(
-            f"{PREFIX}_replica_outstanding_tokens",
-            "Prompt + expected output tokens of the in-flight requests.",
-            ["replica"],
             registry=r,
         )
         self.attempts = Counter(
@@ -112,24 +162,6 @@ class Metrics:
             ["policy", "reason"],
             registry=r,
         )
-        self.replica_healthy = Gauge(
-            f"{PREFIX}_replica_healthy",
-            "1 if the active health check passes, else 0.",
-            ["replica"],
-            registry=r,
-        )
-        self.replica_routable = Gauge(
-            f"{PREFIX}_replica_routable",
-            "1 if the replica may receive new requests (healthy, not ejected, not draining).",
-            ["replica"],
-            registry=r,
-        )
-        self.replica_weight = Gauge(
-            f"{PREFIX}_replica_effective_weight",
-            "Configured weight times the slow-start factor.",
-            ["replica"],
-            registry=r,
-        )
         self.health_transitions = Counter(
             f"{PREFIX}_health_transitions_total",
             "Active health check state changes.",
@@ -140,12 +172,6 @@ class Metrics:
             f"{PREFIX}_outlier_ejections_total",
             "Passive outlier ejections by reason.",
             ["replica", "reason"],
-            registry=r,
-        )
-        self.ejected = Gauge(
-            f"{PREFIX}_replica_ejected",
-            "1 while the replica is ejected.",
-            ["replica"],
             registry=r,
         )
         self.admission_waits = Counter(
@@ -182,6 +208,8 @@ class Metrics:
             registry=r,
         )
         self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._attempt_children: dict[tuple[str, str], Counter] = {}
+        self._decision_children: dict[tuple[str, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._ttfb_children: dict[str, Histogram] = {}
 
@@ -191,6 +219,25 @@ class Metrics:
         if child is None:
             child = self._request_children[key] = self.requests.labels(model, replica, str(status))
         child.inc()
+
+    def count_attempt(self, replica: str, outcome: str) -> None:
+        key = (replica, outcome)
+        child = self._attempt_children.get(key)
+        if child is None:
+            child = self._attempt_children[key] = self.attempts.labels(replica, outcome)
+        child.inc()
+
+    def count_decision(self, policy: str, reason: str) -> None:
+        key = (policy, reason)
+        child = self._decision_children.get(key)
+        if child is None:
+            if len(self._decision_children) > 1000:
+                reason = "other"  # a policy with unbounded reasons must not blow up labels
+            child = self._decision_children[key] = self.decisions.labels(policy, reason)
+        child.inc()
+
+    def watch_replicas(self, snapshot: Callable[[], Iterable[ReplicaSample]]) -> None:
+        self.registry.register(ReplicaCollector(snapshot))
 
     def observe_duration(self, model: str, seconds: float) -> None:
         child = self._duration_children.get(model)

@@ -289,9 +289,8 @@ class Proxy:
                 record.replica = replica.name
                 record.reason = routed.decision.reason
                 record.attempts += 1
-                self.metrics.decisions.labels(self.policy.name, routed.decision.reason).inc()
+                self.metrics.count_decision(self.policy.name, routed.decision.reason)
                 self.policy.on_dispatch(route_req, replica.name, loop.time())
-                self._publish_load(replica)
                 outcome = Outcome.CLIENT_DISCONNECT  # what a cancellation leaves
                 status: int | None = None
                 failure: AttemptFailed | None = None
@@ -337,14 +336,9 @@ class Proxy:
         """The one place a dispatched request's load is released."""
         if not ticket.close(outcome):
             return
-        self.metrics.attempts.labels(replica.name, outcome.value).inc()
-        self._publish_load(replica)
+        self.metrics.count_attempt(replica.name, outcome.value)
         self.policy.on_complete(route_req, replica.name, outcome, now)
         self.resilience.on_settled(replica, outcome, status, now)
-
-    def _publish_load(self, replica: Replica) -> None:
-        self.metrics.in_flight.labels(replica.name).set(replica.load.in_flight)
-        self.metrics.outstanding_tokens.labels(replica.name).set(replica.load.outstanding_tokens)
 
     def _learn(
         self,

@@ -136,7 +136,6 @@ class Resilience:
                 factor = self.checker.slow_start_factor(replica.name, now)
             if factor != replica.slow_start_factor:
                 replica.set_weight_factor(factor)
-                self.metrics.replica_weight.labels(replica.name).set(replica.load.weight)
         self.admission.notify()
 
     # -- health --------------------------------------------------------------
@@ -152,7 +151,6 @@ class Resilience:
 
     def _set_healthy(self, replica: Replica, healthy: bool) -> None:
         replica.healthy = healthy
-        self.metrics.replica_healthy.labels(replica.name).set(1 if healthy else 0)
 
     # -- requests ------------------------------------------------------------
 
@@ -164,6 +162,10 @@ class Resilience:
         self, reserve: Callable[[], T | None], key: str, release: Callable[[T], None]
     ) -> T:
         """Route and reserve now, or wait (bounded) for capacity, or refuse."""
+        if not self.admission.waiting:  # the common case: nobody queued, no wait
+            reserved = reserve()
+            if reserved is not None:
+                return reserved
         waited_from = time.monotonic()
         queued_before = self.admission.counters["queued"]
         try:
@@ -224,7 +226,6 @@ class Resilience:
             if event.kind is EventKind.EJECTED:
                 replica.ejected_until = event.at + (event.duration_s or 0.0)
                 self.metrics.ejections.labels(replica.name, event.reason).inc()
-                self.metrics.ejected.labels(replica.name).set(1)
                 log.warning(
                     "ejected replica %s for %.1f s (%s, ejection #%d)",
                     replica.name,
@@ -234,7 +235,6 @@ class Resilience:
                 )
             elif event.kind is EventKind.UNEJECTED:
                 replica.ejected_until = 0.0
-                self.metrics.ejected.labels(replica.name).set(0)
                 # Back from an ejection: cold, like a restarted replica (M7).
                 state = self.checker.state(replica.name) if self.checker else None
                 if state is not None and state.slow_start is not None:
