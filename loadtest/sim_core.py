@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -100,8 +100,9 @@ class SimResult:
 
 
 class _Job:
-    __slots__ = ("arrival", "idx", "rep", "req", "svc", "t_arr", "t_first", "ticket", "turn")
+    __slots__ = ("arrival", "g", "idx", "rep", "req", "svc", "t_arr", "t_first", "ticket", "turn")
     arrival: SimArrival
+    g: int  # the gateway that routed it
     idx: int
     rep: int
     req: RouteRequest
@@ -153,7 +154,7 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 
 def run(
-    policy: BasePolicy,
+    policy: BasePolicy | Sequence[BasePolicy],
     arrivals: Iterator[SimArrival],
     total_requests: int,
     cfg: SimConfig,
@@ -162,15 +163,21 @@ def run(
     """Simulate ``arrivals`` through ``policy`` over ``cfg.replicas`` modelled replicas.
 
     ``total_requests`` is the number of requests (turns) the workload will
-    produce, for the warm-up cut and the stability probes.
+    produce, for the warm-up cut and the stability probes. A sequence of
+    policies means that many gateways, each with its own policy object and
+    its own ReplicaLoad view (in-flight, local correction, EWMAs), taking
+    requests in turn and sharing only the replicas' load reports: the
+    multi-gateway herding case.
     """
     wall0 = time.perf_counter()
     n = cfg.replicas
     rng = random.Random(f"sim:{cfg.seed}")
     names = [f"r{i}" for i in range(n)]
-    loads = [ReplicaLoad(name) for name in names]
+    pols = list(policy) if isinstance(policy, Sequence) else [policy]
+    gws = len(pols)
+    views = [[ReplicaLoad(name) for name in names] for _ in range(gws)]
     index = {name: i for i, name in enumerate(names)}
-    candidates = list(loads)
+    cands = [list(v) for v in views]
     slow = [cfg.slow_factor if i < cfg.slow_count else 1.0 for i in range(n)]
     engine_mode = cfg.service == "engine"
     qreps: list[_QReplica] = []
@@ -188,10 +195,11 @@ def run(
     else:
         assert service is not None
         qreps = [_QReplica(slow[i], cfg.cache_blocks) for i in range(n)]
-    observe = getattr(policy, "observe", None)
+    observes = [getattr(p, "observe", None) for p in pols]
     # BasePolicy does not declare choose(); every registered policy has it.
-    choose = cast(Policy, policy).choose
-    on_dispatch, on_complete = policy.on_dispatch, policy.on_complete
+    chooses = [cast(Policy, p).choose for p in pols]
+    on_dispatches = [p.on_dispatch for p in pols]
+    on_completes = [p.on_complete for p in pols]
     oracle = cfg.expected_output == "oracle"
     mean_out = round(cfg.mean_output)
 
@@ -243,8 +251,9 @@ def run(
     def first_token(job: _Job, t: float) -> None:
         job.t_first = t
         ttft = t - job.t_arr
-        load = loads[job.rep]
+        load = views[job.g][job.rep]
         load.ttft.add(ttft, t)
+        observe = observes[job.g]
         if observe is not None:
             observe(load.name, ttft, None, t)
 
@@ -260,7 +269,8 @@ def run(
         nonlocal in_system, seq
         in_system -= 1
         rep_in[job.rep] -= 1
-        load = loads[job.rep]
+        load = views[job.g][job.rep]
+        observe = observes[job.g]
         job.ticket.close(Outcome.OK)
         out = job.turn.output_tokens
         if job.t_first < 0:
@@ -270,7 +280,7 @@ def run(
             load.tpot.add(tpot, t)
             if observe is not None:
                 observe(load.name, None, tpot, t)
-        on_complete(job.req, load.name, Outcome.OK, t)
+        on_completes[job.g](job.req, load.name, Outcome.OK, t)
         if job.idx >= warm:
             e2e = t - job.t_arr
             ttfts.append(job.t_first - job.t_arr)
@@ -296,17 +306,18 @@ def run(
             block_hashes=hashes,
             request_id=arr.id,
         )
-        d = choose(req, candidates, t)
+        g = dispatched % gws
+        d = chooses[g](req, cands[g], t)
         reasons[d.reason] = reasons.get(d.reason, 0) + 1
         if d.replica is None:
             raise RuntimeError("policy chose no replica although every replica is a candidate")
         i = index[d.replica]
         job = _Job()
-        job.arrival, job.turn, job.req, job.rep, job.t_arr = arr, turn, req, i, t
+        job.arrival, job.turn, job.req, job.rep, job.t_arr, job.g = arr, turn, req, i, t, g
         job.idx = dispatched
         dispatched += 1
-        job.ticket = dispatch(loads[i], req.cost_tokens)
-        on_dispatch(req, d.replica, t)
+        job.ticket = dispatch(views[g][i], req.cost_tokens)
+        on_dispatches[g](req, d.replica, t)
         in_system += 1
         rep_in[i] += 1
         if dispatched in tenth:
@@ -371,12 +382,12 @@ def run(
                 for i in range(n):
                     if engine_mode:
                         e = ereps[i].engine
-                        loads[i].record_report(
-                            float(e.num_running + e.num_waiting), e.kv_usage(), now
-                        )
+                        q, kv = float(e.num_running + e.num_waiting), e.kv_usage()
                     else:
                         r = qreps[i]
-                        loads[i].record_report(float(r.busy + len(r.queue)), None, now)
+                        q, kv = float(r.busy + len(r.queue)), None
+                    for view in views:
+                        view[i].record_report(q, kv, now)
                 if nxt_arr is not None or in_system:
                     seq += 1
                     push(heap, (now + cfg.report_interval, seq, _REPORT, None))
@@ -398,7 +409,7 @@ def run(
         q = sum(c.queries for c in caches)
         cache_hit = sum(c.hits for c in caches) / q if q else None
     return SimResult(
-        policy=getattr(policy, "name", type(policy).__name__),
+        policy=getattr(pols[0], "name", type(pols[0]).__name__),
         measured=len(e2es),
         ttft=ttfts,
         e2e=e2es,

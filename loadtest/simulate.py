@@ -182,8 +182,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         conv: Iterator[SimArrival] = open_workload(
             args.workload, seed=args.seed, requests=args.requests, rate=conv_rate
         )
-        policy = registry.create(name, params, seed=args.seed)
-        res = sim_core.run(policy, conv, args.requests, cfg, service)
+        gateways = [registry.create(name, params, seed=args.seed + g) for g in range(args.gateways)]
+        res = sim_core.run(gateways, conv, args.requests, cfg, service)
         total = sum(res.per_replica) or 1
         shares = [c / total for c in res.per_replica]
         mean_share = 1.0 / args.replicas
@@ -192,6 +192,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             "workload": args.workload,
             "service": args.service,
             "replicas": args.replicas,
+            "gateways": args.gateways,
+            "report_interval": args.report_interval,
             "seed": args.seed,
             "rate": rate,
             "load": rate / capacity,
@@ -235,7 +237,8 @@ def format_table(recs: list[dict[str, Any]]) -> str:
     head = (
         f"workload={r0['workload']} service={r0['service']} replicas={r0['replicas']} "
         f"rate={r0['rate']:.3f}/s load={r0['load']:.2f} seed={r0['seed']} "
-        f"requests={r0['requests']} slow_replica={r0['slow_replica']:g}\n"
+        f"requests={r0['requests']} slow_replica={r0['slow_replica']:g} "
+        f"gateways={r0['gateways']} report_interval={r0['report_interval']:g}\n"
         f"latencies in {unit}; share = % of requests; imbalance = max share / mean share"
     )
     cols = [
@@ -339,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--engine-preset", default="llama2-7b")
     p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateways sharing the replicas (own policy and in-flight view each; "
+        "requests alternate between them; only load reports are shared)",
+    )
+    p.add_argument(
         "--report-interval",
         type=float,
         default=0.0,
@@ -386,8 +396,8 @@ def main(argv: list[str]) -> int:
             from loadtest import sim_quality
 
             return sim_quality.main(args)
-        if args.replicas < 1 or args.requests < 1:
-            raise ValueError("--replicas and --requests must be >= 1")
+        if args.replicas < 1 or args.requests < 1 or args.gateways < 1:
+            raise ValueError("--replicas, --requests and --gateways must be >= 1")
         recs = run_all(args)
     except ValueError as exc:
         print(f"dp-router simulate: {exc}", file=sys.stderr)

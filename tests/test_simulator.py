@@ -107,3 +107,15 @@ def test_cli_table_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert simulate.main(["--policy", "nope", "--requests", "10"]) == 2
     assert simulate.main(["--policy", "p2c:d=0", "--requests", "10"]) == 2
     assert "unknown policy" in capsys.readouterr().err
+
+
+def test_several_gateways_each_keep_their_own_view() -> None:
+    """Four gateways, one policy object and one ReplicaLoad view each, shared reports."""
+    cfg = sim_core.SimConfig(replicas=8, service="exp", report_interval=1.0, seed=4)
+    gateways = [registry.create("queue_depth", seed=g) for g in range(4)]
+    arrivals = open_workload("exp", seed=4, requests=8000, rate=7.2)
+    res = sim_core.run(gateways, arrivals, 8000, cfg, ExpService())
+    assert res.arrivals == 8000 and not res.unstable
+    assert res.reasons == {"queue_depth": 8000}
+    # Between JSQ with one gateway (2.1) and random (10): local correction holds.
+    assert sum(res.e2e) / len(res.e2e) < 4.5
