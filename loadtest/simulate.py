@@ -50,15 +50,36 @@ CALIBRATION_REQUESTS = 600
 
 
 def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name:key=value,key=value`` (values: int, float, true/false, text)."""
+    """``name`` or ``name:key=value;key=value`` (values: int, float, true/false,
+    inf, JSON for tables and lists, else text). Commas also separate
+    parameters outside JSON values: ``p2c:d=3,replacement=true``,
+    ``scored:weights={"queue": 1, "prefix": 4};filters=[]``."""
     name, _, rest = spec.partition(":")
     params: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in _split_params(rest):
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"policy parameter {item!r} is not key=value")
         params[key.strip()] = _value(raw.strip())
     return name.strip(), params
+
+
+def _split_params(rest: str) -> list[str]:
+    items: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    for ch in rest:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch in ",;" and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return [i for i in items if i.strip()]
 
 
 def _value(raw: str) -> Any:
@@ -67,6 +88,11 @@ def _value(raw: str) -> Any:
         return low == "true"
     if low in ("inf", "infinity"):
         return math.inf
+    if raw[:1] in ("{", "["):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"policy parameter value {raw!r} is not valid JSON: {exc}") from None
     for conv in (int, float):
         try:
             return conv(raw)
@@ -78,7 +104,14 @@ def _value(raw: str) -> Any:
 def policy_label(name: str, params: dict[str, Any]) -> str:
     if not params:
         return name
-    return name + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+    return (
+        name
+        + ":"
+        + ",".join(
+            f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, dict | list) else v}"
+            for k, v in params.items()
+        )
+    )
 
 
 def workload_means(name: str, seed: int, requests: int) -> tuple[float, float, float]:

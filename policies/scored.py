@@ -110,6 +110,8 @@ class Scored(BasePolicy):
         **params: object,
     ) -> None:
         super().__init__(**params)  # type: ignore[arg-type]
+        if weights is not None and not isinstance(weights, Mapping):
+            raise TypeError(f"scored: weights must be a table of scorer = weight, got {weights!r}")
         w = dict(DEFAULT_WEIGHTS if weights is None else weights)
         for k, v in w.items():
             if k not in SCORERS:

@@ -119,3 +119,15 @@ def test_several_gateways_each_keep_their_own_view() -> None:
     assert res.reasons == {"queue_depth": 8000}
     # Between JSQ with one gateway (2.1) and random (10): local correction holds.
     assert sum(res.e2e) / len(res.e2e) < 4.5
+
+
+def test_policy_spec_parsing() -> None:
+    assert simulate.parse_policy("p2c:d=3,replacement=true") == (
+        "p2c",
+        {"d": 3, "replacement": True},
+    )
+    name, params = simulate.parse_policy('scored:weights={"queue": 1, "prefix": 4};filters=[]')
+    assert name == "scored" and params == {"weights": {"queue": 1, "prefix": 4}, "filters": []}
+    assert simulate.parse_policy("prefix_affinity:epsilon=inf")[1] == {"epsilon": float("inf")}
+    with pytest.raises(ValueError):
+        simulate.parse_policy("p2c:d")
