@@ -131,3 +131,13 @@ def test_policy_spec_parsing() -> None:
     assert simulate.parse_policy("prefix_affinity:epsilon=inf")[1] == {"epsilon": float("inf")}
     with pytest.raises(ValueError):
         simulate.parse_policy("p2c:d")
+
+
+def test_quality_check_runner_smoke() -> None:
+    """SIMULATOR-CHECKS 12-13 run through sim_quality._run; full runs: --quality-checks."""
+    from loadtest import sim_quality
+
+    rr = sim_quality._run("round_robin", "sglang-shared-prefix", 4, 128, 0.0, 0, {})
+    ca = sim_quality._run("prefix_affinity", "sglang-shared-prefix", 4, 128, 0.0, 0, {})
+    assert ca["hit"] > rr["hit"]
+    assert rr["throughput"] > 0 and ca["ttft_p90"] > 0
