@@ -13,8 +13,11 @@ gateway sent where, LRU-bounded like a KV cache):
    load bound of the design: ceil((1 + eps) * (total + 1) / n) requests;
 2. if the longest match is at least ``min_match_blocks`` blocks, the
    longest-match replicas that are below the bound are eligible, and the one
-   with the shortest queue (ReplicaLoad.queue_depth) wins: reason
-   ``prefix_hit``;
+   with the shortest queue q (ReplicaLoad.queue_depth) wins, reason
+   ``prefix_hit``, provided q <= imbalance_rel x q_min + imbalance_abs,
+   where q_min is the shortest queue of all candidates (SGLang's imbalance
+   switch); otherwise the shortest queue overall takes it (reason
+   ``prefix_imbalance``) and so learns the prefix too;
 3. otherwise (no match, or every matching replica is at the bound: reason
    ``prefix_overloaded``) the request is placed: ``placement = "least_load"``
    (default) takes the shortest queue; ``"ring"`` takes bounded-load
@@ -27,8 +30,10 @@ the system-prompt blocks soon live on every replica (each placement teaches
 the index), so the longest match for a request whose own content is new is
 "every replica", and the queue decides; and the bound stops any single
 replica from taking more than (1 + eps) x its share even when only one
-replica matches. Keying on the first block alone, or matching without a load
-term, is the trap (the test builds exactly that workload).
+replica matches, and the imbalance switch hands the prefix to an idle
+replica instead of leaving it idle while the holders are busy. Keying on
+the first block alone, or matching without a load term, is the trap (the
+tests build exactly that workload).
 
 Source: SGLang ``cache_aware.rs`` (radix tree per worker, balance thresholds),
 llm-d's approximate prefix-cache scorer, Mirrokni-Thorup-Zadimoghaddam
@@ -42,7 +47,8 @@ still points at it until LRU ages it out.
 Parameters: ``epsilon`` (0.5: no replica above 1.5x the mean in-flight, as
 HAProxy's hash-balance-factor 150), ``min_match_blocks`` (1),
 ``capacity_blocks`` (per replica, 4,096), ``max_blocks`` (per prompt, 256),
-``placement`` ("least_load" | "ring").
+``placement`` ("least_load" | "ring"), ``imbalance_abs`` (4 requests),
+``imbalance_rel`` (1.5).
 """
 
 from __future__ import annotations
@@ -59,6 +65,15 @@ from router.load import Outcome, ReplicaLoad, load_bound
 INF = float("inf")
 # Bounded-load slack: HAProxy's documented example factor 150 (1.5x mean).
 DEFAULT_EPSILON = 0.5
+# Imbalance switch (SGLang cache_aware's abs/rel thresholds): a prefix hit
+# is taken only while the holder's queue <= rel x the shortest queue + abs.
+# Without it, replicas that never received the shared prefix never become
+# holders and sit idle while the holders stay just under the load bound
+# (seen in the simulator: 2 of 8 replicas idle on a 100%-shared system
+# prompt). abs = 4 requests: a few queued requests cost less than a long
+# prefill; rel = 1.5 matches the load bound's slack.
+DEFAULT_IMBALANCE_ABS = 4.0
+DEFAULT_IMBALANCE_REL = 1.5
 
 
 def _positive_int(policy: str, name: str, value: object, minimum: int) -> int:
@@ -73,16 +88,6 @@ def check_epsilon(policy: str, value: object) -> float:
     return float(value)
 
 
-def least_queue(
-    candidates: Sequence[ReplicaLoad], now: float, rng_value: float
-) -> tuple[ReplicaLoad, float]:
-    """Shortest queue per weight; ``rng_value`` in [0, 1) breaks ties uniformly."""
-    qs = signals.queue_depths(candidates, now)
-    ties = argmin_ties(qs)
-    i = ties[int(rng_value * len(ties))]
-    return candidates[i], qs[i]
-
-
 class PrefixAffinity(BasePolicy):
     name = "prefix_affinity"
     summary = "longest cached prefix under a load bound (ceil((1+eps) x mean)), else shortest queue"
@@ -95,9 +100,16 @@ class PrefixAffinity(BasePolicy):
         capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         max_blocks: int = DEFAULT_MAX_BLOCKS,
         placement: str = "least_load",
+        imbalance_abs: float = DEFAULT_IMBALANCE_ABS,
+        imbalance_rel: float = DEFAULT_IMBALANCE_REL,
         **params: object,
     ) -> None:
         super().__init__(**params)  # type: ignore[arg-type]
+        for label, v in (("imbalance_abs", imbalance_abs), ("imbalance_rel", imbalance_rel)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise TypeError(f"{self.name}: {label} must be a number >= 0, got {v!r}")
+        self.imbalance_abs = float(imbalance_abs)
+        self.imbalance_rel = float(imbalance_rel)
         self.epsilon = check_epsilon(self.name, epsilon)
         self.min_match_blocks = _positive_int(self.name, "min_match_blocks", min_match_blocks, 1)
         capacity_blocks = _positive_int(self.name, "capacity_blocks", capacity_blocks, 1)
@@ -117,9 +129,10 @@ class PrefixAffinity(BasePolicy):
         by_name = {c.name: c for c in candidates}
         if self.index.replicas() > 2 * n + 16:
             self.index.forget(by_name)
-        total = sum(c.in_flight for c in candidates)
+        total = sum([c.in_flight for c in candidates])
         bound = load_bound(total, n, self.epsilon)
         hashes = request.block_hashes
+        qs = signals.queue_depths(candidates, now)
         reason = "prefix_miss"
         depth = 0
         if hashes:
@@ -127,16 +140,24 @@ class PrefixAffinity(BasePolicy):
             if depth >= self.min_match_blocks:
                 # Candidate order, not set order: sets of str iterate in a
                 # PYTHONHASHSEED-dependent order and picks must be reproducible.
-                eligible = [c for c in candidates if c.name in owners and c.in_flight < bound]
+                eligible = [
+                    i for i, c in enumerate(candidates) if c.name in owners and c.in_flight < bound
+                ]
                 if eligible:
-                    chosen, q = least_queue(eligible, now, self.rng.random())
-                    return Decision(
-                        chosen.name,
-                        "prefix_hit",
-                        {"match_blocks": float(depth), "queue": q, "bound": float(bound)},
-                    )
-                reason = "prefix_overloaded"
-        if self.placement == "ring" and hashes:
+                    best_q = min([qs[i] for i in eligible])
+                    ties = [i for i in eligible if qs[i] == best_q]
+                    i = ties[int(self.rng.random() * len(ties))]
+                    q_min = min(qs)
+                    if best_q <= self.imbalance_rel * q_min + self.imbalance_abs:
+                        return Decision(
+                            candidates[i].name,
+                            "prefix_hit",
+                            {"match_blocks": float(depth), "queue": best_q, "bound": float(bound)},
+                        )
+                    reason = "prefix_imbalance"
+                else:
+                    reason = "prefix_overloaded"
+        if self.placement == "ring" and hashes and reason != "prefix_imbalance":
             names = tuple(by_name)
             ring = self._ring
             if ring is None or ring.names != names:
@@ -145,8 +166,9 @@ class PrefixAffinity(BasePolicy):
             name = ring.pick(key, lambda r: by_name[r].in_flight, bound)
             if name is not None:
                 return Decision(name, f"{reason}_ring", {"match_blocks": float(depth)})
-        chosen, q = least_queue(candidates, now, self.rng.random())
-        return Decision(chosen.name, reason, {"match_blocks": float(depth), "queue": q})
+        ties = argmin_ties(qs)
+        i = ties[int(self.rng.random() * len(ties))]
+        return Decision(candidates[i].name, reason, {"match_blocks": float(depth), "queue": qs[i]})
 
     def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:
         hashes = request.block_hashes

@@ -141,3 +141,17 @@ def test_quality_check_runner_smoke() -> None:
     ca = sim_quality._run("prefix_affinity", "sglang-shared-prefix", 4, 128, 0.0, 0, {})
     assert ca["hit"] > rr["hit"]
     assert rr["throughput"] > 0 and ca["ttft_p90"] > 0
+
+
+@pytest.mark.parametrize("policy", ["prefix_affinity", "scored"])
+def test_every_request_sharing_one_system_prompt_spreads_and_still_hits(policy: str) -> None:
+    """The collapse trap with 100% sharing: shares stay near 1/N, the prompt stays cached."""
+    cfg = sim_core.SimConfig(replicas=8, service="lognormal", cache_blocks=4096, seed=6)
+    svc = LognormalService(slots=4)
+    rate = 0.7 * 8 * 4 / svc.mean(2225, 175)
+    arrivals = open_workload("system-prompt", seed=6, requests=6000, rate=rate)
+    res = sim_core.run(registry.create(policy, seed=6), arrivals, 6000, cfg, svc)
+    shares = [c / sum(res.per_replica) for c in res.per_replica]
+    assert max(shares) < 1.5 / 8, shares
+    assert res.cache_hit is not None and res.cache_hit > 0.8  # 31 of ~34 blocks are shared
+    assert not res.unstable
