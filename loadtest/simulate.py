@@ -165,11 +165,26 @@ def engine_capacity(
     return (hi - lo) / (done[hi - 1] - done[lo]) if hi - 1 > lo else len(done) / now
 
 
+def engine_layout(args: argparse.Namespace) -> dict[str, Any]:
+    """The parallel layout of each replica: 8 x TP1 and 2 x TP4 use the same GPUs."""
+    return {"tp": args.engine_tp, "pp": args.engine_pp, "interconnect": args.engine_interconnect}
+
+
+def _tpot(res: Any, mean_output: float) -> float:
+    """Mean time per output token after the first: (E2E - TTFT) / (output - 1)."""
+    t, e = sim_core.summary(res.ttft), sim_core.summary(res.e2e)
+    if mean_output <= 1 or math.isnan(t["mean"]) or math.isnan(e["mean"]):
+        return math.nan
+    return (e["mean"] - t["mean"]) / (mean_output - 1)
+
+
 def fleet_capacity(args: argparse.Namespace, service: QueueService | None) -> float:
     """Saturation throughput of the fleet in requests per second."""
     slow = [args.slow_replica if i < 1 else 1.0 for i in range(args.replicas)]
     if args.service == "engine":
-        one = engine_capacity(args.engine_preset, args.workload, args.seed, {}, args.requests)
+        one = engine_capacity(
+            args.engine_preset, args.workload, args.seed, engine_layout(args), args.requests
+        )
         return sum(one / s for s in slow)
     assert service is not None
     if args.service == "exp":
@@ -208,6 +223,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             warmup=args.warmup,
             cache_blocks=cache_blocks,
             engine_preset=args.engine_preset,
+            engine_overrides=engine_layout(args),
             seed=args.seed,
             expected_output=args.expected_output,
             mean_output=mean_o,
@@ -237,6 +253,11 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             "unstable_replicas": [f"r{i}" for i in res.unstable_replicas],
             "backlog_mid": res.backlog_mid,
             "backlog_end": res.backlog_end,
+            "capacity_rps": capacity,
+            "gpus": args.replicas * args.engine_tp * args.engine_pp
+            if args.service == "engine"
+            else None,
+            "tpot_mean_s": _tpot(res, mean_o),
             "ttft": sim_core.summary(res.ttft),
             "e2e": sim_core.summary(res.e2e),
             "share": shares,
@@ -271,7 +292,10 @@ def format_table(recs: list[dict[str, Any]]) -> str:
         f"workload={r0['workload']} service={r0['service']} replicas={r0['replicas']} "
         f"rate={r0['rate']:.3f}/s load={r0['load']:.2f} seed={r0['seed']} "
         f"requests={r0['requests']} slow_replica={r0['slow_replica']:g} "
-        f"gateways={r0['gateways']} report_interval={r0['report_interval']:g}\n"
+        f"gateways={r0['gateways']} report_interval={r0['report_interval']:g} "
+        f"capacity={r0['capacity_rps']:.2f} req/s"
+        + (f" gpus={r0['gpus']}" if r0.get("gpus") else "")
+        + "\n"
         f"latencies in {unit}; share = % of requests; imbalance = max share / mean share"
     )
     cols = [
@@ -282,6 +306,7 @@ def format_table(recs: list[dict[str, Any]]) -> str:
         "e2e mean",
         "p50",
         "p99",
+        "tpot",
         "imbal",
         "r0 share",
         "fast e2e",
@@ -294,7 +319,7 @@ def format_table(recs: list[dict[str, Any]]) -> str:
         fast = [x for x in r["replica_e2e_mean"][1:] if not math.isnan(x)]
         fast_mean = sum(fast) / len(fast) if fast else math.nan
         if r["unstable"]:
-            lat = ["unstable"] + ["-"] * 5
+            lat = ["unstable"] + ["-"] * 6
             fast_s = "-"
         else:
             lat = [
@@ -304,6 +329,7 @@ def format_table(recs: list[dict[str, Any]]) -> str:
                 _ms(e["mean"], unit_s),
                 _ms(e["p50"], unit_s),
                 _ms(e["p99"], unit_s),
+                _ms(r["tpot_mean_s"], unit_s) if unit_s else "-",
             ]
             fast_s = _ms(fast_mean, unit_s)
         hit = "-" if r["cache_hit"] is None else f"{r['cache_hit']:.1%}"
@@ -374,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 4096 for lognormal, 0 for exp)",
     )
     p.add_argument("--engine-preset", default="llama2-7b")
+    p.add_argument("--engine-tp", type=int, default=1, help="tensor-parallel GPUs per replica")
+    p.add_argument("--engine-pp", type=int, default=1, help="pipeline stages per replica")
+    p.add_argument("--engine-interconnect", default="nvlink", choices=("nvlink", "pcie5"))
     p.add_argument(
         "--gateways",
         type=int,
