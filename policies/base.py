@@ -109,6 +109,10 @@ class Policy(Protocol):
         self, request: RouteRequest, replica: str, outcome: Outcome, now: float
     ) -> None: ...
 
+    def observe(
+        self, replica: str, ttft_s: float | None, tpot_s: float | None, now: float
+    ) -> None: ...
+
 
 class BasePolicy:
     """Default no-op feedback hooks and the common constructor."""
@@ -121,7 +125,19 @@ class BasePolicy:
             raise TypeError(f"unknown parameter(s) for policy {self.name}: {sorted(params)}")
         self.rng = rng if rng is not None else random.Random(0)
 
+    def choose(
+        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
+    ) -> Decision:
+        raise NotImplementedError
+
     def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:
+        return None
+
+    def observe(
+        self, replica: str, ttft_s: float | None, tpot_s: float | None, now: float
+    ) -> None:
+        """A successful request's time to first token and mean time per output
+        token (either may be None): the latency feedback Peak-EWMA needs."""
         return None
 
     def on_complete(

@@ -177,10 +177,7 @@ class Gateway:
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
         await site.start()
-        server = site._server
-        bound = port
-        if server is not None and getattr(server, "sockets", None):
-            bound = server.sockets[0].getsockname()[1]
+        bound = int(runner.addresses[0][1]) if port == 0 else port
         return runner, bound
 
     async def shutdown(self) -> None:

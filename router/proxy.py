@@ -351,13 +351,17 @@ class Proxy:
         """Feed latency and output-length observations back into load signals."""
         if result.outcome is not Outcome.OK or result.status != 200:
             return
-        if result.ttfb is not None:
-            replica.load.ttft.add(result.ttfb, now)
+        ttft = result.ttfb
+        if ttft is not None:
+            replica.load.ttft.add(ttft, now)
         tokens = result.output_tokens
+        tpot = None
+        if ttft is not None and tokens is not None and tokens > 1:
+            tpot = (now - t0 - ttft) / (tokens - 1)
+            replica.load.tpot.add(tpot, now)
+        self.policy.observe(replica.name, ttft, tpot, now)
         if tokens is None or tokens <= 0:
             return
-        if result.ttfb is not None and tokens > 1:
-            replica.load.tpot.add((now - t0 - result.ttfb) / (tokens - 1), now)
         if self.registry.knows_model(route_req.model):
             avg = self._expected_output.get(route_req.model, float(DEFAULT_EXPECTED_OUTPUT_TOKENS))
             self._expected_output[route_req.model] = avg + OUTPUT_EWMA_ALPHA * (tokens - avg)
