@@ -87,7 +87,12 @@ class GenerationBackend(Protocol):
 
 
 class PacedBackend:
-    """Fixed TTFT, then one token per ``token_interval_s``; optional FIFO queue.
+    """TTFT, then one token per ``token_interval_s``; optional FIFO queue.
+
+    - TTFT is ``ttft_s`` plus, with ``prefill_tokens_per_s`` > 0, the prompt
+      tokens not found in the prefix cache at that prefill rate: a returning
+      multi-turn session that lands on the replica holding its context starts
+      faster, as on a real engine (0 keeps TTFT fixed, for exact tests).
 
     - ``token_interval_s == 0``: no sleeping at all (a fast upstream for the
       overhead benchmark); the loop is still yielded every few tokens.
@@ -104,14 +109,16 @@ class PacedBackend:
         token_interval_s: float,
         ttft_s: float = 0.0,
         max_running: int | None = None,
+        prefill_tokens_per_s: float = 0.0,
     ) -> None:
-        if token_interval_s < 0 or ttft_s < 0:
-            raise ValueError("token_interval_s and ttft_s must be >= 0")
+        if token_interval_s < 0 or ttft_s < 0 or prefill_tokens_per_s < 0:
+            raise ValueError("token_interval_s, ttft_s and prefill_tokens_per_s must be >= 0")
         if max_running is not None and max_running < 1:
             raise ValueError("max_running must be >= 1 or None")
         self.token_interval_s = token_interval_s
         self.ttft_s = ttft_s
         self.max_running = max_running
+        self.prefill_tokens_per_s = prefill_tokens_per_s
         self._speed = 1.0
         self._running = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -139,8 +146,11 @@ class PacedBackend:
     async def generate(self, job: Job) -> AsyncIterator[int]:
         await self._acquire()
         try:
-            self._lookup_prefix(job)
-            await self._pause(self.ttft_s)
+            cached = self._lookup_prefix(job)
+            ttft = self.ttft_s
+            if self.prefill_tokens_per_s > 0:
+                ttft += max(0, job.prompt_tokens - cached) / self.prefill_tokens_per_s
+            await self._pause(ttft)
             for i in range(job.max_tokens):
                 if i:
                     await self._pause(self.token_interval_s, i)
@@ -181,7 +191,8 @@ class PacedBackend:
                 return
         self._running -= 1
 
-    def _lookup_prefix(self, job: Job) -> None:
+    def _lookup_prefix(self, job: Job) -> int:
+        """Count the prompt's cached leading tokens (and return them); cache it."""
         self._prefix_queries += job.prompt_tokens
         lru = self._prefix_lru
         hit_blocks = 0
@@ -189,9 +200,11 @@ class PacedBackend:
             if h not in lru:
                 break
             hit_blocks += 1
-        self._prefix_hits += min(job.prompt_tokens, hit_blocks * BLOCK_TOKENS)
+        cached = min(job.prompt_tokens, hit_blocks * BLOCK_TOKENS)
+        self._prefix_hits += cached
         for h in job.block_hashes:
             lru[h] = None
             lru.move_to_end(h)
         while len(lru) > _PREFIX_CACHE_BLOCKS:
             lru.popitem(last=False)
+        return cached

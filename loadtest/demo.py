@@ -63,6 +63,10 @@ QUICK_DURATION_S = 4.0  # 2 policies + start-up + tail ~ 15 s
 # TTFT, which is what routing policies change.
 TOKEN_INTERVAL_S = 0.005
 TTFT_S = 0.03
+# Prefill speed of the paced replicas: uncached prompt tokens add to TTFT at
+# this rate (a scaled-down GPU, like the token pace), so a session that
+# returns to the replica holding its context starts measurably faster.
+PREFILL_TOKENS_PER_S = 5000.0
 MAX_RUNNING = 8
 # Output lengths are clamped so that the last requests of a run (on the slow
 # replica: 3 x 5 ms x 256 = 3.8 s) do not double the demo's wall time; the
@@ -256,6 +260,7 @@ async def fleet(
         argv += ["--engine", opts.engine, "--seed", str(opts.seed)]
     else:
         argv += ["--token-interval", str(opts.token_interval_s), "--ttft", str(TTFT_S)]
+        argv += ["--prefill-rate", str(PREFILL_TOKENS_PER_S)]
         argv += ["--max-running", str(MAX_RUNNING)]
     # Port 0: the replica process binds free ports and reports them (no race).
     argv += ["--port", "0"] * opts.replicas
@@ -382,6 +387,7 @@ def auto_rate(
     if not turns:
         raise StartError(f"workload {workload!r} produced no requests")
     mean_out = sum(t.output_tokens for t in turns) / len(turns)
+    mean_prompt = sum(t.prompt_tokens for t in turns) / len(turns)
     offered = 0.0
     for conv in sample:
         waited = 0.0
@@ -389,7 +395,9 @@ def auto_rate(
             waited += turn.think_time_s if k else 0.0
             offered += max(0.0, 1.0 - waited / duration_s)
     turns_per_conv = offered / len(sample)
-    service_s = TTFT_S + mean_out * TOKEN_INTERVAL_S
+    # Capacity as if nothing were cached: the demo must not overload the
+    # fleet under a policy that gets no cache hits (round-robin).
+    service_s = TTFT_S + mean_prompt / PREFILL_TOKENS_PER_S + mean_out * TOKEN_INTERVAL_S
     speeds = replicas - 1 + 1 / slow_factor if replicas > 1 else 1.0
     capacity_rps = speeds * MAX_RUNNING / service_s
     return TARGET_UTILIZATION * capacity_rps / turns_per_conv

@@ -157,6 +157,7 @@ class ReplicaConfig:
     models: tuple[str, ...] = ("sim-model",)
     token_interval_s: float = 0.01
     ttft_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0  # paced model: uncached prompt adds to TTFT
     default_max_tokens: int = 16
     # Prompt + output tokens beyond this are refused with vLLM's 400; 128k is
     # a common long-context setting (Llama 3.1).
@@ -1239,7 +1240,9 @@ def make_backend(cfg: ReplicaConfig) -> GenerationBackend:
     the benchmark do not pay for loading profiles.
     """
     if cfg.engine is None:
-        return PacedBackend(cfg.token_interval_s, cfg.ttft_s, cfg.max_running)
+        return PacedBackend(
+            cfg.token_interval_s, cfg.ttft_s, cfg.max_running, cfg.prefill_tokens_per_s
+        )
     import random
 
     from loadtest.engine import Engine, preset
@@ -1338,6 +1341,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token-interval", type=float, default=0.01, help="seconds per output token")
     p.add_argument("--ttft", type=float, default=0.0, help="seconds to the first token")
+    p.add_argument(
+        "--prefill-rate",
+        type=float,
+        default=0.0,
+        help="tokens/s: uncached prompt tokens add to TTFT (paced model; 0 = fixed TTFT)",
+    )
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens when not requested")
     p.add_argument(
         "--max-model-len",
@@ -1424,6 +1433,7 @@ def configs_from_args(args: argparse.Namespace) -> list[ReplicaConfig]:
                 models=tuple(args.models or ("sim-model",)),
                 token_interval_s=args.token_interval,
                 ttft_s=args.ttft,
+                prefill_tokens_per_s=args.prefill_rate,
                 default_max_tokens=args.max_tokens,
                 max_model_len=args.max_model_len,
                 metrics=args.metrics,
