@@ -80,6 +80,7 @@ class Resilience:
         self.checker: HealthChecker | None = None
         self._tick: asyncio.Task[None] | None = None
         metrics.admission_queue.set_function(lambda: self.admission.waiting)
+        metrics.retry_budget_balance.set_function(lambda: self.budget.balance)
 
     # -- lifecycle ---------------------------------------------------------
 
