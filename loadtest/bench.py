@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.demo import free_ports
+
 HOST = "127.0.0.1"
 MODEL = "bench"
 LUA_SCRIPT = Path(__file__).with_name("bench_post.lua")
@@ -274,13 +276,6 @@ def _wait_http(proc: Proc, url: str) -> None:
         time.sleep(0.1)
     raise BenchError(f"{proc.name} not ready at {url}")
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _gateway_config(
@@ -647,7 +642,7 @@ def _processes(
         upstream_proc = _spawn("upstream", [*_pin(other_cpu), *argv], workdir, stdout_pipe=True)
         procs.append(upstream_proc)
         upstream = f"http://{HOST}:{_wait_ready_line(upstream_proc)}"
-        port, admin_port = _free_port(), _free_port()
+        port, admin_port = free_ports(2)
         config = workdir / "gateway.toml"
         config.write_text(_gateway_config(upstream, port, admin_port, args.policy, args.access_log))
         gw = _spawn(
@@ -672,7 +667,7 @@ def _processes(
         _wait_http(gw, gateway + "/readyz")
         floor: tuple[str, Proc] | None = None
         if args.floor:
-            floor_port = _free_port()
+            (floor_port,) = free_ports(1)
             argv = [sys.executable, "-m", "router", "bench", "_floor", str(floor_port), upstream]
             fp = _spawn("floor", [*_pin(gw_cpu), *argv], workdir)
             procs.append(fp)

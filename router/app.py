@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -200,8 +199,3 @@ class Gateway:
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

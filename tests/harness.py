@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from loadtest.demo import free_ports
 from loadtest.replica import ReplicaConfig, run_replica
 from router import config as config_mod
 from router.app import Gateway
@@ -28,9 +28,7 @@ MODEL = "sim-model"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def gateway_config(replica_urls: list[str], **sections: Any) -> config_mod.Config:
