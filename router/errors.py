@@ -32,6 +32,7 @@ class ErrorKind(Enum):
     TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large")
     UNSUPPORTED_ENCODING = ErrorSpec(415, "invalid_request_error", "unsupported_encoding")
     OVERLOADED = ErrorSpec(429, "rate_limit_error", "overloaded")
+    INTERNAL = ErrorSpec(500, "server_error", "internal_error")
     UPSTREAM_ERROR = ErrorSpec(502, "server_error", "upstream_error")
     NO_REPLICA = ErrorSpec(503, "server_error", "no_healthy_replica")
     QUEUE_TIMEOUT = ErrorSpec(503, "server_error", "queue_timeout")

@@ -51,6 +51,7 @@ OUTPUT_EWMA_ALPHA = 0.05  # ~20 requests of memory: adapts within a minute
 # aiohttp warns that bytes bodies above 1 MiB block the loop while written;
 # BytesIO is written in chunks with yields in between.
 LARGE_BODY_BYTES = 2**20
+_RETRY_STATUSES = frozenset({502, 503, 504})  # Envoy's gateway errors
 _USAGE_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _SSE_EVENT = b"data:"
 _DONE_EVENT = b"data: [DONE]"
@@ -189,6 +190,16 @@ class Proxy:
             record.outcome = record.outcome or Outcome.CLIENT_DISCONNECT.value
             record.status = 499  # nginx's "client closed request", for logs only
             raise
+        except ConnectionResetError:
+            record.outcome = record.outcome or Outcome.CLIENT_DISCONNECT.value
+            record.status = 499
+            raise
+        except Exception:
+            # A bug, not a client or replica problem: logged once with its
+            # traceback, answered in OpenAI's shape without one.
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            response = self._error(record, ErrorKind.INTERNAL, "internal gateway error")
+            return response
         finally:
             if response is not None and not record.status:
                 record.status = response.status
@@ -377,22 +388,27 @@ class Proxy:
         t0: float,
         record: Record,
     ) -> Attempted:
+        """One upstream try. Everything up to the first byte we would send the
+        client (headers, plus the first chunk of a stream or the whole body
+        otherwise) runs under one deadline; failures there are AttemptFailed,
+        retryable unless the replica may already have done the work."""
         replica = routed.replica
         session = self.session
         assert session is not None, "upstream session not started"
         loop = asyncio.get_running_loop()
         stream = route_req.stream
-        peer = request.remote or ""
         headers = hdr.upstream_request_headers(
             request.headers,
             request_id=record.request_id,
-            forwarded_for=self.forwarded_for.value(peer, request.headers.get("X-Forwarded-For")),
+            forwarded_for=self.forwarded_for.value(
+                request.remote or "", request.headers.get("X-Forwarded-For")
+            ),
             forwarded_proto=request.scheme,
             api_key=replica.api_key,
         )
-        started = loop.time()
-        deadline = started + (self._first_byte_timeout if stream else self._response_timeout)
+        deadline = loop.time() + (self._first_byte_timeout if stream else self._response_timeout)
         upstream: aiohttp.ClientResponse | None = None
+        head = b""
         try:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -401,6 +417,10 @@ class Proxy:
                         data=io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body,
                         headers=headers,
                     )
+                    if stream and upstream.status == 200:
+                        head = await upstream.content.readany()
+                    else:
+                        head = await upstream.read()
             except aiohttp.ClientConnectorError as exc:
                 raise AttemptFailed(
                     Outcome.CONNECT_ERROR,
@@ -409,6 +429,8 @@ class Proxy:
                     f"could not connect to replica {replica.name}: {exc.strerror or 'error'}",
                 ) from None
             except TimeoutError:
+                if upstream is not None and upstream.status in _RETRY_STATUSES:
+                    raise self._failed_status(upstream, b"", replica, record) from None
                 if stream:
                     raise AttemptFailed(
                         Outcome.TIMEOUT,
@@ -423,18 +445,24 @@ class Proxy:
                 aiohttp.ServerDisconnectedError,
                 aiohttp.ClientPayloadError,
             ) as exc:
+                # Before headers (or a stream's first chunk) the request may be
+                # replayed elsewhere; a body that broke off after the headers of
+                # a finished non-streaming completion is not (the work is done).
+                retryable = upstream is None or stream or upstream.status in _RETRY_STATUSES
                 raise AttemptFailed(
                     Outcome.UPSTREAM_RESET,
                     "upstream_reset",
                     ErrorKind.UPSTREAM_ERROR,
                     f"replica {replica.name} closed the connection: {type(exc).__name__}",
+                    retryable=retryable,
                 ) from None
+            ttfb = loop.time() - t0
             status = upstream.status
-            if status in (502, 503, 504):
-                raise await self._failed_status(upstream, replica, record, deadline)
+            if status in _RETRY_STATUSES:
+                raise self._failed_status(upstream, head, replica, record)
             if stream and status == 200:
-                return await self._relay_stream(request, upstream, replica, record, deadline, t0)
-            return await self._relay_whole(upstream, replica, record, deadline, t0)
+                return await self._relay_stream(request, upstream, head, replica, record, ttfb)
+            return self._relay_whole(upstream, head, replica, record, ttfb)
         finally:
             if upstream is not None:
                 # close(), not release(): an unfinished response must drop its
@@ -444,14 +472,12 @@ class Proxy:
                 else:
                     upstream.close()
 
-    async def _failed_status(
-        self, upstream: aiohttp.ClientResponse, replica: Replica, record: Record, deadline: float
+    def _failed_status(
+        self, upstream: aiohttp.ClientResponse, data: bytes, replica: Replica, record: Record
     ) -> AttemptFailed:
-        try:
-            async with asyncio.timeout_at(deadline):
-                data = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError):
-            data = b""
+        """A 502/503/504 from the replica: retryable, and passed through as
+        is if no retry happens. A 503 with the draining marker says "not me"
+        rather than "broken"."""
         draining = upstream.status == 503 and (
             hdr.DRAINING_HEADER in upstream.headers or b'"draining"' in data
         )
@@ -487,33 +513,15 @@ class Proxy:
             replica=replica.name if self._replica_header else None,
         )
 
-    async def _relay_whole(
+    def _relay_whole(
         self,
         upstream: aiohttp.ClientResponse,
+        data: bytes,
         replica: Replica,
         record: Record,
-        deadline: float,
-        t0: float,
+        ttfb: float,
     ) -> Attempted:
-        """Non-streaming: vLLM sends headers only when the completion is done,
-        so the response timeout covers the whole answer and is never retried."""
-        loop = asyncio.get_running_loop()
-        ttfb = loop.time() - t0
-        try:
-            async with asyncio.timeout_at(deadline):
-                data = await upstream.read()
-        except TimeoutError:
-            raise _response_timeout(replica, self._response_timeout) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            # Headers came, then the body broke off: the engine did the work,
-            # so the request is not replayed elsewhere.
-            raise AttemptFailed(
-                Outcome.UPSTREAM_RESET,
-                "upstream_reset",
-                ErrorKind.UPSTREAM_ERROR,
-                f"replica {replica.name} closed the connection before the response completed",
-                retryable=False,
-            ) from None
+        """A complete (non-streaming, or non-200) answer, passed on as is."""
         status = upstream.status
         tokens = None
         if status == 200 and "Content-Encoding" not in upstream.headers:
@@ -524,43 +532,26 @@ class Proxy:
             status=status, body=data, headers=self._response_headers(upstream, replica, record)
         )
         record.bytes_out = len(data)
-        outcome = (
-            Outcome.OK if status < 400 else (Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX)
-        )
+        if status < 400:
+            outcome = Outcome.OK
+        else:
+            outcome = Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX
         return Attempted(response, outcome, status, ttfb, tokens)
 
     async def _relay_stream(
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
+        first: bytes,
         replica: Replica,
         record: Record,
-        deadline: float,
-        t0: float,
+        ttfb: float,
     ) -> Attempted:
-        """Pass chunks through as they arrive. The client's headers are sent
-        only with the first chunk, so a first-byte timeout or a reset before
-        it is still retryable."""
-        loop = asyncio.get_running_loop()
+        """Pass chunks through as they arrive. The client's headers go out
+        with the first chunk (already read under the first-byte deadline), so
+        a failure before it was still retryable; after it, failures are
+        reported in-band."""
         content = upstream.content
-        try:
-            async with asyncio.timeout_at(deadline):
-                first = await content.readany()
-        except TimeoutError:
-            raise AttemptFailed(
-                Outcome.TIMEOUT,
-                "first_byte_timeout",
-                ErrorKind.UPSTREAM_TIMEOUT,
-                f"replica {replica.name} sent no token within {self._first_byte_timeout:g} s",
-            ) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            raise AttemptFailed(
-                Outcome.UPSTREAM_RESET,
-                "upstream_reset",
-                ErrorKind.UPSTREAM_ERROR,
-                f"replica {replica.name} closed the stream before the first byte",
-            ) from None
-        ttfb = loop.time() - t0
         response = web.StreamResponse(
             status=upstream.status, headers=self._response_headers(upstream, replica, record)
         )

@@ -95,3 +95,19 @@ def test_parser_fuzz_only_documented_errors(endpoint: str, body: bytes) -> None:
     )
     assert isinstance(first.model, str) and first.model
     assert isinstance(first.stream, bool)
+
+
+async def test_unknown_paths_and_methods_are_openai_shaped(
+    client: aiohttp.ClientSession,
+) -> None:
+    async with replicas(1) as urls, gateway(gateway_config(urls)) as gw:
+        async with client.get(base(gw) + "/v1/chat/completions") as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "POST"
+            assert (await resp.json())["error"]["code"] == "method_not_allowed"
+        async with client.post(base(gw) + "/v2/anything", json={}) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+        async with client.get(base(gw) + "/v1/models") as resp:
+            assert resp.status == 200
+        assert (await stats(client, urls[0]))["started"] == 0
