@@ -847,8 +847,11 @@ async def _generate(
         state.finish(rec, "aborted")
         raise
     except ConnectionResetError:
+        # The client went away mid-write. Return instead of raising: aiohttp
+        # drops a response to a closed connection quietly, while an exception
+        # is logged as an error with a traceback (noise for an everyday abort).
         state.finish(rec, "aborted")
-        raise
+        return web.Response(status=499)
     finally:
         if rec.outcome is None:
             state.finish(rec, "error", 500)

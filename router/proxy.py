@@ -191,9 +191,13 @@ class Proxy:
             record.status = 499  # nginx's "client closed request", for logs only
             raise
         except ConnectionResetError:
+            # The client left while we wrote to it. Answer with a placeholder
+            # aiohttp's finish_response drops quietly; re-raising would log a
+            # traceback for an everyday event.
             record.outcome = record.outcome or Outcome.CLIENT_DISCONNECT.value
             record.status = 499
-            raise
+            response = web.Response(status=499)
+            return response
         except Exception:
             # A bug, not a client or replica problem: logged once with its
             # traceback, answered in OpenAI's shape without one.
@@ -555,13 +559,13 @@ class Proxy:
         response = web.StreamResponse(
             status=upstream.status, headers=self._response_headers(upstream, replica, record)
         )
-        await response.prepare(request)
         sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         events = first.count(_SSE_EVENT)
         sent = len(first)
         outcome = Outcome.OK
         idle = self._idle_timeout
         try:
+            await response.prepare(request)
             if first:
                 await response.write(first)
             chunk = first
