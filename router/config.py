@@ -14,7 +14,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -387,7 +387,3 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return from_dict(data, env)
 
-
-def with_overrides(cfg: Config, **sections: Any) -> Config:
-    """A copy with whole sections replaced (for CLI flags and tests)."""
-    return replace(cfg, **sections)

@@ -98,7 +98,3 @@ class GatewayError(Exception):
         self.retry_after_s = retry_after_s
         self.status = status or kind.status
 
-    def response(self) -> web.Response:
-        return error_response(
-            self.kind, self.message, retry_after_s=self.retry_after_s, status=self.status
-        )
