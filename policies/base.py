@@ -133,9 +133,7 @@ class BasePolicy:
     def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:
         return None
 
-    def observe(
-        self, replica: str, ttft_s: float | None, tpot_s: float | None, now: float
-    ) -> None:
+    def observe(self, replica: str, ttft_s: float | None, tpot_s: float | None, now: float) -> None:
         """A successful request's time to first token and mean time per output
         token (either may be None): the latency feedback Peak-EWMA needs."""
         return None

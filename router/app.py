@@ -199,4 +199,3 @@ class Gateway:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
-

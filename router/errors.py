@@ -97,4 +97,3 @@ class GatewayError(Exception):
         self.message = message
         self.retry_after_s = retry_after_s
         self.status = status or kind.status
-
