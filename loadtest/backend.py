@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from router.prefix import BLOCK_TOKENS
+from policies.prefix import BLOCK_TOKENS
 
 # With token_interval_s == 0 nothing sleeps, so a long generation would never
 # give the event loop back: other replicas in the same process, health checks

@@ -25,7 +25,7 @@ out in ``StepResult``; randomness (MoE routing only) from the injected
 (loadtest/engine_backend.py) drive the same object.
 
 Prefix-cache granularity: the gateway hashes prompts in blocks of
-``router.prefix.BLOCK_TOKENS`` (64) tokens, and the engine caches at exactly
+``policies.prefix.BLOCK_TOKENS`` (64) tokens, and the engine caches at exactly
 that granularity: one cache entry = one prefix block = 64 tokens = 4 engine
 blocks of 16 tokens (``block_size`` must divide 64). KV capacity and
 allocation are counted in engine blocks; only full prompt prefix blocks are
@@ -55,7 +55,7 @@ from typing import Any
 
 from loadtest.moe import ExpertRouter, MoEConfig
 from loadtest.profiles import MODELS, IterationProfile
-from router.prefix import BLOCK_TOKENS
+from policies.prefix import BLOCK_TOKENS
 
 GIB = 1 << 30
 # H100 SXM HBM3 bandwidth [unverified spec figure, SIMULATOR-CHECKS].
@@ -188,7 +188,7 @@ class EngineRequest:
     id: str
     prompt_tokens: int
     max_tokens: int  # output tokens to generate (>= 1)
-    # router.prefix.block_hashes of the prompt text: hash i covers prompt
+    # policies.prefix.block_hashes of the prompt text: hash i covers prompt
     # tokens [64 i, 64 i + 64). May be empty (no prefix caching for it).
     block_hashes: tuple[int, ...] = ()
     domain: str | None = None

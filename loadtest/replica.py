@@ -103,7 +103,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from loadtest.backend import BackendLoad, GenerationBackend, Job, PacedBackend
-from router.prefix import (
+from policies.prefix import (
     block_hashes,
     chat_prompt_text,
     completion_prompt_text,

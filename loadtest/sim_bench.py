@@ -20,8 +20,8 @@ from typing import Any, cast
 
 from policies import registry
 from policies.base import Policy, RouteRequest
+from policies.prefix import block_hashes
 from router.load import ReplicaLoad
-from router.prefix import block_hashes
 
 SIZES = (8, 100, 1000)
 # Registered policies with their defaults, plus the variants a large fleet

@@ -26,8 +26,9 @@ from typing import Any, cast
 from loadtest.sim_service import PrefixCache, QueueService
 from loadtest.sim_workload import SimArrival, SimTurn
 from policies.base import BasePolicy, Policy, RouteRequest
-from router.load import Outcome, ReplicaLoad, Ticket, dispatch
-from router.prefix import BLOCK_TOKENS
+from policies.load import Outcome
+from policies.prefix import BLOCK_TOKENS
+from router.load import ReplicaLoad, Ticket, dispatch
 
 # Event kinds, ordered so that at equal times completions free capacity
 # before new arrivals look at the load.

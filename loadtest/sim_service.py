@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 
-from router.prefix import BLOCK_TOKENS
+from policies.prefix import BLOCK_TOKENS
 
 # Token-proportional model defaults, from SIMULATOR-CHECKS' H100 8B-class
 # table: prefill ~40k tokens/s on long prompts, a decode step ~7 ms.

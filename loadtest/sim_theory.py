@@ -24,8 +24,9 @@ from loadtest.sim_workload import open_workload
 from policies import registry
 from policies.base import Policy, RouteRequest
 from policies.hashring import BoundedLoadRing
+from policies.load import load_bound
 from policies.peak_ewma import PENALTY, PeakEwma, peak_load
-from router.load import ReplicaLoad, load_bound
+from router.load import ReplicaLoad
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import random
 from collections.abc import Iterator
 
 from loadtest.workload_types import Conversation
-from router.prefix import BLOCK_TOKENS, chat_prompt_text
+from policies.prefix import BLOCK_TOKENS, chat_prompt_text
 
 BUILTIN: dict[str, str] = {
     "exp": "Poisson arrivals, fixed 100-token prompt and output, no text (theory, scale)",
@@ -132,7 +132,7 @@ def hashes_of(turn: SimTurn) -> tuple[int, ...]:
     """The turn's prefix-block hashes (computed once, from text, when first asked)."""
     h = turn._hashes
     if h is None:
-        from router.prefix import block_hashes
+        from policies.prefix import block_hashes
 
         h = turn._hashes = block_hashes(turn.prompt_text())
     return h

@@ -3,14 +3,14 @@
 A workload is an iterator of :class:`Conversation` objects in arrival order.
 A single request is a one-turn conversation. Each turn's ``prompt_text`` is
 the WHOLE prompt of that turn (previous context + new message), so the prefix
-blocks a multi-turn session shares are real and router/prefix.py sees them.
+blocks a multi-turn session shares are real and policies/prefix.py sees them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.prefix import block_hashes, chat_prompt_text
+from policies.prefix import block_hashes, chat_prompt_text
 
 
 @dataclass(frozen=True, slots=True)

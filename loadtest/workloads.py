@@ -19,11 +19,11 @@ Conventions:
 - A later turn is sent after the previous answer completed plus
   ``Turn.think_time_s``; its prompt is the whole context so far (previous
   prompt + a synthetic assistant reply as long as the previous output + the
-  new message), so a session's prefix reuse is real for router/prefix.py.
+  new message), so a session's prefix reuse is real for policies/prefix.py.
 - Prompt text is synthetic but deterministic in the seed: slices of one
   pseudo-word corpus per seed, each prompt opening with a unique tag, so two
   prompts share prefix blocks exactly when the workload says they do. Its
-  length is ``prompt_tokens * router.prefix.CHARS_PER_TOKEN`` characters.
+  length is ``prompt_tokens * policies.prefix.CHARS_PER_TOKEN`` characters.
   Text is built lazily, conversation by conversation (10^6 requests would be
   gigabytes of text at once), at a few microseconds per prompt.
 
@@ -47,7 +47,7 @@ from pathlib import Path
 
 from loadtest import traces
 from loadtest.workload_types import Conversation, Turn
-from router.prefix import CHARS_PER_TOKEN
+from policies.prefix import CHARS_PER_TOKEN
 
 WORKLOADS: dict[str, str] = {
     "sharegpt": "single-turn, ShareGPT-like lognormal lengths (mean 161 in / 338 out tokens)",

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from router import prefix
-from router.load import Outcome, ReplicaLoad
+from policies import prefix
+from policies.load import LoadView, Outcome
 
 
 class RouteRequest:
@@ -23,7 +23,7 @@ class RouteRequest:
 
     ``expected_output_tokens`` is max_tokens when given, else the per-model
     EWMA of observed output. ``block_hashes`` are the chained prefix-block
-    hashes of ``prompt_text`` (router/prefix.py), computed on first use and
+    hashes of ``prompt_text`` (policies/prefix.py), computed on first use and
     kept: only prefix-aware policies pay for hashing a 100 KB prompt.
     """
 
@@ -92,15 +92,36 @@ class Decision:
     inputs: Mapping[str, float] = field(default_factory=dict)
 
 
+class FleetView(Protocol):
+    """What a policy may know of the fleet: its membership, and a version that
+    changes whenever membership or a replica's status changes.
+
+    Policies key per-replica state (schedules, prefix index, EWMAs) by replica
+    name and reconcile it with ``names`` when ``version`` changes, never with
+    one request's candidate list: a request for model A sees only A's
+    replicas, and pruning by it would forget every other model's state.
+    """
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def names(self) -> frozenset[str]: ...
+
+
 class Policy(Protocol):
     """What the router calls. ``candidates`` are already filtered (model,
-    health, drain, pool) and non-empty unless nothing is routable."""
+    health, drain, pool, retries) and non-empty; ``fleet`` is the whole fleet
+    they were drawn from."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
     ) -> Decision: ...
 
     def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None: ...
@@ -126,7 +147,11 @@ class BasePolicy:
         self.rng = rng if rng is not None else random.Random(0)
 
     def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
     ) -> Decision:
         raise NotImplementedError
 

@@ -1,7 +1,7 @@
 """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam).
 
 A ring of virtual nodes; a key goes to the first replica clockwise from its
-hash whose load is below the bound ``router.load.load_bound`` (capacity
+hash whose load is below the bound ``policies.load.load_bound`` (capacity
 ceil((1 + eps) * (active + 1) / n), HAProxy's ``hash-balance-factor``). With
 eps = inf it is plain ring hashing. Removing one replica moves only the keys
 it owned (plus any spill-over its removal causes), which is what keeps

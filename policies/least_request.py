@@ -16,19 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
-from router.load import ReplicaLoad
+from policies.load import LoadView
 
 
 class LeastRequest(BasePolicy):
     name = "least_request"
     summary = "fewest in-flight requests per unit weight, random tie-break"
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         if not candidates:
             return NO_CANDIDATE
-        best: list[ReplicaLoad] = []
+        best: list[LoadView] = []
         best_score = float("inf")
         for c in candidates:
             score = c.in_flight / c.weight if c.weight > 0 else float("inf")

@@ -19,17 +19,15 @@ from collections.abc import Sequence
 
 from policies import signals
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.load import LoadView
 from policies.pick import argmin_ties
-from router.load import ReplicaLoad
 
 
 class LeastTokens(BasePolicy):
     name = "least_tokens"
     summary = "fewest outstanding tokens (prompt + expected output) per unit weight"
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         if not candidates:
             return NO_CANDIDATE
         ties = argmin_ties(signals.token_loads(candidates))

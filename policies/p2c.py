@@ -30,8 +30,8 @@ from collections.abc import Sequence
 
 from policies import signals
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.load import LoadView
 from policies.pick import sample_indices
-from router.load import ReplicaLoad
 
 
 class PowerOfChoices(BasePolicy):
@@ -53,9 +53,7 @@ class PowerOfChoices(BasePolicy):
         self.d = d
         self.replacement = replacement
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE

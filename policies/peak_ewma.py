@@ -27,7 +27,7 @@ about, and cold replicas rank among themselves by in-flight count.
 
 Samples: the router (and the simulator) call :meth:`PeakEwmaPolicy.observe`
 with each request's TTFT and mean TPOT. If the router never does, the policy
-reads the router's plain EWMAs (``ReplicaLoad.ttft`` / ``.tpot``) instead,
+reads the router's plain EWMAs (``LoadView.ttft`` / ``.tpot``) instead,
 which are smoother: peaks show up later.
 
 Source: Finagle ``PeakEwma.scala`` / ``Balancers.p2cPeakEwma`` (decayTime
@@ -46,8 +46,8 @@ import math
 from collections.abc import Sequence
 
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.load import LoadView
 from policies.pick import sample_indices
-from router.load import ReplicaLoad
 
 # Finagle's default decayTime: long enough to ride out one slow request,
 # short enough that a replica that recovered is trusted again within ~30 s.
@@ -131,7 +131,7 @@ class PeakEwmaPolicy(BasePolicy):
         if tpot_s is not None:
             lat.tpot.observe(tpot_s, now)
 
-    def cost(self, load: ReplicaLoad, tokens: int, now: float) -> float:
+    def cost(self, load: LoadView, tokens: int, now: float) -> float:
         """Expected latency of one more request of ``tokens`` output tokens (0: unknown)."""
         lat = self._lat.get(load.name)
         if lat is not None:
@@ -139,9 +139,7 @@ class PeakEwmaPolicy(BasePolicy):
         ttft, tpot = load.ttft.value, load.tpot.value
         return (ttft or 0.0) + (tpot or 0.0) * tokens
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE
@@ -158,7 +156,7 @@ class PeakEwmaPolicy(BasePolicy):
             else candidates
         )
         tokens = max(request.expected_output_tokens, 1)
-        best: ReplicaLoad | None = None
+        best: LoadView | None = None
         best_load = float("inf")
         inputs: dict[str, float] = {}
         ties = 0

@@ -5,15 +5,15 @@ prompts: whenever prompts share long leading blocks, the replica that already
 holds them skips their prefill (SGLang's cache-aware router reports 3.75x the
 hit rate and 1.9x the throughput of round-robin on a shared-prefix workload).
 
-Formula. The prompt's chained block hashes (router/prefix.py) are looked up
+Formula. The prompt's chained block hashes (policies/prefix.py) are looked up
 in an approximate per-replica cache map (:class:`PrefixIndex`: what this
 gateway sent where, LRU-bounded like a KV cache):
 
-1. bound = ``router.load.load_bound(total in-flight, n, epsilon)``, the one
+1. bound = ``policies.load.load_bound(total in-flight, n, epsilon)``, the one
    load bound of the design: ceil((1 + eps) * (total + 1) / n) requests;
 2. if the longest match is at least ``min_match_blocks`` blocks, the
    longest-match replicas that are below the bound are eligible, and the one
-   with the shortest queue q (ReplicaLoad.queue_depth) wins, reason
+   with the shortest queue q (LoadView.queue_depth) wins, reason
    ``prefix_hit``, provided q <= imbalance_rel x q_min + imbalance_abs,
    where q_min is the shortest queue of all candidates (SGLang's imbalance
    switch); otherwise the shortest queue overall takes it (reason
@@ -58,9 +58,9 @@ from collections.abc import Sequence
 from policies import signals
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
 from policies.hashring import BoundedLoadRing
+from policies.load import LoadView, Outcome, load_bound
 from policies.pick import argmin_ties
 from policies.prefix_index import DEFAULT_CAPACITY_BLOCKS, DEFAULT_MAX_BLOCKS, PrefixIndex
-from router.load import Outcome, ReplicaLoad, load_bound
 
 INF = float("inf")
 # Bounded-load slack: HAProxy's documented example factor 150 (1.5x mean).
@@ -120,9 +120,7 @@ class PrefixAffinity(BasePolicy):
         self.index = PrefixIndex(capacity_blocks, max_blocks)
         self._ring: BoundedLoadRing | None = None
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE

@@ -3,7 +3,7 @@
 The gateway cannot see a replica's cache, so it remembers what it sent
 there (llm-d's "approximate prefix-cache" scorer; SGLang's router keeps a
 radix tree per worker for the same purpose). Each replica gets an LRU of the
-prefix-block hashes (router/prefix.py) of requests routed to it, with a
+prefix-block hashes (policies/prefix.py) of requests routed to it, with a
 capacity that stands in for its KV cache; a reverse map from block hash to
 replicas answers "who has the longest prefix of this prompt" in O(log k)
 dictionary lookups for a k-block prompt.

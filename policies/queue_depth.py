@@ -6,7 +6,7 @@ settled, so a burst arriving between two reports sees every request it has
 just placed and does not herd onto the replica that looked idle in the last
 report. Without reports it is this gateway's in-flight count (least
 requests), so it works from day one; a report older than
-``router.load.DEFAULT_REPORT_MAX_AGE_S`` ages out the same way.
+``policies.load.DEFAULT_REPORT_MAX_AGE_S`` ages out the same way.
 
 Formula: argmin over candidates of queue_depth / weight, where queue_depth =
 max(reported + sent_since - settled_since, in_flight, 0); ties go to fewer
@@ -32,8 +32,8 @@ from collections.abc import Sequence
 
 from policies import signals
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.load import LoadView
 from policies.pick import argmin_ties, sample_indices
-from router.load import ReplicaLoad
 
 
 class QueueDepth(BasePolicy):
@@ -46,9 +46,7 @@ class QueueDepth(BasePolicy):
             raise TypeError(f"queue_depth: d must be an integer >= 0 (0 = all), got {d!r}")
         self.d = d
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE

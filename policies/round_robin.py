@@ -24,7 +24,7 @@ import heapq
 from collections.abc import Sequence
 
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
-from router.load import ReplicaLoad
+from policies.load import LoadView
 
 INF = float("inf")
 
@@ -59,9 +59,7 @@ class RoundRobin(BasePolicy):
         self._heap = heap
         self._names, self._weights = names, weights
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         if not candidates:
             return NO_CANDIDATE
         names = [c.name for c in candidates]

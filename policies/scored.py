@@ -8,13 +8,13 @@ can tune in config instead of in code. The shape is llm-d's scheduler
 1. Filters drop candidates; if they drop all, the unfiltered list is used
    (reason suffix ``_unfiltered``) rather than failing a request that some
    replica could serve.
-   - ``capacity``: ``ReplicaLoad.has_capacity()`` (below max_concurrency).
-   - ``load_bound``: in_flight < ``router.load.load_bound(total, n, epsilon)``,
+   - ``capacity``: ``LoadView.has_capacity()`` (below max_concurrency).
+   - ``load_bound``: in_flight < ``policies.load.load_bound(total, n, epsilon)``,
      the design's one load bound.
 2. Scorers, each in [0, 1], higher is better, combined as
    sum_k weight_k * score_k / sum_k weight_k:
    - ``queue``: (max_q - q) / (max_q - min_q) over the candidates, queue per
-     weight (ReplicaLoad.queue_depth); 1 for all when all are equal (llm-d's
+     weight (LoadView.queue_depth); 1 for all when all are equal (llm-d's
      queue scorer).
    - ``tokens``: the same over outstanding tokens per weight.
    - ``kv``: 1 - kv_usage; if any candidate has no fresh KV report, the
@@ -44,9 +44,9 @@ from collections.abc import Mapping, Sequence
 
 from policies import signals
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.load import LoadView, Outcome, load_bound
 from policies.prefix_affinity import DEFAULT_EPSILON, check_epsilon
 from policies.prefix_index import DEFAULT_CAPACITY_BLOCKS, DEFAULT_MAX_BLOCKS, PrefixIndex
-from router.load import Outcome, ReplicaLoad, load_bound
 
 SCORERS = ("queue", "tokens", "kv", "prefix")
 FILTERS = ("capacity", "load_bound")
@@ -131,10 +131,10 @@ class Scored(BasePolicy):
         self.index = PrefixIndex(capacity_blocks, max_blocks)
         self._kv = signals.get("kv")
 
-    def _filter(self, candidates: Sequence[ReplicaLoad]) -> Sequence[ReplicaLoad]:
+    def _filter(self, candidates: Sequence[LoadView]) -> Sequence[LoadView]:
         out = candidates
         if "capacity" in self.filters:
-            # ReplicaLoad.has_capacity, inlined (a method call per replica is
+            # LoadView.has_capacity, inlined (a method call per replica is
             # a third of the budget at 1,000 replicas).
             out = [c for c in out if (m := c.max_concurrency) is None or c.in_flight < m]
         if "load_bound" in self.filters and out:
@@ -144,7 +144,7 @@ class Scored(BasePolicy):
         return out
 
     def scores(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
+        self, request: RouteRequest, candidates: Sequence[LoadView], now: float
     ) -> dict[str, list[float]]:
         """Each configured scorer's scores, in candidate order (for tests and debugging)."""
         out: dict[str, list[float]] = {}
@@ -172,9 +172,7 @@ class Scored(BasePolicy):
                 out["prefix"] = [0.0] * len(candidates)
         return out
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         if not candidates:
             return NO_CANDIDATE
         if self.index.replicas() > 2 * len(candidates) + 16:

@@ -1,6 +1,6 @@
 """Load signals: one number per replica, and one unit per comparison.
 
-A signal reads a :class:`router.load.ReplicaLoad` and returns a float, or
+A signal reads a :class:`policies.load.LoadView` and returns a float, or
 ``None`` when this replica does not have it (no KV report yet, no latency
 sample yet). Policies compare candidates through :func:`values`, which
 returns every compared candidate's value in ONE unit: if any of them lacks the
@@ -17,7 +17,7 @@ Signals (``name``: unit, fallback):
   requests. Always present. A request is not a unit of work.
 - ``queue``: the replica's reported queue (waiting + running) plus what this
   gateway sent since that report minus what settled; our own in-flight count
-  when there is no fresh report (``ReplicaLoad.queue_depth``). Always present,
+  when there is no fresh report (``LoadView.queue_depth``). Always present,
   so policies on it work from day one without load reports.
 - ``kv``: reported KV-cache usage in [0, 1]; absent without a fresh report.
   Falls back to ``queue``.
@@ -37,9 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import add, ge, sub
 
-from router.load import DEFAULT_REPORT_MAX_AGE_S, ReplicaLoad
+from policies.load import DEFAULT_REPORT_MAX_AGE_S, LoadView
 
-Getter = Callable[[ReplicaLoad, float], "float | None"]
+Getter = Callable[[LoadView, float], "float | None"]
 
 # Weight 0 means "send nothing new here" (slow-start at zero, manual): its
 # load reads as infinite rather than raising ZeroDivisionError.
@@ -58,19 +58,19 @@ class Signal:
     summary: str
 
 
-def _in_flight(load: ReplicaLoad, now: float) -> float:
+def _in_flight(load: LoadView, now: float) -> float:
     return float(load.in_flight)
 
 
-def _tokens(load: ReplicaLoad, now: float) -> float:
+def _tokens(load: LoadView, now: float) -> float:
     return float(load.outstanding_tokens)
 
 
-def _queue(load: ReplicaLoad, now: float) -> float:
+def _queue(load: LoadView, now: float) -> float:
     return load.queue_depth(now)
 
 
-def _kv(load: ReplicaLoad, now: float) -> float | None:
+def _kv(load: LoadView, now: float) -> float | None:
     # KV usage comes with the queue report; a stale report says nothing about
     # the cache now, so it counts as absent (and the comparison falls back).
     if load.kv_usage is None or load.reported_at is None:
@@ -80,11 +80,11 @@ def _kv(load: ReplicaLoad, now: float) -> float | None:
     return load.kv_usage
 
 
-def _ttft(load: ReplicaLoad, now: float) -> float | None:
+def _ttft(load: LoadView, now: float) -> float | None:
     return load.ttft.value
 
 
-def _tpot(load: ReplicaLoad, now: float) -> float | None:
+def _tpot(load: LoadView, now: float) -> float | None:
     return load.tpot.value
 
 
@@ -109,9 +109,7 @@ def get(name: str) -> Signal:
         raise ValueError(f"unknown signal {name!r}; known: {', '.join(SIGNALS)}") from None
 
 
-def values(
-    signal: Signal, candidates: Sequence[ReplicaLoad], now: float
-) -> tuple[str, list[float]]:
+def values(signal: Signal, candidates: Sequence[LoadView], now: float) -> tuple[str, list[float]]:
     """Every candidate's value of ``signal`` in one comparable unit.
 
     Returns the name of the signal actually used (the requested one, or its
@@ -136,7 +134,7 @@ def values(
     raise AssertionError("unreachable: the fallback chain ends in an always-present signal")
 
 
-def per_weight(vals: list[float], candidates: Sequence[ReplicaLoad]) -> list[float]:
+def per_weight(vals: list[float], candidates: Sequence[LoadView]) -> list[float]:
     """``vals`` divided by each candidate's weight (weight <= 0: infinite).
 
     The all-weights-1 case (the common one) returns ``vals`` untouched after
@@ -148,10 +146,10 @@ def per_weight(vals: list[float], candidates: Sequence[ReplicaLoad]) -> list[flo
     return [v / w if w > 0 else INF for v, w in zip(vals, ws, strict=True)]
 
 
-def queue_depths(candidates: Sequence[ReplicaLoad], now: float) -> list[float]:
+def queue_depths(candidates: Sequence[LoadView], now: float) -> list[float]:
     """The ``queue`` signal per weight for every candidate, on the fast path.
 
-    Exactly ``ReplicaLoad.queue_depth(now)`` (a test holds the two equal over
+    Exactly ``LoadView.queue_depth(now)`` (a test holds the two equal over
     random states), computed column-wise with C-level ``map``: the method
     call costs ~0.5 us per replica, which at 1,000 replicas is the whole
     budget of a scan. Fast path: every candidate has a fresh report (the
@@ -188,7 +186,7 @@ def queue_depths(candidates: Sequence[ReplicaLoad], now: float) -> list[float]:
     return per_weight(qs, candidates)
 
 
-def kv_usages(candidates: Sequence[ReplicaLoad], now: float) -> list[float | None]:
+def kv_usages(candidates: Sequence[LoadView], now: float) -> list[float | None]:
     """The ``kv`` signal for every candidate (None where absent or stale), inlined."""
     cut = DEFAULT_REPORT_MAX_AGE_S
     return [
@@ -197,12 +195,12 @@ def kv_usages(candidates: Sequence[ReplicaLoad], now: float) -> list[float | Non
     ]
 
 
-def token_loads(candidates: Sequence[ReplicaLoad]) -> list[float]:
+def token_loads(candidates: Sequence[LoadView]) -> list[float]:
     """The ``tokens`` signal per weight for every candidate."""
     return per_weight([c.outstanding_tokens for c in candidates], candidates)
 
 
-def value_of(signal: Signal, load: ReplicaLoad, now: float) -> float | None:
+def value_of(signal: Signal, load: LoadView, now: float) -> float | None:
     """One replica's value of one signal (weighted), None if absent."""
     v = signal.get(load, now)
     if v is None:

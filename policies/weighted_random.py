@@ -17,16 +17,14 @@ from collections.abc import Sequence
 from itertools import accumulate
 
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
-from router.load import ReplicaLoad
+from policies.load import LoadView
 
 
 class WeightedRandom(BasePolicy):
     name = "weighted_random"
     summary = "random pick, probability proportional to weight; baseline"
 
-    def choose(
-        self, request: RouteRequest, candidates: Sequence[ReplicaLoad], now: float
-    ) -> Decision:
+    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE

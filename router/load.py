@@ -1,4 +1,4 @@
-"""Load accounting for replicas: pure data, clock passed in.
+"""Load accounting for replicas: live counters, and the ticket that settles them.
 
 The router owns these objects and mutates them; policies only read them.
 Nothing here does I/O or reads a clock, so the gateway and the discrete-event
@@ -13,55 +13,9 @@ released when the handle drops").
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-# A report older than this no longer describes the replica: after a scrape
-# failure we fall back to our own in-flight count rather than trusting a
-# queue length from a minute ago (llm-d's stale-metrics overshoot, I17).
-DEFAULT_REPORT_MAX_AGE_S = 5.0
-
-
-class Ewma:
-    """Exponentially weighted moving average whose time is an argument.
-
-    ``tau`` is the time constant in seconds: an observation's weight decays as
-    exp(-dt / tau). Time is passed in (linkerd2-proxy's shape) so tests and the
-    simulator control it.
-    """
-
-    __slots__ = ("stamp", "tau", "value")
-
-    def __init__(self, tau: float, initial: float | None = None) -> None:
-        self.tau = tau
-        self.value = initial
-        self.stamp: float | None = None
-
-    def add(self, sample: float, now: float) -> None:
-        if self.value is None or self.stamp is None:
-            self.value = sample
-        else:
-            w = math.exp(-max(0.0, now - self.stamp) / self.tau)
-            self.value = self.value * w + sample * (1.0 - w)
-        self.stamp = now
-
-    def get(self) -> float | None:
-        return self.value
-
-
-class Outcome(StrEnum):
-    """How a dispatched request ended; closes a ticket and labels metrics."""
-
-    OK = "ok"
-    HTTP_4XX = "http_4xx"
-    HTTP_5XX = "http_5xx"
-    CONNECT_ERROR = "connect_error"
-    TIMEOUT = "timeout"
-    UPSTREAM_RESET = "upstream_reset"
-    CLIENT_DISCONNECT = "client_disconnect"
-    DRAINING = "draining"
+from policies.load import DEFAULT_REPORT_MAX_AGE_S, Ewma, Outcome
 
 
 @dataclass(slots=True)
@@ -75,7 +29,12 @@ class ReplicaLoad:
       sent since the report added and those settled since subtracted.
     - ``kv_usage``: reported KV-cache usage in [0, 1].
     - ``ttft`` / ``tpot``: time to first token and time per output token EWMAs.
-    - ``weight``: configured weight times any slow-start factor.
+    - ``weight``: the replica's routing weight in the current fleet
+      snapshot; only ``Registry`` writes it, when it publishes a version
+      (slow start scales it per decision, in ``routing``).
+
+    Policies see this object through ``policies.load.LoadView`` (read-only);
+    only the ticket (below) and telemetry reports write it.
     """
 
     name: str
@@ -146,17 +105,3 @@ def dispatch(load: ReplicaLoad, tokens: int) -> Ticket:
     load.outstanding_tokens += tokens
     load.dispatched_since_report += 1
     return Ticket(load, tokens)
-
-
-def load_bound(in_flight_total: int, n: int, epsilon: float) -> int:
-    """Most requests one replica may hold: ceil((1 + eps) * (total + 1) / n).
-
-    Mirrokni, Thorup and Zadimoghaddam's bounded-load rule (HAProxy's
-    hash-balance-factor), counting the request being placed. The one load bound
-    of the design: affinity, prefix policies and fallbacks all call this.
-    """
-    if n <= 0:
-        return 0
-    if math.isinf(epsilon):
-        return sys.maxsize  # epsilon = inf: no bound, plain hashing
-    return math.ceil((1.0 + epsilon) * (in_flight_total + 1) / n)

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from router.load import Outcome
+from policies.load import Outcome
 
 # Envoy's outlier_detection defaults [E2].
 DEFAULT_CONSECUTIVE_FAILURES = 5  # consecutive_gateway_failure

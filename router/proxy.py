@@ -31,10 +31,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from policies.base import BasePolicy, RouteRequest
+from policies.load import Outcome
 from router import headers as hdr
 from router.config import Config
 from router.errors import ErrorKind, GatewayError, error_response, sse_error_event
-from router.load import Outcome, Ticket, dispatch
+from router.load import Ticket, dispatch
 from router.metrics import UNKNOWN, Metrics
 from router.replicas import Registry, Replica
 from router.request_info import parse_body, summarize

@@ -1,138 +1,316 @@
-"""Replicas and the registry: identity, models, routability, load.
+"""The fleet: replicas, their status, and the one writer of that status.
 
 A replica is known by its configured ``name``; the URL never leaves the
-gateway. Routability is one predicate (healthy, not ejected, active) so the
-routing filter, the admin API and the metrics agree on it. Draining is a state
-in the snapshot, not a deletion (STYLE 2).
+gateway. Its *status* (models, weight, pool, admin state, health, ejection,
+slow-start ramp) lives in exactly one place: the :class:`Registry`, which
+publishes it as an immutable, versioned :class:`FleetSnapshot`. Health
+checks, outlier ejection, model discovery (and later drains, canary weights
+and load reports) change a replica's status only through
+:meth:`Registry.update`, which bumps the version when something changed. No
+other module keeps a copy, so nothing has to be kept in step by a timer.
+
+Slow start is stored as a :class:`Ramp` (start, duration) and evaluated with
+``now`` wherever it matters, so a ramp does not publish a new version four
+times a second; the version changes with membership and status only.
+
+Live load counters (:class:`router.load.ReplicaLoad`) are not status: they
+change with every request, so they stay mutable objects that every snapshot
+of the replica shares. The registry stamps the replica's weight onto them
+when it publishes, because the policies' hot loops read weight next to the
+counters (``policies.load.LoadView``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from router.config import ReplicaConfig
 from router.load import ReplicaLoad
 
+DEFAULT_POOL = ""
 
-class ReplicaState(StrEnum):
+
+class AdminState(StrEnum):
+    """An operator's (or the replica's own) intent: HAProxy's ready / drain.
+
+    ``draining``: no new requests, in-flight ones finish. ``drained``: nothing
+    left in flight. Neither is a deletion: the replica stays in the fleet,
+    checked and visible, until it is removed.
+    """
+
     ACTIVE = "active"
     DRAINING = "draining"
     DRAINED = "drained"
 
 
-class Replica:
-    __slots__ = (
-        "api_key",
-        "base_url",
-        "config",
-        "ejected_until",
-        "healthy",
-        "load",
-        "model_entries",
-        "models",
-        "name",
-        "slow_start_factor",
-        "state",
-    )
+class Health(StrEnum):
+    """The active health checks' verdict. ``unknown`` until the first check:
+    a replica still loading a 70 GB model must not be flooded on the
+    assumption that it is fine (Envoy does the same with active checks)."""
 
-    def __init__(self, config: ReplicaConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self.base_url = config.url
-        self.api_key = config.api_key
-        self.load = ReplicaLoad(
-            name=config.name, weight=config.weight, max_concurrency=config.max_concurrency
-        )
-        # None until known: configured, or read from the replica's /v1/models.
-        self.models: frozenset[str] | None = (
-            frozenset(config.models) if config.models is not None else None
-        )
-        self.model_entries: dict[str, dict[str, Any]] = {
-            m: {"id": m, "object": "model", "created": 0, "owned_by": "dp-router"}
-            for m in (config.models or ())
-        }
-        self.healthy = True
-        self.ejected_until = 0.0
-        self.state = ReplicaState.ACTIVE
-        self.slow_start_factor = 1.0
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
 
-    @property
-    def discovers_models(self) -> bool:
-        return self.config.models is None
+
+@dataclass(frozen=True, slots=True)
+class Ramp:
+    """A slow-start ramp: weight factor max(min_weight, (t / duration) ** (1 / aggression)).
+
+    ``t`` is the time since ``start``; before ``start`` (an ejection that has
+    not ended yet) the factor is ``min_weight``, from ``start + duration`` on
+    it is 1. Aggression 1 is linear (Envoy's slow start; HAProxy ``slowstart``).
+    """
+
+    start: float
+    duration: float
+    aggression: float = 1.0
+    min_weight: float = 0.1
+
+    def factor(self, now: float) -> float:
+        t = now - self.start
+        if t >= self.duration:
+            return 1.0
+        if t <= 0.0:
+            return self.min_weight
+        return max(self.min_weight, (t / self.duration) ** (1.0 / self.aggression))
+
+    def active(self, now: float) -> bool:
+        return now - self.start < self.duration
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """One replica in one fleet version. Immutable, except ``load``: the live
+    counters every version of this replica shares."""
+
+    name: str
+    url: str
+    api_key: str
+    models: frozenset[str] | None  # None: not known yet (discovery pending)
+    weight: float
+    pool: str
+    admin: AdminState
+    health: Health
+    ejected_until: float
+    ramp: Ramp | None
+    load: ReplicaLoad
 
     def routable(self, now: float) -> bool:
-        return self.healthy and self.state is ReplicaState.ACTIVE and self.ejected_until <= now
+        """Takes new requests: healthy, active and not ejected at ``now``."""
+        return (
+            self.health is Health.HEALTHY
+            and self.admin is AdminState.ACTIVE
+            and self.ejected_until <= now
+        )
 
-    def set_weight_factor(self, factor: float) -> None:
-        self.slow_start_factor = factor
-        self.load.weight = self.config.weight * factor
+    def ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+    def ramp_factor(self, now: float) -> float:
+        """Slow-start weight multiplier at ``now`` (1 outside a ramp)."""
+        ramp = self.ramp
+        return 1.0 if ramp is None else ramp.factor(now)
 
     def describe(self, now: float) -> dict[str, Any]:
         load = self.load
         return {
             "name": self.name,
-            "state": self.state.value,
-            "healthy": self.healthy,
-            "ejected": self.ejected_until > now,
+            "state": self.admin.value,
+            "health": self.health.value,
+            "healthy": self.health is Health.HEALTHY,
+            "ejected": self.ejected(now),
+            "ejected_for_s": round(max(0.0, self.ejected_until - now), 3),
             "routable": self.routable(now),
+            "pool": self.pool,
+            "weight": self.weight,
+            "slow_start_factor": round(self.ramp_factor(now), 4),
             "in_flight": load.in_flight,
             "outstanding_tokens": load.outstanding_tokens,
-            "weight": load.weight,
             "models": sorted(self.models) if self.models is not None else None,
             "queue_depth": load.queue_depth(now),
             "kv_usage": load.kv_usage,
         }
 
 
-class Registry:
-    """All replicas, plus a model -> replicas index rebuilt when models change."""
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    """The fleet at one version: what routing, the admin API and metrics read.
 
-    def __init__(self, configs: tuple[ReplicaConfig, ...]) -> None:
-        self.replicas: dict[str, Replica] = {c.name: Replica(c) for c in configs}
-        self._by_model: dict[str, tuple[Replica, ...]] = {}
-        self.reindex()
+    ``names`` and ``version`` are what policies see (``policies.base.FleetView``):
+    they key per-replica state by name and reconcile it when the version
+    changes.
+    """
 
-    def __iter__(self) -> Iterator[Replica]:
+    version: int
+    replicas: Mapping[str, ReplicaStatus]
+    names: frozenset[str]
+    by_model: Mapping[str, tuple[ReplicaStatus, ...]]
+    models_pending: bool  # some replica's models are not known yet
+
+    def __iter__(self) -> Iterator[ReplicaStatus]:
         return iter(self.replicas.values())
 
     def __len__(self) -> int:
         return len(self.replicas)
 
-    def get(self, name: str) -> Replica | None:
+    def get(self, name: str) -> ReplicaStatus | None:
         return self.replicas.get(name)
 
-    def reindex(self) -> None:
-        by_model: dict[str, list[Replica]] = {}
-        for replica in self.replicas.values():
-            for model in replica.models or ():
-                by_model.setdefault(model, []).append(replica)
-        self._by_model = {m: tuple(rs) for m, rs in by_model.items()}
-
-    def set_models(self, replica: Replica, entries: list[dict[str, Any]]) -> bool:
-        """Record a replica's discovered models; True if the set changed."""
-        models = frozenset(e["id"] for e in entries)
-        changed = models != replica.models
-        replica.models = models
-        replica.model_entries = {e["id"]: e for e in entries}
-        if changed:
-            self.reindex()
-        return changed
-
-    def serving(self, model: str) -> tuple[Replica, ...]:
-        return self._by_model.get(model, ())
+    def serving(self, model: str) -> tuple[ReplicaStatus, ...]:
+        return self.by_model.get(model, ())
 
     def knows_model(self, model: str) -> bool:
-        return model in self._by_model
+        return model in self.by_model
 
-    def models_pending(self) -> bool:
-        """Some replica's models are not known yet (never answered /v1/models)."""
-        return any(r.models is None for r in self.replicas.values())
+    @staticmethod
+    def build(version: int, replicas: Mapping[str, ReplicaStatus]) -> FleetSnapshot:
+        by_model: dict[str, list[ReplicaStatus]] = {}
+        for status in replicas.values():
+            for model in sorted(status.models or ()):
+                by_model.setdefault(model, []).append(status)
+        return FleetSnapshot(
+            version=version,
+            replicas=dict(replicas),
+            names=frozenset(replicas),
+            by_model={m: tuple(rs) for m, rs in by_model.items()},
+            models_pending=any(s.models is None for s in replicas.values()),
+        )
+
+
+# What Registry.update may change: the status fields, never identity or load.
+_MUTABLE_FIELDS = frozenset(
+    {"models", "weight", "pool", "admin", "health", "ejected_until", "ramp"}
+)
+
+Listener = Callable[[FleetSnapshot, FleetSnapshot], None]
+
+
+def status_from_config(config: ReplicaConfig, health: Health) -> ReplicaStatus:
+    return ReplicaStatus(
+        name=config.name,
+        url=config.url,
+        api_key=config.api_key,
+        models=frozenset(config.models) if config.models is not None else None,
+        weight=config.weight,
+        pool=DEFAULT_POOL,
+        admin=AdminState.ACTIVE,
+        health=health,
+        ejected_until=0.0,
+        ramp=None,
+        load=ReplicaLoad(
+            name=config.name, weight=config.weight, max_concurrency=config.max_concurrency
+        ),
+    )
+
+
+class Registry:
+    """Owns the replicas; the one writer of their status.
+
+    ``initial_health``: ``unknown`` when active health checks will decide,
+    ``healthy`` when they are off (or in the simulator).
+    """
+
+    def __init__(
+        self, configs: tuple[ReplicaConfig, ...], *, initial_health: Health = Health.HEALTHY
+    ) -> None:
+        self._initial_health = initial_health
+        self._model_entries: dict[str, dict[str, dict[str, Any]]] = {}
+        replicas = {}
+        for config in configs:
+            replicas[config.name] = status_from_config(config, initial_health)
+            self._model_entries[config.name] = _configured_entries(config)
+        self._listeners: list[Listener] = []
+        self._snapshot = FleetSnapshot.build(1, replicas)
+
+    @property
+    def snapshot(self) -> FleetSnapshot:
+        return self._snapshot
+
+    def __iter__(self) -> Iterator[ReplicaStatus]:
+        return iter(self._snapshot)
+
+    def __len__(self) -> int:
+        return len(self._snapshot)
+
+    def get(self, name: str) -> ReplicaStatus | None:
+        return self._snapshot.get(name)
+
+    def subscribe(self, listener: Listener) -> None:
+        """``listener(new, old)`` runs after every version change, in order."""
+        self._listeners.append(listener)
+
+    def update(self, name: str, **changes: Any) -> bool:
+        """Change one replica's status; True (and a new version) if it changed.
+
+        The only way status changes: health checks, outlier ejection, model
+        discovery, drains and weights all come through here.
+        """
+        unknown = changes.keys() - _MUTABLE_FIELDS
+        if unknown:
+            raise TypeError(f"not replica status fields: {sorted(unknown)}")
+        current = self._snapshot.get(name)
+        if current is None:
+            return False
+        if all(getattr(current, k) == v for k, v in changes.items()):
+            return False
+        updated = dataclasses.replace(current, **changes)
+        replicas = dict(self._snapshot.replicas)
+        replicas[name] = updated
+        self._publish(replicas)
+        return True
+
+    def add(self, config: ReplicaConfig) -> ReplicaStatus:
+        """A new member (unknown health until checked, like a starting replica)."""
+        if config.name in self._snapshot.replicas:
+            raise ValueError(f"replica {config.name!r} already exists")
+        status = status_from_config(config, self._initial_health)
+        self._model_entries[config.name] = _configured_entries(config)
+        replicas = dict(self._snapshot.replicas)
+        replicas[config.name] = status
+        self._publish(replicas)
+        return status
+
+    def remove(self, name: str) -> bool:
+        if name not in self._snapshot.replicas:
+            return False
+        replicas = dict(self._snapshot.replicas)
+        del replicas[name]
+        self._model_entries.pop(name, None)
+        self._publish(replicas)
+        return True
+
+    def set_models(self, name: str, entries: list[dict[str, Any]]) -> bool:
+        """A replica's discovered models (its /v1/models entries); True if the set changed."""
+        if name not in self._snapshot.replicas:
+            return False
+        self._model_entries[name] = {e["id"]: e for e in entries}
+        return self.update(name, models=frozenset(e["id"] for e in entries))
 
     def model_list(self) -> list[dict[str, Any]]:
+        """The union of the replicas' models, as /v1/models entries."""
         entries: dict[str, dict[str, Any]] = {}
-        for replica in self.replicas.values():
-            for model_id, entry in replica.model_entries.items():
+        for per_replica in self._model_entries.values():
+            for model_id, entry in per_replica.items():
                 entries.setdefault(model_id, entry)
         return [entries[m] for m in sorted(entries)]
+
+    def _publish(self, replicas: dict[str, ReplicaStatus]) -> None:
+        old = self._snapshot
+        new = FleetSnapshot.build(old.version + 1, replicas)
+        for status in new:
+            status.load.weight = status.weight
+        self._snapshot = new
+        for listener in self._listeners:
+            listener(new, old)
+
+
+def _configured_entries(config: ReplicaConfig) -> dict[str, dict[str, Any]]:
+    return {
+        m: {"id": m, "object": "model", "created": 0, "owned_by": "dp-router"}
+        for m in (config.models or ())
+    }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from router import prefix
+from policies import prefix
 from router.errors import ErrorKind, GatewayError
 
 MAX_MODEL_CHARS = 256

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from policies.load import Outcome
 from router.admission import Admission, Rejected
 from router.config import Config
 from router.errors import ErrorKind, GatewayError
 from router.health import HealthChecker
-from router.load import Outcome
 from router.metrics import Metrics
 from router.outlier import EventKind, OutlierDetector, OutlierEvent
 from router.replicas import Registry, Replica

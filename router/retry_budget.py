@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from router.load import Outcome
+from policies.load import Outcome
 
 # Envoy's gateway-error set: the statuses a proxy or an overloaded engine
 # answers before doing any work. 500 is not here: an engine's 500 usually

@@ -16,7 +16,7 @@ from loadtest.engine import (
 )
 from loadtest.moe import MoEConfig
 from loadtest.profiles import MODELS, IterationProfile
-from router.prefix import BLOCK_TOKENS
+from policies.prefix import BLOCK_TOKENS
 
 
 def run_until_done(

@@ -13,7 +13,7 @@ from loadtest.backend import GenerationBackend, Job
 from loadtest.engine import Engine, preset
 from loadtest.engine_backend import EngineBackend
 from loadtest.replica import DOMAIN_HEADER, ReplicaConfig, run_replica
-from router.prefix import block_hashes
+from policies.prefix import block_hashes
 
 # Generous: the 7B model runs a 2k-token prompt and 20 tokens in ~0.2 s.
 TIMEOUT_S = 10.0

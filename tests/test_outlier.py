@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from router.load import Outcome
+from policies.load import Outcome
 from router.outlier import EventKind, OutlierDetector, OutlierEvent
 
 FLEET = [f"r{i}" for i in range(10)]

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from router.load import Outcome
+from policies.load import Outcome
 from router.outlier import EventKind, OutlierDetector
 from router.retry_budget import RetryBudget, is_retryable
 

@@ -16,7 +16,8 @@ import pytest
 
 from policies import registry
 from policies.base import BasePolicy, RouteRequest
-from router.load import Outcome, ReplicaLoad, Ticket, dispatch
+from policies.load import Outcome
+from router.load import ReplicaLoad, Ticket, dispatch
 
 NAMES = sorted(registry.POLICIES)
 SYSTEM = "You are a helpful assistant. " * 40  # ~1,100 chars: 4 full prefix blocks

@@ -12,11 +12,12 @@ import pytest
 from policies import registry
 from policies.base import RouteRequest
 from policies.hashring import BoundedLoadRing
+from policies.load import Outcome, load_bound
 from policies.peak_ewma import PENALTY, PeakEwmaPolicy
 from policies.prefix_affinity import PrefixAffinity
 from policies.prefix_index import PrefixIndex
 from policies.scored import Scored
-from router.load import Outcome, ReplicaLoad, dispatch, load_bound
+from router.load import ReplicaLoad, dispatch
 
 REQ = RouteRequest("m", prompt_tokens=100, expected_output_tokens=100)
 
@@ -305,7 +306,7 @@ def test_shared_system_prompt_does_not_collapse_onto_one_replica(name: str) -> N
     average well under twice the mean, and shares stay near 1/N.
     """
     from loadtest.workloads import load_workload
-    from router.prefix import chat_prompt_text
+    from policies.prefix import chat_prompt_text
 
     policy = registry.create(name, seed=3)
     n = 8

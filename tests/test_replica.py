@@ -35,7 +35,7 @@ from loadtest.replica import (
     parse_fault,
     run_replica,
 )
-from router.prefix import block_hashes, chat_prompt_text, estimate_tokens
+from policies.prefix import block_hashes, chat_prompt_text, estimate_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello"}]}

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.load import Outcome
+from policies.load import Outcome
 from router.retry_budget import (
     BACKOFF_BASE_S,
     BACKOFF_MAX_S,

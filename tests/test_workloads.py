@@ -11,7 +11,7 @@ import pytest
 
 from loadtest.workload_types import Conversation
 from loadtest.workloads import WORKLOADS, load_workload
-from router.prefix import CHARS_PER_TOKEN
+from policies.prefix import CHARS_PER_TOKEN
 
 
 def turns_of(convs: list[Conversation]) -> list:

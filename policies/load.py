@@ -1,0 +1,121 @@
+"""The load vocabulary policies share with the router and the simulator.
+
+Policies read load; they never write it. :class:`LoadView` is the read-only
+face of one replica's live counters (the router's ``ReplicaLoad``, or the
+simulator's, which is the same class): policies are typed against it, so a
+policy that assigns to a counter fails type-checking. :class:`Outcome` names
+how a dispatched request ended; :func:`load_bound` is the one bounded-load
+rule every bounded decision uses.
+
+Nothing here does I/O or reads a clock: time is an argument.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from enum import StrEnum
+from typing import Protocol
+
+# A report older than this no longer describes the replica: after a scrape
+# failure we fall back to our own in-flight count rather than trusting a
+# queue length from a minute ago (llm-d's stale-metrics overshoot).
+DEFAULT_REPORT_MAX_AGE_S = 5.0
+
+
+class Ewma:
+    """Exponentially weighted moving average whose time is an argument.
+
+    ``tau`` is the time constant in seconds: an observation's weight decays as
+    exp(-dt / tau). Time is passed in (linkerd2-proxy's shape) so tests and the
+    simulator control it.
+    """
+
+    __slots__ = ("stamp", "tau", "value")
+
+    def __init__(self, tau: float, initial: float | None = None) -> None:
+        self.tau = tau
+        self.value = initial
+        self.stamp: float | None = None
+
+    def add(self, sample: float, now: float) -> None:
+        if self.value is None or self.stamp is None:
+            self.value = sample
+        else:
+            w = math.exp(-max(0.0, now - self.stamp) / self.tau)
+            self.value = self.value * w + sample * (1.0 - w)
+        self.stamp = now
+
+
+class Outcome(StrEnum):
+    """How a dispatched request ended; closes a ticket and labels metrics."""
+
+    OK = "ok"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+    CONNECT_ERROR = "connect_error"
+    TIMEOUT = "timeout"
+    UPSTREAM_RESET = "upstream_reset"
+    # The replica answered something that is not valid HTTP: a replica fault.
+    BAD_RESPONSE = "bad_response"
+    CLIENT_DISCONNECT = "client_disconnect"
+    DRAINING = "draining"
+    # A bug in the gateway ended the attempt: counted, never blamed on the
+    # replica or the client.
+    INTERNAL = "internal"
+
+
+class LoadView(Protocol):
+    """One replica's load as a policy may read it (read-only).
+
+    - ``in_flight``: requests this gateway has dispatched and not settled.
+    - ``outstanding_tokens``: their prompt estimate + expected output tokens.
+    - ``weight``: the replica's routing weight (the fleet's, for this version).
+    - ``kv_usage``: reported KV-cache usage in [0, 1], or None.
+    - ``ttft`` / ``tpot``: time to first token and per output token EWMAs.
+    - ``queue_depth(now)``: the reported queue, corrected by what this gateway
+      sent and settled since the report; ``in_flight`` without a fresh report.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def weight(self) -> float: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def outstanding_tokens(self) -> int: ...
+    @property
+    def kv_usage(self) -> float | None: ...
+    @property
+    def reported_queue(self) -> float | None: ...
+    @property
+    def reported_at(self) -> float | None: ...
+    @property
+    def dispatched_since_report(self) -> int: ...
+    @property
+    def settled_since_report(self) -> int: ...
+    @property
+    def ttft(self) -> Ewma: ...
+    @property
+    def tpot(self) -> Ewma: ...
+    @property
+    def max_concurrency(self) -> int | None: ...
+
+    def queue_depth(self, now: float, max_age: float = DEFAULT_REPORT_MAX_AGE_S) -> float: ...
+
+    def has_capacity(self) -> bool: ...
+
+
+def load_bound(in_flight_total: int, n: int, epsilon: float) -> int:
+    """Most requests one replica may hold: ceil((1 + eps) * (total + 1) / n).
+
+    Mirrokni, Thorup and Zadimoghaddam's bounded-load rule (HAProxy's
+    hash-balance-factor), counting the request being placed. The one load bound
+    of the design: affinity, prefix policies and fallbacks all call this.
+    """
+    if n <= 0:
+        return 0
+    if math.isinf(epsilon):
+        return sys.maxsize  # epsilon = inf: no bound, plain hashing
+    return math.ceil((1.0 + epsilon) * (in_flight_total + 1) / n)
