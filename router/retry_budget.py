@@ -1,33 +1,22 @@
-"""Which failed attempts may be retried, how many, and after what pause.
+"""How many failed attempts may be retried, and after what pause.
 
-Three small pieces, all synchronous and deterministic (no clock, no global
-randomness), so the data path and the tests drive them the same way:
+Two small pieces, synchronous and deterministic (no clock, no global
+randomness), so the data path, the simulator and the tests drive them alike:
 
-- :func:`retry_reason` / :func:`is_retryable`: the classification. Only an
-  attempt that has sent nothing to the client is retried (Envoy applies its
-  per-try timeout only "before any part of the response is sent downstream";
-  LLM clients that replayed started SSE streams duplicated tokens, I14).
 - :class:`RetryBudget`: bounds the retry *volume* (a ratio of requests, as in
   Finagle) and the retry *concurrency* (as Envoy's ``max_retries`` breaker);
   a retry happens only when both allow it. A concurrency cap alone does not
-  bound the total when 503s come back instantly (RELIABILITY M15).
+  bound the total when 503s come back instantly (``docs/reliability.md`` M15).
 - :func:`backoff_s`: Envoy's fully jittered exponential backoff.
 
-Which replica the retry goes to is the router's business: it must exclude the
-replicas this request already tried (Envoy's ``previous_hosts`` predicate).
+Which attempts may be retried at all (only those that sent nothing to the
+client) and which replica a retry goes to (not one this request already
+tried: Envoy's ``previous_hosts`` predicate) is the proxy's business.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
-
-from policies.load import Outcome
-
-# Envoy's gateway-error set: the statuses a proxy or an overloaded engine
-# answers before doing any work. 500 is not here: an engine's 500 usually
-# means "this request broke me" and replaying it elsewhere breaks that too.
-RETRYABLE_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 
 # Finagle's RetryBudget default: retries may add 20 % to the request volume.
 DEFAULT_RATIO = 0.2
@@ -38,72 +27,17 @@ DEFAULT_RESERVE = 3.0
 # a retry burst when the whole fleet fails at once: a storm of n failing
 # requests costs at most MAX_BALANCE + ratio * n retries. Finagle gets the same
 # effect by letting deposits expire after 10 s. 10 covers one replica's
-# in-flight requests failing together at the test concurrencies (M1).
+# in-flight requests failing together at the test concurrencies
+# (``docs/reliability.md`` M1).
 DEFAULT_MAX_BALANCE = 10.0
 # Envoy's retry budget lets 20 % of active requests be retries, floor 3; a
-# fixed cap is simpler to reason about and is what M15 asks to observe.
+# fixed cap is simpler to reason about and is what ``docs/reliability.md`` M15
+# asks to observe.
 DEFAULT_MAX_CONCURRENT_RETRIES = 10
 
 # Envoy's router filter: base interval 25 ms, maximum 10x the base (250 ms).
 BACKOFF_BASE_S = 0.025
 BACKOFF_MAX_S = 0.25
-
-
-def retry_reason(
-    outcome: Outcome,
-    *,
-    status: int | None = None,
-    streaming: bool,
-    response_started: bool = False,
-) -> str | None:
-    """Why this failed attempt may be retried elsewhere, or None if it may not.
-
-    ``outcome`` is how the attempt ended; ``status`` the upstream HTTP status
-    if headers arrived; ``streaming`` whether the client asked for a stream;
-    ``response_started`` whether any byte (status line included) already went
-    to the client. The returned reason is a short fixed string for a metric
-    label.
-
-    - ``CONNECT_ERROR``: nothing was sent; always safe.
-    - ``UPSTREAM_RESET`` before headers: the engine died or closed on us. For
-      a non-streaming request the client has seen nothing either, so replaying
-      costs GPU time but cannot duplicate output.
-    - ``TIMEOUT`` on a stream: the first-byte timeout (a streaming engine sends
-      headers when it starts). On a non-streaming request the same timeout
-      means "the generation is long", and a replay would double the work and
-      the wait, so it is never retried (M5).
-    - ``HTTP_5XX`` with 502/503/504: gateway errors, nothing generated.
-    - ``DRAINING``: the replica refused new work (503 + draining marker); the
-      request was not started and the replica is not at fault (M20).
-    - ``HTTP_4XX``, ``CLIENT_DISCONNECT``, ``OK``: never (M4; the client left).
-    """
-    if response_started:
-        return None
-    if outcome is Outcome.CONNECT_ERROR:
-        return "connect_error"
-    if outcome is Outcome.UPSTREAM_RESET:
-        return "reset"
-    if outcome is Outcome.TIMEOUT:
-        return "first_byte_timeout" if streaming else None
-    if outcome is Outcome.DRAINING:
-        return "draining"
-    if outcome is Outcome.HTTP_5XX and status in RETRYABLE_STATUSES:
-        return f"status_{status}"
-    return None
-
-
-def is_retryable(
-    outcome: Outcome,
-    *,
-    status: int | None = None,
-    streaming: bool,
-    response_started: bool = False,
-) -> bool:
-    """True when :func:`retry_reason` gives a reason."""
-    return (
-        retry_reason(outcome, status=status, streaming=streaming, response_started=response_started)
-        is not None
-    )
 
 
 def backoff_s(
@@ -133,8 +67,9 @@ class RetryBudget:
     Tokens: the balance starts at ``reserve``; every request deposits
     ``ratio`` (up to ``max_balance``); every retry withdraws 1 token. So after
     n requests at most ``max(reserve, max_balance) + ratio * n`` retries were
-    made, and a fresh gateway makes at most ``reserve + ratio * n`` (M15:
-    200 requests all failing allow at most 0.2 * 200 + 3 = 43 retries).
+    made, and a fresh gateway makes at most ``reserve + ratio * n``
+    (``docs/reliability.md`` M15: 200 requests all failing allow at most
+    0.2 * 200 + 3 = 43 retries).
 
     Concurrency: at most ``max_concurrent_retries`` retry attempts are open at
     once; :meth:`release` closes one. The router may release at the retry's
@@ -145,17 +80,7 @@ class RetryBudget:
     after its first attempt. Not thread-safe; one event loop owns it.
     """
 
-    __slots__ = (
-        "_balance",
-        "active",
-        "denied",
-        "deposits",
-        "max_balance",
-        "max_concurrent",
-        "ratio",
-        "reserve",
-        "withdrawals",
-    )
+    __slots__ = ("_balance", "active", "max_balance", "max_concurrent", "ratio", "reserve")
 
     def __init__(
         self,
@@ -172,11 +97,6 @@ class RetryBudget:
         self.max_balance = max(max_balance, reserve)
         self._balance = float(reserve)
         self.active = 0
-        # Plain counters for the metrics module: requests seen, retries
-        # granted, and refusals by cause ("budget" or "concurrency").
-        self.deposits = 0
-        self.withdrawals = 0
-        self.denied: Counter[str] = Counter()
 
     @property
     def balance(self) -> float:
@@ -185,7 +105,6 @@ class RetryBudget:
 
     def deposit(self) -> None:
         """Credit one client request: adds ``ratio`` tokens, up to the cap."""
-        self.deposits += 1
         self._balance = min(self.max_balance, self._balance + self.ratio)
 
     def check(self) -> str | None:
@@ -202,16 +121,14 @@ class RetryBudget:
         """Take one retry if both the ratio and the concurrency cap allow it.
 
         On True the caller owns one concurrency slot and must :meth:`release`
-        it (in a ``finally``) when the retry attempt ends. On False the refusal
-        is counted in ``denied`` by cause.
+        it (in a ``finally``) when the retry attempt ends. On False nothing
+        changed, so :meth:`check` still names the cause for the caller's
+        metric (the metric is the one count of refusals).
         """
-        refusal = self.check()
-        if refusal is not None:
-            self.denied[refusal] += 1
+        if self.check() is not None:
             return False
         self._balance = max(0.0, self._balance - 1.0)
         self.active += 1
-        self.withdrawals += 1
         return True
 
     def release(self) -> None:
@@ -222,6 +139,5 @@ class RetryBudget:
 
     def __repr__(self) -> str:
         return (
-            f"RetryBudget(balance={self._balance:.2f}, active={self.active}/"
-            f"{self.max_concurrent}, granted={self.withdrawals}, denied={dict(self.denied)})"
+            f"RetryBudget(balance={self._balance:.2f}, active={self.active}/{self.max_concurrent})"
         )
