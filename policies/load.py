@@ -107,6 +107,12 @@ class LoadView(Protocol):
     def has_capacity(self) -> bool: ...
 
 
+# Bounded-load slack for every bounded rule (session affinity, the prefix
+# policies): no replica above 1.5x the mean in-flight, HAProxy's
+# hash-balance-factor 150 (its documented range is 125-200).
+DEFAULT_LOAD_BOUND_EPSILON = 0.5
+
+
 def load_bound(in_flight_total: int, n: int, epsilon: float) -> int:
     """Most requests one replica may hold: ceil((1 + eps) * (total + 1) / n).
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 
 from aiohttp import web
 
@@ -17,13 +16,6 @@ from router.errors import ErrorKind, error_response
 from router.proxy import Proxy
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _authorized(request: web.Request, token: str) -> bool:

@@ -2,44 +2,37 @@
 
 When every candidate replica is at its concurrency limit, a request waits at
 the gateway instead of piling onto an engine queue the gateway cannot see or
-cancel, but only briefly and only so many (Envoy's ``max_pending_requests``
-[E3], HAProxy's ``timeout queue`` [H7]). Past ``max_queue`` waiters a request
-is refused at once (429); past ``queue_timeout_s`` a waiter is refused (503);
-both carry a Retry-After. Nothing waits unbounded and memory is bounded by
-``max_queue`` (M16).
+cancel, but only briefly and only so many (Envoy's ``max_pending_requests``,
+HAProxy's ``timeout queue``). Past ``max_queue`` waiters a request is refused
+at once (429); past ``queue_timeout_s`` a waiter is refused (503); both carry
+a Retry-After. Nothing waits unbounded, and memory is bounded by
+``max_queue`` (docs/reliability.md, M16).
 
-**Late binding.** A waiter does not hold a routing decision made when it
-arrived: it holds ``try_route``, and routing re-runs when capacity frees, so
-it sees the fleet as it is then (a replica that came back, one that was
-ejected meanwhile). ``try_route`` must *decide and reserve* in one synchronous
-call (dispatch the ticket), so nothing can take the capacity between the
-decision and the send (vllm-project/router #235, I19: "selection and
-reservation share one mutex").
+**The caller waits, then decides.** Admission never routes. A request holds
+a :class:`Turn`; it routes when nobody is ahead of it, and when routing
+finds every candidate full it waits for its turn to come round again. So a
+request's routing decision is made once per attempt, when it can be acted on
+at once, and sees the fleet as it is then (a replica that came back, one
+that was ejected meanwhile).
 
-**Fairness.** Waiters queue FIFO per ``key``; pass the model (or model and
-pool) as the key so a waiter for a full model never blocks one for a model
-with room. A new arrival whose key already has waiters queues behind them
-rather than barging ahead. :meth:`Admission.notify` admits, in arrival order
-across keys, every queue head whose ``try_route`` now succeeds; it costs one
-routing call per admitted request plus one per key.
+**Fairness.** Waiters queue FIFO per key (the model): a waiter for a full
+model never blocks one for a model with room. A new arrival whose key has
+waiters, or a woken waiter still deciding, queues behind them rather than
+barging ahead. :meth:`Admission.notify` wakes the head of every key; a woken
+turn that dispatches wakes the next one (capacity may remain), and one that
+still finds no room goes back to the head of its queue, keeping its deadline.
 
 The router calls :meth:`Admission.notify` whenever capacity may have freed:
-a ticket closed, a replica turned healthy, was un-ejected or un-drained, or
-a limit was raised. Everything runs on one event loop; no locks.
+a ticket closed, a replica's status changed, an ejection ended. Everything
+runs on one event loop; no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Enough to absorb a burst a few times the fleet's concurrency without letting
 # a sustained overload grow memory: each waiter is a future and a timer.
@@ -69,34 +62,37 @@ class Rejected(Exception):
         self.reason = reason
 
 
-class _Waiter:
-    __slots__ = ("enqueued_at", "future", "key", "queued", "seq", "timer", "try_route")
+class Turn:
+    """One request's place in line for one key.
 
-    def __init__(
-        self,
-        future: asyncio.Future[Any],
-        try_route: Callable[[], Any],
-        key: Hashable,
-        seq: int,
-        enqueued_at: float,
-    ) -> None:
-        self.future = future
-        self.try_route = try_route
+    ``must_wait()``: someone is ahead (decide only when it is False).
+    ``await wait()``: wait until woken; raises :class:`Rejected`.
+    ``close()``: done deciding (dispatched, refused, or gone): the next
+    waiter may try. Idempotent; call it in a ``finally``.
+    """
+
+    __slots__ = ("_admission", "_future", "deadline", "key", "waited_s", "woken")
+
+    def __init__(self, admission: Admission, key: Hashable) -> None:
+        self._admission = admission
         self.key = key
-        self.seq = seq
-        self.enqueued_at = enqueued_at
-        self.timer: asyncio.TimerHandle | None = None
-        self.queued = True
+        self.deadline: float | None = None
+        self.woken = False  # holds the key's turn right now
+        self.waited_s = 0.0
+        self._future: asyncio.Future[None] | None = None
+
+    def must_wait(self) -> bool:
+        return not self.woken and self._admission.busy(self.key)
+
+    async def wait(self) -> None:
+        await self._admission._wait(self)
+
+    def close(self) -> None:
+        self._admission._close(self)
 
 
 class Admission:
-    """A bounded FIFO of requests waiting for capacity, with a deadline each.
-
-    ``await admit(try_route, release=...)`` returns what ``try_route``
-    returned (not None) or raises :class:`Rejected`. ``release`` gives back a
-    reservation that was made for a waiter which was cancelled at the same
-    moment (a client that left while being admitted), so nothing leaks.
-    """
+    """Bounded FIFO queues of requests waiting for capacity, per key."""
 
     def __init__(
         self,
@@ -116,153 +112,124 @@ class Admission:
         self.timeout_status = timeout_status
         self.retry_after_s = retry_after_s
         self._clock = clock
-        self._queues: dict[Hashable, deque[_Waiter]] = {}
+        self._queues: dict[Hashable, deque[Turn]] = {}
+        self._woken: dict[Hashable, int] = {}  # woken turns still deciding, per key
         self._waiting = 0
-        self._seq = 0
-        # Plain counters for the metrics module: admitted_immediately,
-        # queued, admitted_after_wait, rejected_queue_full,
-        # rejected_queue_timeout, rejected_shutting_down, cancelled,
-        # route_error. ``wait_s_total`` sums the waits of admitted waiters.
-        self.counters: Counter[str] = Counter()
-        self.wait_s_total = 0.0
+        self._closed = False
 
     @property
     def waiting(self) -> int:
         """Requests waiting now (the queue-length gauge)."""
         return self._waiting
 
-    def oldest_wait_s(self) -> float:
-        """How long the longest waiter has waited (0 with no waiters)."""
-        heads = [q[0].enqueued_at for q in self._queues.values() if q]
-        return self._clock() - min(heads) if heads else 0.0
+    def turn(self, key: Hashable) -> Turn:
+        return Turn(self, key)
 
-    async def admit(
-        self,
-        try_route: Callable[[], T | None],
-        *,
-        release: Callable[[T], None],
-        key: Hashable = None,
-        timeout_s: float | None = None,
-    ) -> T:
-        """Route now if possible, else wait in line for capacity.
+    def busy(self, key: Hashable) -> bool:
+        """Someone is queued for ``key``, or woken and still deciding."""
+        return bool(self._queues.get(key)) or self._woken.get(key, 0) > 0
 
-        ``try_route()`` returns a reservation (a dispatched ticket, typically)
-        or None when every candidate is at its limit; an exception it raises
-        (say, "no healthy replica") propagates to this caller. ``timeout_s``
-        can shorten the wait (what is left of the request's own deadline).
-        """
-        queue = self._queues.get(key)
-        if not queue:
-            routed = try_route()
-            if routed is not None:
-                self.counters["admitted_immediately"] += 1
-                return routed
-        timeout = (
-            self.queue_timeout_s if timeout_s is None else min(timeout_s, self.queue_timeout_s)
-        )
-        if self._waiting >= self.max_queue or timeout <= 0:
-            self.counters["rejected_queue_full"] += 1
-            raise Rejected(self.full_status, self.retry_after_s, "queue_full")
+    def notify(self) -> None:
+        """Capacity may have freed: wake the head of every key with nobody deciding."""
+        for key in list(self._queues):
+            if not self._woken.get(key):
+                self._wake_head(key)
 
-        loop = asyncio.get_running_loop()
-        self._seq += 1
-        waiter = _Waiter(loop.create_future(), try_route, key, self._seq, self._clock())
-        if queue is None:
-            queue = self._queues[key] = deque()
-        queue.append(waiter)
-        self._waiting += 1
-        self.counters["queued"] += 1
-        waiter.timer = loop.call_later(timeout, self._expire, waiter)
-        try:
-            result: T = await waiter.future
-        except asyncio.CancelledError:
-            self._abandon(waiter, release)
-            raise
-        finally:
-            waiter.timer.cancel()
-            self._remove(waiter)
-        return result
-
-    def notify(self) -> int:
-        """Capacity may have freed: admit every queue head that now routes.
-
-        Heads are tried in arrival order across keys; within a key, admission
-        stops at the first head that does not fit (strict FIFO per key).
-        Returns how many waiters were admitted.
-        """
-        admitted = 0
-        heads = sorted((q[0].seq, key) for key, q in self._queues.items() if q)
-        for _, key in heads:
-            queue = self._queues[key]
-            while queue:
-                waiter = queue[0]
-                if waiter.future.done():  # cancelled or expired; cleanup pending
-                    self._remove(waiter)
-                    continue
-                try:
-                    result = waiter.try_route()
-                except Exception as exc:  # routing refused for good: tell the waiter
-                    self.counters["route_error"] += 1
-                    self._remove(waiter)
-                    waiter.future.set_exception(exc)
-                    continue
-                if result is None:
-                    break
-                self._remove(waiter)
-                self.counters["admitted_after_wait"] += 1
-                self.wait_s_total += self._clock() - waiter.enqueued_at
-                waiter.future.set_result(result)
-                admitted += 1
-        return admitted
-
-    def reject_all(self, status: int = 503, reason: str = "shutting_down") -> int:
-        """Refuse every waiter now (gateway shutdown); returns how many."""
+    def close(self, status: int = 503, reason: str = "shutting_down") -> int:
+        """Refuse every waiter now, and every later wait (gateway shutdown)."""
+        self._closed = True
         count = 0
-        for queue in list(self._queues.values()):
-            for waiter in list(queue):
-                self._remove(waiter)
-                if not waiter.future.done():
-                    waiter.future.set_exception(Rejected(status, self.retry_after_s, reason))
-                    self.counters[f"rejected_{reason}"] += 1
+        for key, queue in list(self._queues.items()):
+            while queue:
+                turn = queue.popleft()
+                self._waiting -= 1
+                future = turn._future
+                if future is not None and not future.done():
+                    future.set_exception(Rejected(status, self.retry_after_s, reason))
                     count += 1
+            del self._queues[key]
         return count
 
-    # --- internals --------------------------------------------------------------
+    # --- what Turn calls -------------------------------------------------------
 
-    def _expire(self, waiter: _Waiter) -> None:
-        if waiter.future.done():
-            return
-        self._remove(waiter)
-        self.counters["rejected_queue_timeout"] += 1
-        waiter.future.set_exception(
-            Rejected(self.timeout_status, self.retry_after_s, "queue_timeout")
-        )
-
-    def _abandon(self, waiter: _Waiter, release: Callable[[Any], None]) -> None:
-        """The waiting task was cancelled (client gone, server stopping)."""
-        self.counters["cancelled"] += 1
-        future = waiter.future
-        if not future.done() or future.cancelled():
-            return
-        if future.exception() is not None:
-            return  # refused at the same moment; nothing was reserved
-        # Admitted and cancelled in the same loop iteration: the reservation
-        # is ours to give back, and the capacity to hand to the next waiter.
-        try:
-            release(future.result())
-        except Exception:
-            log.exception("admission: releasing an abandoned reservation failed")
-        self.notify()
-
-    def _remove(self, waiter: _Waiter) -> None:
-        if not waiter.queued:
-            return
-        waiter.queued = False
-        queue = self._queues[waiter.key]
-        if queue[0] is waiter:
-            queue.popleft()  # the common case: admitted at the head
+    async def _wait(self, turn: Turn) -> None:
+        now = self._clock()
+        if self._closed:
+            raise Rejected(503, self.retry_after_s, "shutting_down")
+        if turn.deadline is None:
+            if self._waiting >= self.max_queue or self.queue_timeout_s <= 0:
+                raise Rejected(self.full_status, self.retry_after_s, "queue_full")
+            turn.deadline = now + self.queue_timeout_s
+        front = turn.woken  # woken and still no room: back to the head
+        if turn.woken:
+            self._release_woken(turn)
+        remaining = turn.deadline - now
+        if remaining <= 0:
+            raise Rejected(self.timeout_status, self.retry_after_s, "queue_timeout")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        turn._future = future
+        queue = self._queues.setdefault(turn.key, deque())
+        if front:
+            queue.appendleft(turn)
         else:
-            queue.remove(waiter)
+            queue.append(turn)
+        self._waiting += 1
+        timer = loop.call_later(remaining, self._expire, turn)
+        try:
+            await future
+        except BaseException:
+            self._dequeue(turn)
+            raise
+        finally:
+            timer.cancel()
+            turn._future = None
+            turn.waited_s += self._clock() - now
+
+    def _close(self, turn: Turn) -> None:
+        self._dequeue(turn)
+        if turn.woken:
+            self._release_woken(turn)
+            # The woken turn found room (or gave up): the next one may too.
+            self._wake_head(turn.key)
+
+    # --- internals -----------------------------------------------------------------
+
+    def _wake_head(self, key: Hashable) -> None:
+        queue = self._queues.get(key)
+        while queue:
+            turn = queue.popleft()
+            self._waiting -= 1
+            future = turn._future
+            if future is None or future.done():
+                continue  # expired or cancelled in this same loop iteration
+            turn.woken = True
+            self._woken[key] = self._woken.get(key, 0) + 1
+            future.set_result(None)
+            break
+        if queue is not None and not queue:
+            del self._queues[key]
+
+    def _release_woken(self, turn: Turn) -> None:
+        turn.woken = False
+        left = self._woken.get(turn.key, 0) - 1
+        if left > 0:
+            self._woken[turn.key] = left
+        else:
+            self._woken.pop(turn.key, None)
+
+    def _dequeue(self, turn: Turn) -> None:
+        queue = self._queues.get(turn.key)
+        if queue is None or turn not in queue:
+            return
+        queue.remove(turn)
         self._waiting -= 1
         if not queue:
-            del self._queues[waiter.key]
+            del self._queues[turn.key]
+
+    def _expire(self, turn: Turn) -> None:
+        future = turn._future
+        if future is None or future.done():
+            return
+        self._dequeue(turn)
+        future.set_exception(Rejected(self.timeout_status, self.retry_after_s, "queue_timeout"))

@@ -1,11 +1,13 @@
-"""Wiring only: build the gateway's two listeners and its background work.
+"""Wiring only: build the gateway's parts, its listeners and its background work.
 
-``Gateway`` starts everything in one place, in a known order, and stops it in
-the reverse order (STYLE 11): upstream session, background tasks, admin
-listener, data listener. ``shutdown`` follows uvicorn's order: readiness goes
-false, the listener stops accepting, in-flight requests get
-``shutdown_timeout_s`` to finish, the rest are cancelled, then everything
-closes.
+``Gateway`` enters everything in one place, in a known order, each part an
+async context manager: upstream session, fleet watch, model discovery,
+health checks, admin listener, data listener; and leaves them in the reverse
+order. A listener that fails to bind unwinds what had started. ``shutdown``
+follows uvicorn's order: readiness goes false (and requests waiting for
+capacity are refused), the data listener stops accepting, in-flight requests
+get ``shutdown_timeout_s`` to finish, the rest are cancelled, then the
+background work stops.
 """
 
 from __future__ import annotations
@@ -15,19 +17,25 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 from aiohttp import web
 
 from policies import registry as policy_registry
+from router import config as config_mod
 from router import discovery
 from router.admin import PROXY_KEY, create_admin_app, healthz, readyz
-from router.config import Config
+from router.admission import Admission
+from router.config import Config, UpstreamConfig
 from router.errors import ErrorKind, error_response
+from router.health import health_checks
 from router.metrics import Metrics, ReplicaSample
+from router.outlier import OutlierDetector
 from router.proxy import Proxy
-from router.replicas import Registry
-from router.resilience import Resilience
+from router.replicas import FleetSnapshot, Health, Registry
+from router.retry_budget import RetryBudget
+from router.routing import Router
 
 log = logging.getLogger("dp_router")
 
@@ -77,22 +85,64 @@ def create_data_app(proxy: Proxy, max_body_bytes: int) -> web.Application:
 
 
 class Gateway:
+    """The gateway process's parts, wired once; started and stopped in one order."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.registry = Registry(config.replicas)
-        seed = config.routing.seed
-        self.policy = policy_registry.create(
-            config.routing.policy, dict(config.routing.params), seed
+        self.registry = Registry(
+            config.replicas,
+            initial_health=Health.UNKNOWN if config.health.enabled else Health.HEALTHY,
         )
-        self.resilience = Resilience(config, self.registry, self.metrics, random.Random(seed))
-        self.proxy = Proxy(config, self.registry, self.policy, self.metrics, self.resilience)
+        routing = config.routing
+        seed = routing.seed
+        self.policy = policy_registry.create(
+            routing.policy,
+            config_mod.policy_params(
+                routing.policy, dict(routing.params), routing.load_bound_epsilon
+            ),
+            seed,
+        )
+        self.router = Router(self.policy, load_bound_epsilon=routing.load_bound_epsilon)
+        self.rng = random.Random(seed)
+        a = config.admission
+        self.admission = Admission(
+            a.max_queue, a.queue_timeout_s, full_status=a.reject_status, retry_after_s=1.0
+        )
+        r = config.retry
+        self.budget = RetryBudget(r.budget_ratio, r.budget_reserve, r.max_concurrent_retries)
+        o = config.outlier
+        h = config.health
+        self.outlier = (
+            OutlierDetector(
+                self.registry,
+                o.consecutive_failures,
+                o.base_ejection_s,
+                o.max_ejection_s,
+                o.max_ejection_percent,
+                slow_start_s=h.slow_start_s,
+                slow_start_aggression=h.slow_start_aggression,
+                slow_start_min_weight=h.slow_start_min_weight,
+            )
+            if o.enabled
+            else None
+        )
+        self.proxy = Proxy(
+            config,
+            self.registry,
+            self.router,
+            self.metrics,
+            self.admission,
+            self.budget,
+            self.outlier,
+            random.Random(self.rng.random()),
+        )
         self.metrics.watch_replicas(self._replica_samples)
+        self.metrics.admission_queue.set_function(lambda: self.admission.waiting)
+        self.metrics.retry_budget_balance.set_function(lambda: self.budget.balance)
         self.data_app = create_data_app(self.proxy, config.server.max_body_bytes)
         self.admin_app = create_admin_app(self.proxy, config.admin.token)
         self._stack = contextlib.AsyncExitStack()
-        self._data_runner: web.AppRunner | None = None
-        self._admin_runner: web.AppRunner | None = None
         self.data_port = 0
         self.admin_port = 0
 
@@ -106,41 +156,31 @@ class Gateway:
                 r.name,
                 r.load.in_flight,
                 r.load.outstanding_tokens,
-                r.healthy,
+                r.health is Health.HEALTHY,
                 r.routable(now),
-                r.ejected_until > now,
-                r.load.weight,
+                r.ejected(now),
+                r.weight * r.ramp_factor(now),
             )
             for r in self.registry
         ]
 
     async def start(self) -> None:
+        """Upstream session, fleet watch, model discovery, health checks, then the
+        admin and data listeners. Anything that fails unwinds what had started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         up = cfg.upstream
-        connector = aiohttp.TCPConnector(
-            # No pool limit: a limit would silently queue streams behind others
-            # in aiohttp's connector; concurrency is bounded by admission
-            # control instead, where it is visible and has a deadline (M16).
-            limit=0,
-            limit_per_host=0,
-            keepalive_timeout=up.keepalive_timeout_s,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            # total=None: streams may run for many minutes; the proxy applies
-            # its own first-byte, idle and response timeouts (M6).
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=up.connect_timeout_s, sock_connect=up.connect_timeout_s
-            ),
-            # Bytes and Content-Encoding pass through unchanged (M37).
-            auto_decompress=False,
-            # Forward what the client sent; invent no headers of our own.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        stack = self._stack
+        session = await stack.enter_async_context(upstream_session(cfg.upstream))
         self.proxy.session = session
-        self._stack.push_async_callback(session.close)
-        await self._stack.enter_async_context(
+        stack.enter_context(self._watch_fleet())
+        await stack.enter_async_context(
             discovery.model_discovery(
                 session,
                 self.registry,
@@ -149,48 +189,58 @@ class Gateway:
                 timeout_s=max(up.connect_timeout_s, 2.0),
             )
         )
-        await self.resilience.start()
-        self._stack.push_async_callback(self.resilience.stop)
-        self._admin_runner, self.admin_port = await self._listen(
-            self.admin_app, cfg.admin.host, cfg.admin.port
+        if cfg.health.enabled:
+            await stack.enter_async_context(
+                health_checks(
+                    self.registry,
+                    session,
+                    cfg.health,
+                    self.metrics,
+                    random.Random(self.rng.random()),
+                )
+            )
+        self.admin_port = await stack.enter_async_context(
+            listener(self.admin_app, cfg.admin.host, cfg.admin.port, cfg.server.shutdown_timeout_s)
         )
-        self._data_runner, self.data_port = await self._listen(
-            self.data_app, cfg.server.host, cfg.server.port
+        self.data_port = await stack.enter_async_context(
+            listener(self.data_app, cfg.server.host, cfg.server.port, cfg.server.shutdown_timeout_s)
         )
 
-    async def _listen(
-        self, app: web.Application, host: str, port: int
-    ) -> tuple[web.AppRunner, int]:
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log=None,  # the proxy writes its own structured line
-            # Cancel the handler when the client disconnects, so a
-            # non-streaming upstream request is closed too (M13).
-            handler_cancellation=True,
-            auto_decompress=False,
-            shutdown_timeout=self.config.server.shutdown_timeout_s,
-            max_line_size=MAX_LINE_SIZE,
-            max_field_size=MAX_FIELD_SIZE,
-            max_headers=MAX_HEADERS,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
-        await site.start()
-        bound = int(runner.addresses[0][1]) if port == 0 else port
-        return runner, bound
+    @contextlib.contextmanager
+    def _watch_fleet(self) -> Iterator[None]:
+        """Wake requests waiting for capacity when the fleet changes, and when
+        an ejection ends (an ejection ends by the clock, not by a new version)."""
+        loop = asyncio.get_running_loop()
+        timers: set[asyncio.TimerHandle] = set()
+        admission = self.admission
+
+        def on_change(new: FleetSnapshot, old: FleetSnapshot) -> None:
+            admission.notify()
+            now = loop.time()
+            for status in new:
+                before = old.get(status.name)
+                if status.ejected_until > now and (
+                    before is None or before.ejected_until != status.ejected_until
+                ):
+                    timers.add(loop.call_at(status.ejected_until, admission.notify))
+            for timer in [t for t in timers if t.when() <= now]:
+                timers.discard(timer)
+
+        self.registry.subscribe(on_change)
+        try:
+            yield
+        finally:
+            self.registry.unsubscribe(on_change)
+            for timer in timers:
+                timer.cancel()
 
     async def shutdown(self) -> None:
-        """Readiness false, stop accepting, drain in-flight, cancel the rest, close."""
-        self.proxy.shutting_down = True
+        """Readiness false and waiters refused, then after ``shutdown_delay_s``
+        stop accepting, drain in-flight requests for ``shutdown_timeout_s``,
+        cancel the rest, and close everything in reverse order."""
+        self.proxy.begin_shutdown()
         if self.config.server.shutdown_delay_s > 0:
             await asyncio.sleep(self.config.server.shutdown_delay_s)
-        if self._data_runner is not None:
-            await self._data_runner.cleanup()
-            self._data_runner = None
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self._admin_runner = None
         await self._stack.aclose()
 
     async def __aenter__(self) -> Gateway:
@@ -199,3 +249,60 @@ class Gateway:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def upstream_session(up: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(
+        # No pool limit: a limit would silently queue streams behind others
+        # in aiohttp's connector; concurrency is bounded by admission
+        # control instead, where it is visible and has a deadline (M16).
+        limit=0,
+        limit_per_host=0,
+        keepalive_timeout=up.keepalive_timeout_s,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        # total=None: streams may run for many minutes; the proxy applies
+        # its own first-byte, idle and response timeouts (M6).
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=up.connect_timeout_s, sock_connect=up.connect_timeout_s
+        ),
+        # Bytes and Content-Encoding pass through unchanged (M37).
+        auto_decompress=False,
+        # Forward what the client sent; invent no headers of our own.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+@contextlib.asynccontextmanager
+async def listener(
+    app: web.Application, host: str, port: int, shutdown_timeout_s: float
+) -> AsyncIterator[int]:
+    """Serve ``app`` on host:port; yields the bound port. On exit: stop
+    accepting, give in-flight requests ``shutdown_timeout_s``, cancel the rest."""
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,  # the proxy writes its own structured line
+        # Cancel the handler when the client disconnects, so a
+        # non-streaming upstream request is closed too (M13).
+        handler_cancellation=True,
+        auto_decompress=False,
+        shutdown_timeout=shutdown_timeout_s,
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+        max_headers=MAX_HEADERS,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        await site.start()
+        yield int(runner.addresses[0][1]) if port == 0 else port
+    finally:
+        await runner.cleanup()

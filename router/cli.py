@@ -115,14 +115,6 @@ def serve(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"dp-router: config error: {exc}", file=sys.stderr)
         return 2
-    from router.admin import is_loopback
-
-    if not is_loopback(cfg.admin.host) and not cfg.admin.token:
-        print(
-            "dp-router: config error: admin.token: required when admin.host is not loopback",
-            file=sys.stderr,
-        )
-        return 2
     try:
         import uvloop
 

@@ -9,6 +9,7 @@ overridden by environment variables (ENV_OVERRIDES); defaults live here only.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from policies import registry
+from policies.load import DEFAULT_LOAD_BOUND_EPSILON
 
 ENV_OVERRIDES = {
     "DP_ROUTER_HOST": ("server", "host"),
@@ -121,6 +123,9 @@ class RoutingConfig:
     policy: str = registry.DEFAULT_POLICY
     params: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    # The one epsilon of every bounded-load rule (session affinity, the
+    # prefix policies): a replica holds at most ceil((1 + eps) x (total + 1) / n).
+    load_bound_epsilon: float = DEFAULT_LOAD_BOUND_EPSILON
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,25 +275,58 @@ def _routing(data: Any) -> RoutingConfig:
     if not isinstance(data, dict):
         raise ConfigError("routing: expected a table")
     for key in data:
-        if key not in ("policy", "params", "seed"):
-            raise ConfigError(f"routing.{key}: unknown key (known: params, policy, seed)")
+        if key not in ("policy", "params", "seed", "load_bound_epsilon"):
+            raise ConfigError(
+                f"routing.{key}: unknown key (known: load_bound_epsilon, params, policy, seed)"
+            )
     policy = _check_type("routing.policy", data.get("policy", registry.DEFAULT_POLICY), "")
     params = data.get("params", {})
     if not isinstance(params, dict):
         raise ConfigError("routing.params: expected a table")
+    if "epsilon" in params:
+        raise ConfigError(
+            "routing.params.epsilon: set [routing] load_bound_epsilon instead "
+            "(one load bound for every bounded rule)"
+        )
     seed = data.get("seed")
     if seed is not None:
         seed = _check_type("routing.seed", seed, 0)
+    epsilon = _check_type(
+        "routing.load_bound_epsilon",
+        data.get("load_bound_epsilon", DEFAULT_LOAD_BOUND_EPSILON),
+        0.0,
+    )
+    _positive("routing.load_bound_epsilon", epsilon, allow_zero=True)
     try:
-        registry.create(policy, dict(params), seed)
+        registry.create(policy, policy_params(policy, dict(params), epsilon), seed)
     except ValueError as exc:
         raise ConfigError(f"routing.policy: {exc}") from None
-    return RoutingConfig(policy, dict(params), seed)
+    return RoutingConfig(policy, dict(params), seed, epsilon)
+
+
+def policy_params(policy: str, params: dict[str, Any], epsilon: float) -> dict[str, Any]:
+    """The policy's parameters, with the gateway's one load-bound epsilon for
+    policies that apply a load bound of their own."""
+    cls = registry.POLICIES.get(policy)
+    if cls is not None and "epsilon" in inspect.signature(cls).parameters:
+        return {**params, "epsilon": epsilon}
+    return params
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _validate(cfg: Config) -> None:
     _port("server.port", cfg.server.port)
     _port("admin.port", cfg.admin.port)
+    if not is_loopback(cfg.admin.host) and not cfg.admin.token:
+        # Drains and weights must not be one curl away for anyone who can
+        # reach the port (docs/reliability.md, M22/M23).
+        raise ConfigError("admin.token: required when admin.host is not loopback")
     _positive("server.max_body_bytes", cfg.server.max_body_bytes)
     _positive("server.shutdown_timeout_s", cfg.server.shutdown_timeout_s, allow_zero=True)
     _positive("server.shutdown_delay_s", cfg.server.shutdown_delay_s, allow_zero=True)

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from router.metrics import Metrics
-from router.replicas import Registry, Replica
+from router.replicas import Registry, ReplicaStatus
 
 log = logging.getLogger("dp_router.discovery")
 
@@ -27,12 +27,12 @@ RETRY_UNKNOWN_S = 1.0
 
 
 async def fetch_models(
-    session: aiohttp.ClientSession, replica: Replica, timeout_s: float
+    session: aiohttp.ClientSession, replica: ReplicaStatus, timeout_s: float
 ) -> list[dict[str, Any]]:
     headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
     async with (
         asyncio.timeout(timeout_s),
-        session.get(replica.base_url + "/v1/models", headers=headers) as resp,
+        session.get(replica.url + "/v1/models", headers=headers) as resp,
     ):
         resp.raise_for_status()
         payload = await resp.json(content_type=None)
@@ -46,15 +46,15 @@ async def fetch_models(
 async def refresh_once(
     session: aiohttp.ClientSession, registry: Registry, metrics: Metrics, timeout_s: float
 ) -> None:
-    async def one(replica: Replica) -> None:
+    async def one(replica: ReplicaStatus) -> None:
         try:
             entries = await fetch_models(session, replica, timeout_s)
         except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
             metrics.models_refresh_failures.labels(replica.name).inc()
             log.debug("models refresh of %s failed: %s", replica.name, type(exc).__name__)
             return
-        if registry.set_models(replica, entries):
-            log.info("replica %s serves %s", replica.name, sorted(replica.models or ()))
+        if registry.set_models(replica.name, entries):
+            log.info("replica %s serves %s", replica.name, sorted(e["id"] for e in entries))
 
     await asyncio.gather(*(one(r) for r in registry if r.discovers_models))
 
@@ -74,7 +74,7 @@ async def model_discovery(
     async def loop() -> None:
         while True:
             await refresh_once(session, registry, metrics, timeout_s)
-            pending = registry.models_pending()
+            pending = registry.snapshot.models_pending
             await asyncio.sleep(min(interval_s, RETRY_UNKNOWN_S) if pending else interval_s)
 
     task = asyncio.create_task(loop(), name="model-discovery")

@@ -1,11 +1,13 @@
-"""The data path: parse -> route -> forward (streaming) -> account.
+"""The data path: one request's life, in one straight line.
 
-One request's life:
-
-1. read the body once (size-limited), parse only what routing needs;
-2. ``routing.decide`` picks a replica; ``load.dispatch`` returns the ticket;
-3. forward the ORIGINAL bytes; stream the answer back chunk by chunk;
-4. settle the ticket in ``finally`` (success, error, cancel alike).
+1. parse: read the body once (size-limited), parse only what routing needs;
+2. wait for capacity: only when every candidate is full (``admission``);
+3. decide, once per attempt: ``Router.decide`` (pure) picks a replica;
+4. dispatch: ``load.dispatch`` returns the ticket, and the policy hears of
+   it at once (``on_dispatch`` and ``on_complete`` always come in pairs);
+5. forward the ORIGINAL bytes; stream the answer back chunk by chunk;
+6. settle the ticket once in ``finally`` (success, error, cancel alike): the
+   policy, outlier detection and waiting requests learn of it there.
 
 Failures before the first byte reached the client (connect refused, reset,
 502/503/504, a stream's first-byte timeout) are retried on a different
@@ -22,25 +24,29 @@ import asyncio
 import io
 import json
 import logging
+import random
 import re
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from policies.base import BasePolicy, RouteRequest
+from policies.base import RouteRequest
 from policies.load import Outcome
 from router import headers as hdr
+from router.admission import Admission, Rejected, Turn
 from router.config import Config
 from router.errors import ErrorKind, GatewayError, error_response, sse_error_event
 from router.load import Ticket, dispatch
 from router.metrics import UNKNOWN, Metrics
-from router.replicas import Registry, Replica
+from router.outlier import EventKind, OutlierDetector, OutlierEvent
+from router.replicas import Registry, ReplicaStatus
 from router.request_info import parse_body, summarize
-from router.resilience import Resilience
-from router.routing import NoRoute, Routed, decide
+from router.retry_budget import RetryBudget, backoff_s
+from router.routing import NoRoute, Routed, Router
 
 access_log = logging.getLogger("dp_router.access")
 log = logging.getLogger("dp_router.proxy")
@@ -52,22 +58,50 @@ OUTPUT_EWMA_ALPHA = 0.05  # ~20 requests of memory: adapts within a minute
 # aiohttp warns that bytes bodies above 1 MiB block the loop while written;
 # BytesIO is written in chunks with yields in between.
 LARGE_BODY_BYTES = 2**20
-_RETRY_STATUSES = frozenset({502, 503, 504})  # Envoy's gateway errors
 _USAGE_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _SSE_EVENT = b"data:"
-_DONE_EVENT = b"data: [DONE]"
+_REJECTION_KINDS = {
+    "queue_full": ErrorKind.OVERLOADED,
+    "queue_timeout": ErrorKind.QUEUE_TIMEOUT,
+    "shutting_down": ErrorKind.SHUTTING_DOWN,
+}
+
+
+class Failure(StrEnum):
+    """Why an upstream attempt failed: the one vocabulary of retry reasons
+    (the retries metric's label, the budget's exemptions, the access log)."""
+
+    CONNECT_ERROR = "connect_error"
+    UPSTREAM_RESET = "upstream_reset"
+    BAD_RESPONSE = "bad_response"
+    FIRST_BYTE_TIMEOUT = "first_byte_timeout"
+    RESPONSE_TIMEOUT = "response_timeout"
+    HTTP_502 = "http_502"
+    HTTP_503 = "http_503"
+    HTTP_504 = "http_504"
+    DRAINING = "draining"
+
+
+# Retries that cost no replica any work: a refused connection sent nothing,
+# and a draining replica declined before doing any. Retrying them cannot
+# amplify load, so they do not spend the ratio budget (max_retries still
+# bounds them); charging them let one dead replica drain a quiet gateway's
+# reserve before ejection removed it.
+FREE_RETRIES = frozenset({Failure.CONNECT_ERROR, Failure.DRAINING})
+_STATUS_FAILURES = {502: Failure.HTTP_502, 503: Failure.HTTP_503, 504: Failure.HTTP_504}
 
 
 class AttemptFailed(Exception):
     """One upstream attempt failed. ``retryable``: nothing reached the client
-    and the failure says "try another replica" (connect error, reset, a
-    stream's first-byte timeout, 502/503/504); a non-streaming response
-    timeout is never retried (the engine may be mid-generation)."""
+    and the failure says "try another replica" (connect error, reset, an
+    answer that is not HTTP, a stream's first-byte timeout, 502/503/504); a
+    non-streaming response timeout is never retried (the engine may be
+    mid-generation)."""
 
     def __init__(
         self,
         outcome: Outcome,
-        reason: str,
+        reason: Failure,
         kind: ErrorKind,
         message: str,
         *,
@@ -86,14 +120,6 @@ class AttemptFailed(Exception):
         self.status = status
 
 
-class _NoRouteError(Exception):
-    """Routing found nothing to reserve (raised through admission)."""
-
-    def __init__(self, why: NoRoute) -> None:
-        super().__init__(why.value)
-        self.why = why
-
-
 @dataclass(slots=True)
 class Attempted:
     response: web.StreamResponse
@@ -104,7 +130,12 @@ class Attempted:
 
 
 class Record:
-    """What the access log and the request metrics report for one request."""
+    """What the access log and the request metrics report for one request.
+
+    ``status`` and ``outcome`` are set through :meth:`end` only, once: the
+    first ending wins (a handler that is cancelled after answering keeps
+    its answer).
+    """
 
     __slots__ = (
         "attempts",
@@ -133,32 +164,54 @@ class Record:
         self.attempts = 0
         self.outcome = ""
 
+    def end(self, status: int, outcome: str) -> None:
+        if not self.status:
+            self.status = status
+            self.outcome = outcome
+
 
 class Proxy:
+    """The data path. Owns nothing but its per-request work: the fleet is the
+    registry's, decisions the router's, capacity waits the admission's."""
+
     def __init__(
         self,
         config: Config,
         registry: Registry,
-        policy: BasePolicy,
+        router: Router,
         metrics: Metrics,
-        resilience: Resilience,
+        admission: Admission,
+        budget: RetryBudget,
+        outlier: OutlierDetector | None,
+        rng: random.Random,
     ) -> None:
         self.config = config
         self.registry = registry
-        self.policy = policy
+        self.router = router
+        self.policy = router.policy
         self.metrics = metrics
-        self.resilience = resilience
+        self.admission = admission
+        self.budget = budget
+        self.outlier = outlier
+        self.rng = rng
         self.session: aiohttp.ClientSession | None = None
         self.forwarded_for = hdr.ForwardedFor(config.server.trusted_proxies)
         self._expected_output: dict[str, float] = {}
         self.shutting_down = False
+        self.panic = config.admission.when_none_routable == "panic"
+        # What a 503 tells clients to wait: about one health-check round.
+        self.retry_after_s = max(1.0, config.health.interval_s if config.health.enabled else 1.0)
         up = config.upstream
         self._first_byte_timeout = up.first_byte_timeout_s
         self._idle_timeout = up.idle_timeout_s
         self._response_timeout = up.response_timeout_s
+        self._max_retries = up.max_retries
         self._max_body = config.server.max_body_bytes
         self._replica_header = config.server.replica_header
         self._access_log = config.server.access_log
+        r = config.retry
+        self._backoff_base_s = r.backoff_base_s
+        self._backoff_max_s = r.backoff_max_s
 
     # -- entry points -------------------------------------------------------
 
@@ -174,6 +227,11 @@ class Proxy:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": self.registry.model_list()})
 
+    def begin_shutdown(self) -> None:
+        """Refuse new requests, and the ones waiting for capacity, at once."""
+        self.shutting_down = True
+        self.admission.close()
+
     # -- the request --------------------------------------------------------
 
     async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
@@ -188,15 +246,13 @@ class Proxy:
             response = self._error(record, exc.kind, exc.message, exc.retry_after_s, exc.status)
             return response
         except asyncio.CancelledError:
-            record.outcome = record.outcome or Outcome.CLIENT_DISCONNECT.value
-            record.status = 499  # nginx's "client closed request", for logs only
+            record.end(499, Outcome.CLIENT_DISCONNECT.value)  # nginx's "client closed request"
             raise
         except ConnectionResetError:
             # The client left while we wrote to it. Answer with a placeholder
             # aiohttp's finish_response drops quietly; re-raising would log a
             # traceback for an everyday event.
-            record.outcome = record.outcome or Outcome.CLIENT_DISCONNECT.value
-            record.status = 499
+            record.end(499, Outcome.CLIENT_DISCONNECT.value)
             response = web.Response(status=499)
             return response
         except Exception:
@@ -206,8 +262,8 @@ class Proxy:
             response = self._error(record, ErrorKind.INTERNAL, "internal gateway error")
             return response
         finally:
-            if response is not None and not record.status:
-                record.status = response.status
+            if response is not None:
+                record.end(response.status, Outcome.OK.value)
             self._finish(record, t0, loop.time(), request)
 
     async def _serve(
@@ -219,7 +275,7 @@ class Proxy:
         record.bytes_in = len(body)
         summary = summarize(endpoint, parse_body(body))
         record.model = summary.model
-        if self.registry.knows_model(summary.model):
+        if self.registry.snapshot.knows_model(summary.model):
             record.model_label = summary.model
         expected = summary.max_tokens
         if expected is None:
@@ -230,7 +286,7 @@ class Proxy:
             prompt_tokens=summary.prompt_tokens,
             max_tokens=summary.max_tokens,
             expected_output_tokens=expected,
-            session_key=request.headers.get(hdr.SESSION_HEADER),
+            session_key=None,  # sessions (a pin store around decide) are not wired yet
             prompt_text=summary.prompt_text,
             request_id=record.request_id,
         )
@@ -262,89 +318,117 @@ class Proxy:
         record: Record,
         t0: float,
     ) -> web.StreamResponse:
+        """wait for capacity -> decide -> dispatch -> forward -> settle, per attempt."""
         loop = asyncio.get_running_loop()
-        res = self.resilience
         tried: list[str] = []
-        cost = route_req.cost_tokens
-
-        def reserve() -> tuple[Routed, Ticket] | None:
-            """Decide and dispatch in one synchronous step, so no other
-            request can take the capacity in between (late binding: a queued
-            request runs this again when capacity frees)."""
-            routed = decide(
-                route_req,
-                self.registry,
-                self.policy,
-                loop.time(),
-                exclude=tried,
-                panic=res.panic,
-            )
-            if routed is NoRoute.AT_CAPACITY:
-                return None
-            if isinstance(routed, NoRoute):
-                raise _NoRouteError(routed)
-            return routed, dispatch(routed.replica.load, cost)
-
-        def release(reserved: tuple[Routed, Ticket]) -> None:
-            routed, ticket = reserved
-            self._settle(
-                ticket, route_req, routed.replica, Outcome.CLIENT_DISCONNECT, None, loop.time()
-            )
-
-        res.on_request()
+        turn = self.admission.turn(route_req.model)
+        self.budget.deposit()  # each request funds a fraction of a retry
         last_failure: AttemptFailed | None = None
-        # A granted retry holds its reason's slot until the retry settles.
-        retry_slot: str | None = None
+        budgeted_retry = False  # a granted retry holds a budget slot until it settles
         try:
             while True:
-                try:
-                    routed, ticket = await res.admit(reserve, route_req.model, release)
-                except _NoRouteError as exc:
-                    return self._no_route(record, exc.why, last_failure)
+                routed = await self._route(route_req, tried, turn)
+                if isinstance(routed, NoRoute):
+                    if last_failure is not None:
+                        return self._give_up(record, last_failure)
+                    return self._no_route(record, routed)
                 replica = routed.replica
+                ticket = dispatch(replica.load, route_req.cost_tokens)
+                self.policy.on_dispatch(route_req, replica.name, loop.time())
+                turn.close()  # dispatched: the next waiter may try
                 record.replica = replica.name
                 record.reason = routed.decision.reason
                 record.attempts += 1
                 self.metrics.count_decision(self.policy.name, routed.decision.reason)
-                self.policy.on_dispatch(route_req, replica.name, loop.time())
-                outcome = Outcome.CLIENT_DISCONNECT  # what a cancellation leaves
+                outcome = Outcome.INTERNAL  # what an unexpected exception leaves
                 status: int | None = None
                 failure: AttemptFailed | None = None
                 try:
-                    result = await self._attempt(request, body, route_req, routed, t0, record)
+                    result = await self._attempt(request, body, route_req, replica, t0, record)
                     outcome, status = result.outcome, result.status
-                    record.status = result.status
                     record.ttfb = result.ttfb
+                    if outcome is not Outcome.OK:
+                        midstream = route_req.stream and result.status == 200
+                        record.end(result.status, f"stream_{outcome}" if midstream else outcome)
                     self._learn(route_req, replica, result, loop.time(), t0)
                     return result.response
                 except AttemptFailed as exc:
                     failure = exc
                     outcome, status = exc.outcome, exc.status
+                except (asyncio.CancelledError, ConnectionResetError):
+                    outcome = Outcome.CLIENT_DISCONNECT
+                    raise
                 finally:
                     self._settle(ticket, route_req, replica, outcome, status, loop.time())
-                    if retry_slot is not None:
-                        res.release_retry(retry_slot)
-                        retry_slot = None
+                    if budgeted_retry:
+                        self.budget.release()
+                        budgeted_retry = False
                 last_failure = failure
                 tried.append(replica.name)
-                if (
-                    not failure.retryable
-                    or len(tried) > self.config.upstream.max_retries
-                    or not res.try_retry(failure.reason)
-                ):
+                if not self._may_retry(failure, len(tried)):
                     return self._give_up(record, failure)
-                retry_slot = failure.reason
-                self.metrics.retries.labels(failure.reason).inc()
-                await asyncio.sleep(res.backoff(len(tried)))
+                budgeted_retry = failure.reason not in FREE_RETRIES
+                self.metrics.retries.labels(failure.reason.value).inc()
+                await asyncio.sleep(
+                    backoff_s(
+                        len(tried), self.rng, base_s=self._backoff_base_s, max_s=self._backoff_max_s
+                    )
+                )
         finally:
-            if retry_slot is not None:
-                res.release_retry(retry_slot)
+            turn.close()
+            if budgeted_retry:
+                self.budget.release()
+
+    async def _route(
+        self, route_req: RouteRequest, tried: list[str], turn: Turn
+    ) -> Routed | NoRoute:
+        """Decide now, or wait (bounded, in line) until a replica has room."""
+        loop = asyncio.get_running_loop()
+        waited = turn.waited_s
+        while True:
+            if not turn.must_wait():
+                routed = self.router.decide(
+                    route_req,
+                    None,
+                    self.registry.snapshot,
+                    loop.time(),
+                    exclude=tried,
+                    panic=self.panic,
+                )
+                if routed is not NoRoute.AT_CAPACITY:
+                    if turn.waited_s > waited:
+                        self.metrics.admission_waits.inc()
+                        self.metrics.admission_wait_seconds.observe(turn.waited_s - waited)
+                    return routed
+            try:
+                await turn.wait()
+            except Rejected as exc:
+                self.metrics.admission_rejections.labels(exc.reason).inc()
+                raise GatewayError(
+                    _REJECTION_KINDS[exc.reason],
+                    "the gateway is shutting down"
+                    if exc.reason == "shutting_down"
+                    else "no replica has capacity for this request now",
+                    retry_after_s=exc.retry_after_s,
+                    status=exc.status,
+                ) from None
+
+    def _may_retry(self, failure: AttemptFailed, attempts: int) -> bool:
+        """Retry only what has not started, up to max_retries, within the budget."""
+        if not failure.retryable or attempts > self._max_retries:
+            return False
+        if failure.reason in FREE_RETRIES:
+            return True
+        if self.budget.try_withdraw():
+            return True
+        self.metrics.retry_budget_exhausted.labels(self.budget.check() or "budget").inc()
+        return False
 
     def _settle(
         self,
         ticket: Ticket,
         route_req: RouteRequest,
-        replica: Replica,
+        replica: ReplicaStatus,
         outcome: Outcome,
         status: int | None,
         now: float,
@@ -354,12 +438,29 @@ class Proxy:
             return
         self.metrics.count_attempt(replica.name, outcome.value)
         self.policy.on_complete(route_req, replica.name, outcome, now)
-        self.resilience.on_settled(replica, outcome, status, now)
+        if self.outlier is not None:
+            event = self.outlier.record(replica.name, outcome, now, status=status)
+            if event is not None:
+                self._ejection(event)
+        self.admission.notify()  # capacity freed
+
+    def _ejection(self, event: OutlierEvent) -> None:
+        if event.kind is EventKind.EJECTED:
+            self.metrics.ejections.labels(event.replica, event.reason).inc()
+            log.warning(
+                "ejected replica %s for %.1f s (%s, ejection #%d)",
+                event.replica,
+                event.duration_s,
+                event.reason,
+                event.ejections,
+            )
+        else:  # the max-percent cap refused it
+            self.metrics.ejections.labels(event.replica, "overflow").inc()
 
     def _learn(
         self,
         route_req: RouteRequest,
-        replica: Replica,
+        replica: ReplicaStatus,
         result: Attempted,
         now: float,
         t0: float,
@@ -367,18 +468,19 @@ class Proxy:
         """Feed latency and output-length observations back into load signals."""
         if result.outcome is not Outcome.OK or result.status != 200:
             return
+        load = replica.load
         ttft = result.ttfb
         if ttft is not None:
-            replica.load.ttft.add(ttft, now)
+            load.ttft.add(ttft, now)
         tokens = result.output_tokens
         tpot = None
         if ttft is not None and tokens is not None and tokens > 1:
             tpot = (now - t0 - ttft) / (tokens - 1)
-            replica.load.tpot.add(tpot, now)
+            load.tpot.add(tpot, now)
         self.policy.observe(replica.name, ttft, tpot, now)
         if tokens is None or tokens <= 0:
             return
-        if self.registry.knows_model(route_req.model):
+        if self.registry.snapshot.knows_model(route_req.model):
             avg = self._expected_output.get(route_req.model, float(DEFAULT_EXPECTED_OUTPUT_TOKENS))
             self._expected_output[route_req.model] = avg + OUTPUT_EWMA_ALPHA * (tokens - avg)
 
@@ -389,7 +491,7 @@ class Proxy:
         request: web.Request,
         body: bytes,
         route_req: RouteRequest,
-        routed: Routed,
+        replica: ReplicaStatus,
         t0: float,
         record: Record,
     ) -> Attempted:
@@ -397,7 +499,6 @@ class Proxy:
         client (headers, plus the first chunk of a stream or the whole body
         otherwise) runs under one deadline; failures there are AttemptFailed,
         retryable unless the replica may already have done the work."""
-        replica = routed.replica
         session = self.session
         assert session is not None, "upstream session not started"
         loop = asyncio.get_running_loop()
@@ -418,7 +519,7 @@ class Proxy:
             try:
                 async with asyncio.timeout_at(deadline):
                     upstream = await session.post(
-                        replica.base_url + request.rel_url.raw_path_qs,
+                        replica.url + request.rel_url.raw_path_qs,
                         data=io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body,
                         headers=headers,
                     )
@@ -429,22 +530,31 @@ class Proxy:
             except aiohttp.ClientConnectorError as exc:
                 raise AttemptFailed(
                     Outcome.CONNECT_ERROR,
-                    "connect_error",
+                    Failure.CONNECT_ERROR,
                     ErrorKind.UPSTREAM_ERROR,
                     f"could not connect to replica {replica.name}: {exc.strerror or 'error'}",
                 ) from None
             except TimeoutError:
-                if upstream is not None and upstream.status in _RETRY_STATUSES:
+                if upstream is not None and upstream.status in _STATUS_FAILURES:
                     raise self._failed_status(upstream, b"", replica, record) from None
                 if stream:
                     raise AttemptFailed(
                         Outcome.TIMEOUT,
-                        "first_byte_timeout",
+                        Failure.FIRST_BYTE_TIMEOUT,
                         ErrorKind.UPSTREAM_TIMEOUT,
                         f"replica {replica.name} sent nothing within "
                         f"{self._first_byte_timeout:g} s",
                     ) from None
-                raise _response_timeout(replica, self._response_timeout) from None
+                # Non-streaming: never retried (vLLM sends no headers until it
+                # is done, so a retry would double a long generation).
+                raise AttemptFailed(
+                    Outcome.TIMEOUT,
+                    Failure.RESPONSE_TIMEOUT,
+                    ErrorKind.UPSTREAM_TIMEOUT,
+                    f"replica {replica.name} did not complete the response within "
+                    f"{self._response_timeout:g} s",
+                    retryable=False,
+                ) from None
             except (
                 aiohttp.ClientOSError,
                 aiohttp.ServerDisconnectedError,
@@ -453,17 +563,29 @@ class Proxy:
                 # Before headers (or a stream's first chunk) the request may be
                 # replayed elsewhere; a body that broke off after the headers of
                 # a finished non-streaming completion is not (the work is done).
-                retryable = upstream is None or stream or upstream.status in _RETRY_STATUSES
                 raise AttemptFailed(
                     Outcome.UPSTREAM_RESET,
-                    "upstream_reset",
+                    Failure.UPSTREAM_RESET,
                     ErrorKind.UPSTREAM_ERROR,
                     f"replica {replica.name} closed the connection: {type(exc).__name__}",
-                    retryable=retryable,
+                    retryable=upstream is None or stream or upstream.status in _STATUS_FAILURES,
+                ) from None
+            except aiohttp.ClientError as exc:
+                # Not HTTP (a garbage status line, a truncated or oversized
+                # header block): the replica is broken, not the client. Nothing
+                # was relayed, so another replica may try; outlier detection
+                # counts it.
+                log.warning("replica %s sent an invalid response: %s", replica.name, exc)
+                raise AttemptFailed(
+                    Outcome.BAD_RESPONSE,
+                    Failure.BAD_RESPONSE,
+                    ErrorKind.UPSTREAM_ERROR,
+                    f"replica {replica.name} sent an invalid HTTP response",
+                    retryable=upstream is None or stream,
                 ) from None
             ttfb = loop.time() - t0
             status = upstream.status
-            if status in _RETRY_STATUSES:
+            if status in _STATUS_FAILURES:
                 raise self._failed_status(upstream, head, replica, record)
             if stream and status == 200:
                 return await self._relay_stream(request, upstream, head, replica, record, ttfb)
@@ -478,7 +600,11 @@ class Proxy:
                     upstream.close()
 
     def _failed_status(
-        self, upstream: aiohttp.ClientResponse, data: bytes, replica: Replica, record: Record
+        self,
+        upstream: aiohttp.ClientResponse,
+        data: bytes,
+        replica: ReplicaStatus,
+        record: Record,
     ) -> AttemptFailed:
         """A 502/503/504 from the replica: retryable, and passed through as
         is if no retry happens. A 503 with the draining marker says "not me"
@@ -494,7 +620,7 @@ class Proxy:
         if draining:
             return AttemptFailed(
                 Outcome.DRAINING,
-                "draining",
+                Failure.DRAINING,
                 ErrorKind.NO_REPLICA,
                 f"replica {replica.name} is draining",
                 passthrough=passthrough,
@@ -502,7 +628,7 @@ class Proxy:
             )
         return AttemptFailed(
             Outcome.HTTP_5XX,
-            f"http_{upstream.status}",
+            _STATUS_FAILURES[upstream.status],
             ErrorKind.UPSTREAM_ERROR,
             f"replica {replica.name} answered {upstream.status}",
             passthrough=passthrough,
@@ -510,7 +636,7 @@ class Proxy:
         )
 
     def _response_headers(
-        self, upstream: aiohttp.ClientResponse, replica: Replica, record: Record
+        self, upstream: aiohttp.ClientResponse, replica: ReplicaStatus, record: Record
     ) -> CIMultiDict[str]:
         return hdr.client_response_headers(
             upstream.headers,
@@ -522,7 +648,7 @@ class Proxy:
         self,
         upstream: aiohttp.ClientResponse,
         data: bytes,
-        replica: Replica,
+        replica: ReplicaStatus,
         record: Record,
         ttfb: float,
     ) -> Attempted:
@@ -548,7 +674,7 @@ class Proxy:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         first: bytes,
-        replica: Replica,
+        replica: ReplicaStatus,
         record: Record,
         ttfb: float,
     ) -> Attempted:
@@ -584,11 +710,7 @@ class Proxy:
                         f"replica {replica.name} stalled for {idle:g} s mid-stream",
                     )
                     break
-                except (
-                    aiohttp.ClientPayloadError,
-                    aiohttp.ClientOSError,
-                    aiohttp.ServerDisconnectedError,
-                ):
+                except aiohttp.ClientError:
                     outcome = Outcome.UPSTREAM_RESET
                     await self._fail_stream(
                         request,
@@ -609,9 +731,6 @@ class Proxy:
             # in _attempt's finally, so the engine aborts the generation.
             outcome = Outcome.CLIENT_DISCONNECT
         record.bytes_out = sent
-        if outcome is not Outcome.OK:
-            record.outcome = outcome.value
-            self.metrics.errors.labels(f"stream_{outcome.value}").inc()
         # vLLM/SGLang send about one token per SSE event, plus [DONE] and a
         # usage event: close enough for the output-length estimate.
         tokens = max(0, events - 1) if sse else None
@@ -646,16 +765,10 @@ class Proxy:
         status: int | None = None,
     ) -> web.Response:
         response = error_response(kind, message, retry_after_s=retry_after_s, status=status)
-        record.status = response.status
-        record.outcome = record.outcome or kind.code
-        self.metrics.errors.labels(kind.code).inc()
+        record.end(response.status, kind.code)
         return response
 
-    def _no_route(
-        self, record: Record, why: NoRoute, last_failure: AttemptFailed | None
-    ) -> web.Response:
-        if last_failure is not None:
-            return self._give_up(record, last_failure)
+    def _no_route(self, record: Record, why: NoRoute) -> web.Response:
         model = (record.model or "")[:64]
         if why is NoRoute.UNKNOWN_MODEL:
             return self._error(
@@ -667,35 +780,36 @@ class Proxy:
                 ErrorKind.NO_REPLICA,
                 f"no replica is known to serve '{model}' yet (some replicas have not "
                 "reported their models)",
-                retry_after_s=self.resilience.retry_after_s,
+                retry_after_s=self.retry_after_s,
             )
         return self._error(
             record,
             ErrorKind.NO_REPLICA,
             f"no healthy replica for model '{model}'",
-            retry_after_s=self.resilience.retry_after_s,
+            retry_after_s=self.retry_after_s,
         )
 
     def _give_up(self, record: Record, failure: AttemptFailed) -> web.Response:
-        record.outcome = failure.outcome.value
         if failure.passthrough is not None and failure.outcome is not Outcome.DRAINING:
-            record.status = failure.passthrough.status
-            self.metrics.errors.labels(failure.reason).inc()
+            record.end(failure.passthrough.status, failure.reason.value)
             return failure.passthrough
         return self._error(
             record,
             failure.kind,
             failure.message,
-            retry_after_s=self.resilience.retry_after_s if failure.kind.status == 503 else None,
+            retry_after_s=self.retry_after_s if failure.kind.status == 503 else None,
         )
 
     def _finish(self, record: Record, t0: float, t1: float, request: web.Request) -> None:
+        """Count and log the request once, whatever ended it."""
         m = self.metrics
         model = record.model_label
         m.count_request(model, record.replica or "none", record.status)
         m.observe_duration(model, t1 - t0)
         if record.ttfb is not None:
             m.observe_ttfb(model, record.ttfb)
+        if record.outcome != Outcome.OK.value:
+            m.errors.labels(record.outcome).inc()
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 json.dumps(
@@ -709,7 +823,7 @@ class Proxy:
                         "replica": record.replica,
                         "reason": record.reason,
                         "status": record.status,
-                        "outcome": record.outcome or "ok",
+                        "outcome": record.outcome,
                         "attempts": record.attempts,
                         "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1e3, 2),
                         "duration_ms": round((t1 - t0) * 1e3, 2),
@@ -718,15 +832,3 @@ class Proxy:
                     }
                 )
             )
-
-
-def _response_timeout(replica: Replica, seconds: float) -> AttemptFailed:
-    """Non-streaming: never retried (vLLM sends no headers until it is done,
-    so a retry would double a long generation)."""
-    return AttemptFailed(
-        Outcome.TIMEOUT,
-        "response_timeout",
-        ErrorKind.UPSTREAM_TIMEOUT,
-        f"replica {replica.name} did not complete the response within {seconds:g} s",
-        retryable=False,
-    )

@@ -92,6 +92,7 @@ class ReplicaStatus:
     url: str
     api_key: str
     models: frozenset[str] | None  # None: not known yet (discovery pending)
+    discovers_models: bool  # models come from the replica's GET /v1/models
     weight: float
     pool: str
     admin: AdminState
@@ -196,6 +197,7 @@ def status_from_config(config: ReplicaConfig, health: Health) -> ReplicaStatus:
         url=config.url,
         api_key=config.api_key,
         models=frozenset(config.models) if config.models is not None else None,
+        discovers_models=config.models is None,
         weight=config.weight,
         pool=DEFAULT_POOL,
         admin=AdminState.ACTIVE,
@@ -243,6 +245,9 @@ class Registry:
     def subscribe(self, listener: Listener) -> None:
         """``listener(new, old)`` runs after every version change, in order."""
         self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
 
     def update(self, name: str, **changes: Any) -> bool:
         """Change one replica's status; True (and a new version) if it changed.

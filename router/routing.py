@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from policies.base import BasePolicy, Decision, RouteRequest
-from policies.load import DEFAULT_REPORT_MAX_AGE_S, LoadView, load_bound
+from policies.load import (
+    DEFAULT_LOAD_BOUND_EPSILON,
+    DEFAULT_REPORT_MAX_AGE_S,
+    LoadView,
+    load_bound,
+)
 from router.load import ReplicaLoad
 from router.replicas import AdminState, FleetSnapshot, Health, ReplicaStatus
-
-# Bounded-load slack for every bounded rule (session affinity here, and the
-# prefix policies' own bound): no replica above 1.5x the mean in-flight, as
-# HAProxy's hash-balance-factor 150 (its documented range is 125-200).
-DEFAULT_LOAD_BOUND_EPSILON = 0.5
 
 
 class NoRoute(StrEnum):
@@ -137,9 +137,7 @@ class Router:
         for replica in candidates:
             if replica.name == decision.replica:
                 return Routed(replica, decision, repin)
-        raise RuntimeError(
-            f"policy {self.policy.name} chose {decision.replica!r}, not a candidate"
-        )
+        raise RuntimeError(f"policy {self.policy.name} chose {decision.replica!r}, not a candidate")
 
     def _pin_breaks(
         self,
