@@ -1,45 +1,60 @@
 """Passive outlier ejection: stop sending to a replica that keeps failing.
 
-Envoy's consecutive-gateway-failure detector [E1][E2], as a pure state
-machine (time is an argument, no I/O, no tasks), so the data path feeds it
-outcomes and the tests drive it with a hand-advanced clock.
+Envoy's consecutive-gateway-failure detector (Envoy's outlier detection docs
+and ``outlier_detection.proto``), fed by every settled upstream attempt. Time
+is an argument and there is no I/O and no task, so the data path, the
+simulator and the tests drive it alike.
+
+**Evidence here, status in the registry.** The detector keeps per replica only
+what it has seen: failures in a row, how many ejections in a row (n), and when
+the last one ends. Whether a replica *is* ejected is its status, owned by
+:class:`router.replicas.Registry`: an ejection is one
+``registry.update(name, ejected_until=..., ramp=...)``, and it ends by itself
+once ``now`` passes ``ejected_until`` (every reader compares), so nothing has
+to poll, tick or announce the end. A replica back from an ejection is cold,
+like a restarted one, so the same update sets a slow-start ramp that begins
+when the ejection ends (``docs/reliability.md`` M7).
 
 - **What counts.** Only evidence that the replica cannot serve: connect
-  errors, resets, timeouts and the gateway statuses 502/503/504. A 4xx is the
-  client's fault: SGLang's breaker counted 400s (context length) and turned
-  one bad client into a fleet outage [I9]. A 503 carrying the replica's
-  draining marker (``Outcome.DRAINING``) is the replica saying "not me, not
-  now", and a client disconnect says nothing about the replica; both are
+  errors, timeouts, resets, an answer that is not valid HTTP
+  (``Outcome.BAD_RESPONSE``) and the gateway statuses 502/503/504. A 4xx is
+  the client's fault: SGLang's circuit breaker counted 400s (context length)
+  and turned one bad client into a fleet outage (``docs/reliability.md`` M4).
+  A 503 with the replica's draining marker (``Outcome.DRAINING``) says "not
+  me, not now"; a client disconnect says nothing about the replica; a bug in
+  the gateway (``Outcome.INTERNAL``) is not the replica's; all three are
   neutral. A success or a 4xx (the replica answered) resets the count, as in
   Envoy.
 - **How long.** The n-th ejection in a row lasts ``base_ejection_s * n``,
-  capped at ``max_ejection_s``; so a flapping replica is ejected for longer
-  each time (M8). n decays by one for every ``decay_interval_s`` the replica
-  spends un-ejected (Envoy decrements it on each detection interval that
-  finds the host healthy), so a replica that recovered for good is forgiven.
-- **How many.** At most ``max_ejection_percent`` of the known replicas are
-  ejected at once, "but at least one" [E2] (M10): a detector that ejects the
-  whole fleet turns a partial outage into a total one. A refused ejection is
-  reported as an ``overflow`` event.
+  capped at ``max_ejection_s``, so a flapping replica is ejected for longer
+  each time (``docs/reliability.md`` M8). n decays by one for every
+  ``decay_interval_s`` the replica spends un-ejected (Envoy decrements it on
+  each detection interval that finds the host healthy), so a replica that
+  recovered for good is forgiven.
+- **How many.** At most ``max_ejection_percent`` of the fleet is ejected at
+  once, "but at least one" (Envoy), and none at 0 %: a detector that ejects
+  the whole fleet turns a partial outage into a total one
+  (``docs/reliability.md`` M10). A refused ejection is an ``overflow`` event.
 
 Ejection only removes a replica from new routing; its in-flight requests run
-on. Outcomes that arrive while a replica is ejected (requests sent before the
-ejection) are ignored. An active health check that passes does NOT un-eject
-(Envoy's ``successful_active_health_check_uneject_host`` defaults to true,
-but a replica whose /health is 200 while it cannot serve is exactly M7).
+on, and their outcomes, which arrive while it is ejected, are ignored (they
+were judged already). A passing active health check does NOT un-eject
+(Envoy's ``successful_active_health_check_uneject_host`` defaults to true, but
+a replica whose /health is 200 while it cannot serve is exactly
+``docs/reliability.md`` M7).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
 from policies.load import Outcome
+from router.replicas import FleetSnapshot, Ramp, Registry
 
-# Envoy's outlier_detection defaults [E2].
+# Envoy's outlier_detection defaults.
 DEFAULT_CONSECUTIVE_FAILURES = 5  # consecutive_gateway_failure
 DEFAULT_BASE_EJECTION_S = 30.0  # base_ejection_time
 DEFAULT_MAX_EJECTION_S = 300.0  # max_ejection_time
@@ -51,26 +66,31 @@ DEFAULT_DECAY_INTERVAL_S = 10.0
 # 500 when they are broken.
 DEFAULT_FAILURE_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 
-_LOCAL_FAILURES = frozenset({Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.UPSTREAM_RESET})
+# Failures seen by the gateway itself, with no HTTP status to judge.
+_LOCAL_FAILURES = frozenset(
+    {Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.UPSTREAM_RESET, Outcome.BAD_RESPONSE}
+)
 _EVIDENCE_OF_LIFE = frozenset({Outcome.OK, Outcome.HTTP_4XX})
+
+RampFactory = Callable[[float], Ramp | None]
+"""Builds the slow-start ramp that begins at a given time (None: no ramp)."""
 
 
 class EventKind(StrEnum):
     EJECTED = "ejected"
-    UNEJECTED = "unejected"
     # The replica crossed the threshold but the max-percent cap refused.
     OVERFLOW = "overflow"
 
 
 @dataclass(frozen=True, slots=True)
 class OutlierEvent:
-    """A state change for the caller to turn into a metric and one log line.
+    """What :meth:`OutlierDetector.record` did, for the caller's metric and log line.
 
-    ``reason``: for ``ejected``/``overflow``, the outcome that tipped it
-    (``connect_error``, ``timeout``, ``upstream_reset``, ``status_503`` ...);
-    for ``unejected``: ``expired``, ``removed`` or what :meth:`uneject` got.
-    ``ejections`` is n, the ejection count in a row after this event;
-    ``duration_s`` the ejection length (for ``unejected``: how long it lasted).
+    ``reason``: the outcome that tipped it (``connect_error``, ``timeout``,
+    ``upstream_reset``, ``bad_response``, ``status_503`` ...). ``ejections``
+    is n, the ejections in a row including this one (for an overflow, as it
+    stands after decay); ``duration_s`` the ejection's length (0 for an
+    overflow).
     """
 
     kind: EventKind
@@ -81,30 +101,33 @@ class OutlierEvent:
     duration_s: float = 0.0
 
 
-class _Host:
-    __slots__ = ("consecutive", "ejected_at", "ejected_until", "ejections", "healthy_since")
+class _Evidence:
+    __slots__ = ("consecutive", "ejection_end", "ejections")
 
     def __init__(self) -> None:
         self.consecutive = 0
         self.ejections = 0
-        self.ejected_at: float | None = None
-        self.ejected_until: float | None = None
-        # When the replica was last un-ejected: the start of decay.
-        self.healthy_since: float | None = None
+        # When the last ejection ends (or was lifted): the start of decay.
+        self.ejection_end: float | None = None
 
 
 class OutlierDetector:
     """Consecutive-failure ejection with growing durations and a fleet cap.
 
-    Feed every settled upstream attempt to :meth:`record`; call :meth:`poll`
-    before routing (or on a timer) to collect expirations; route only to
-    replicas for which :meth:`is_ejected` is False. Keep membership current
-    with :meth:`set_members` so the percent cap has the right denominator
-    (replicas seen in :meth:`record` are added automatically).
+    Feed every settled upstream attempt to :meth:`record`; it writes an
+    ejection to the registry itself and returns the event for the caller's
+    metric and log line. Routing needs nothing from the detector: it reads
+    ``ejected_until`` from the snapshot. Membership is the registry's; the
+    evidence of a replica that left is forgotten.
+
+    ``ramp(start)`` builds the slow start that follows an ejection (None, or
+    a factory that returns None: back at full weight at once). Lift an
+    ejection only through :meth:`uneject`, so that decay starts then.
     """
 
     def __init__(
         self,
+        registry: Registry,
         consecutive_failures: int = DEFAULT_CONSECUTIVE_FAILURES,
         base_ejection_s: float = DEFAULT_BASE_EJECTION_S,
         max_ejection_s: float = DEFAULT_MAX_EJECTION_S,
@@ -112,6 +135,7 @@ class OutlierDetector:
         *,
         decay_interval_s: float = DEFAULT_DECAY_INTERVAL_S,
         failure_statuses: Iterable[int] = DEFAULT_FAILURE_STATUSES,
+        ramp: RampFactory | None = None,
     ) -> None:
         if consecutive_failures < 1:
             raise ValueError("consecutive_failures must be >= 1")
@@ -119,6 +143,7 @@ class OutlierDetector:
             raise ValueError("base_ejection_s and decay_interval_s must be > 0")
         if not 0 <= max_ejection_percent <= 100:
             raise ValueError("max_ejection_percent must be in [0, 100]")
+        self._registry = registry
         self.consecutive_failures = consecutive_failures
         self.base_ejection_s = base_ejection_s
         # Envoy: the cap is never below the base.
@@ -126,104 +151,91 @@ class OutlierDetector:
         self.max_ejection_percent = max_ejection_percent
         self.decay_interval_s = decay_interval_s
         self.failure_statuses = frozenset(failure_statuses)
+        self._ramp = ramp
         # n beyond this no longer lengthens an ejection; capping it keeps decay
         # from taking forever after a long outage.
         self._max_n = math.ceil(self.max_ejection_s / base_ejection_s)
-        self._hosts: dict[str, _Host] = {}
-        self._ejected: set[str] = set()
-        # (kind, reason) -> count, for the metrics module.
-        self.counters: Counter[tuple[str, str]] = Counter()
+        self._evidence: dict[str, _Evidence] = {}
+        # The fleet version whose membership the evidence was last pruned to.
+        self._pruned_at_version = 0
 
-    # --- membership -------------------------------------------------------------
-
-    def set_members(self, names: Iterable[str], now: float) -> list[OutlierEvent]:
-        """Make the known replicas exactly ``names``; forget the others.
-
-        A removed replica that was ejected yields an ``unejected``/``removed``
-        event so its gauge can be cleared.
-        """
-        wanted = set(names)
-        events = []
-        for name in list(self._hosts):
-            if name not in wanted:
-                if name in self._ejected:
-                    events.append(self._uneject(name, now, "removed"))
-                del self._hosts[name]
-        for name in wanted:
-            self._hosts.setdefault(name, _Host())
-        return events
-
-    # --- queries ----------------------------------------------------------------
-
-    def is_ejected(self, name: str, now: float) -> bool:
-        """True while ``name`` is ejected; pure (expiry is applied by poll)."""
-        host = self._hosts.get(name)
-        return host is not None and host.ejected_until is not None and now < host.ejected_until
-
-    def ejected(self, now: float) -> list[str]:
-        """Names ejected at ``now``, sorted."""
-        return sorted(n for n in self._ejected if self.is_ejected(n, now))
-
-    def max_ejected(self) -> int:
-        """How many replicas may be ejected at once: the percent cap, floor 1.
-
-        ``floor(members * percent / 100)`` but at least one (Envoy's "will
-        eject at least one host"), and none when the percent is 0 (disabled).
-        """
-        if self.max_ejection_percent <= 0 or not self._hosts:
-            return 0
-        # The epsilon keeps 10 hosts * 10 % at 1, not 0.9999999.
-        return max(1, math.floor(len(self._hosts) * self.max_ejection_percent / 100 + 1e-9))
-
-    def ejection_count(self, name: str, now: float) -> int:
-        """n, with decay applied as of ``now``: the next ejection lasts base x (n+1)."""
-        host = self._hosts.get(name)
-        return 0 if host is None else self._decayed(host, now)
-
-    def consecutive(self, name: str) -> int:
-        host = self._hosts.get(name)
-        return 0 if host is None else host.consecutive
-
-    # --- transitions ------------------------------------------------------------
-
-    def poll(self, now: float) -> list[OutlierEvent]:
-        """Un-eject replicas whose ejection ended; returns those events."""
-        events = []
-        for name in sorted(self._ejected):
-            until = self._hosts[name].ejected_until
-            if until is not None and now >= until:
-                events.append(self._uneject(name, now, "expired"))
-        return events
+    # --- the data path --------------------------------------------------------
 
     def record(
         self, name: str, outcome: Outcome, now: float, *, status: int | None = None
-    ) -> list[OutlierEvent]:
-        """Account one settled upstream attempt; returns the events it caused.
+    ) -> OutlierEvent | None:
+        """Account one settled upstream attempt; the ejection it caused, if any.
 
         ``status`` is the upstream HTTP status when there was one. For
         ``HTTP_5XX`` only statuses in ``failure_statuses`` count; a 5XX with no
         status given counts (the caller said it was a server error).
         """
-        events = self.poll(now)
-        host = self._hosts.setdefault(name, _Host())
-        if self.is_ejected(name, now):
-            return events  # sent before the ejection; already judged
+        snapshot = self._registry.snapshot
+        current = snapshot.replicas.get(name)
+        if current is None:
+            return None  # it left the fleet while the attempt ran
+        if snapshot.version != self._pruned_at_version:
+            self._forget_departed(snapshot)
+        if current.ejected_until > now:
+            return None  # sent before the ejection; already judged
         reason = self._failure_reason(outcome, status)
         if reason is None:
             if outcome in _EVIDENCE_OF_LIFE:
-                host.consecutive = 0
-            return events
-        host.consecutive += 1
-        if host.consecutive >= self.consecutive_failures:
-            host.consecutive = 0
-            events.append(self._eject(name, host, reason, now))
-        return events
-
-    def uneject(self, name: str, now: float, reason: str = "manual") -> OutlierEvent | None:
-        """Lift an ejection early (an operator's call through the admin API)."""
-        if not self.is_ejected(name, now):
+                evidence = self._evidence.get(name)
+                if evidence is not None:
+                    evidence.consecutive = 0
             return None
-        return self._uneject(name, now, reason)
+        evidence = self._evidence.get(name)
+        if evidence is None:
+            evidence = self._evidence[name] = _Evidence()
+        evidence.consecutive += 1
+        if evidence.consecutive < self.consecutive_failures:
+            return None
+        evidence.consecutive = 0
+        return self._eject(name, evidence, reason, now, snapshot)
+
+    # --- the operator ---------------------------------------------------------
+
+    def uneject(self, name: str, now: float) -> bool:
+        """Lift an ejection early (an operator's call); False if not ejected.
+
+        The replica ramps from ``now`` (it took no traffic while ejected), and
+        the ejection still counts toward n: lifting it is not forgiving it.
+        """
+        current = self._registry.snapshot.get(name)
+        if current is None or current.ejected_until <= now:
+            return False
+        evidence = self._evidence.get(name)
+        if evidence is not None:
+            evidence.ejection_end = now
+        self._registry.update(name, ejected_until=now, ramp=self._ramp_at(now))
+        return True
+
+    # --- queries ----------------------------------------------------------------
+
+    def max_ejected(self, members: int | None = None) -> int:
+        """How many replicas may be ejected at once: the percent cap, floor 1.
+
+        ``floor(members * percent / 100)`` but at least one (Envoy's "will
+        eject at least one host"), and none when the percent is 0 (disabled).
+        ``members`` defaults to the current fleet size.
+        """
+        if members is None:
+            members = len(self._registry.snapshot)
+        if self.max_ejection_percent <= 0 or members <= 0:
+            return 0
+        # The epsilon keeps 10 replicas * 10 % at 1, not 0.9999999.
+        return max(1, math.floor(members * self.max_ejection_percent / 100 + 1e-9))
+
+    def ejection_count(self, name: str, now: float) -> int:
+        """n, with decay applied as of ``now``: the next ejection lasts base x (n+1)."""
+        evidence = self._evidence.get(name)
+        return 0 if evidence is None else self._decayed(evidence, now)
+
+    def consecutive(self, name: str) -> int:
+        """Failures in a row since the last success, 4xx or ejection."""
+        evidence = self._evidence.get(name)
+        return 0 if evidence is None else evidence.consecutive
 
     # --- internals --------------------------------------------------------------
 
@@ -237,35 +249,41 @@ class OutlierDetector:
                 return f"status_{status}"
         return None
 
-    def _decayed(self, host: _Host, now: float) -> int:
-        if host.ejected_until is not None or host.healthy_since is None:
-            return host.ejections
-        healthy_for = max(0.0, now - host.healthy_since)
-        return max(0, host.ejections - int(healthy_for // self.decay_interval_s))
+    def _decayed(self, evidence: _Evidence, now: float) -> int:
+        end = evidence.ejection_end
+        if end is None or now < end:
+            return evidence.ejections  # never ejected, or still ejected
+        return max(0, evidence.ejections - int((now - end) // self.decay_interval_s))
 
-    def _eject(self, name: str, host: _Host, reason: str, now: float) -> OutlierEvent:
-        n = self._decayed(host, now)
-        if len(self.ejected(now)) >= self.max_ejected():
-            event = OutlierEvent(EventKind.OVERFLOW, name, reason, now, ejections=n)
-        else:
-            n = min(n + 1, self._max_n)
-            duration = min(self.base_ejection_s * n, self.max_ejection_s)
-            host.ejections = n
-            host.ejected_at = now
-            host.ejected_until = now + duration
-            host.healthy_since = None
-            self._ejected.add(name)
-            event = OutlierEvent(EventKind.EJECTED, name, reason, now, n, duration)
-        self.counters[(event.kind.value, reason)] += 1
-        return event
+    def _eject(
+        self, name: str, evidence: _Evidence, reason: str, now: float, snapshot: FleetSnapshot
+    ) -> OutlierEvent:
+        n = self._decayed(evidence, now)
+        ejected = sum(1 for status in snapshot if status.ejected_until > now)
+        if ejected >= self.max_ejected(len(snapshot)):
+            return OutlierEvent(EventKind.OVERFLOW, name, reason, now, ejections=n)
+        n = min(n + 1, self._max_n)
+        duration = min(self.base_ejection_s * n, self.max_ejection_s)
+        until = now + duration
+        evidence.ejections = n
+        evidence.ejection_end = until
+        self._registry.update(name, ejected_until=until, ramp=self._ramp_at(until))
+        return OutlierEvent(EventKind.EJECTED, name, reason, now, n, duration)
 
-    def _uneject(self, name: str, now: float, reason: str) -> OutlierEvent:
-        host = self._hosts[name]
-        lasted = 0.0 if host.ejected_at is None else now - host.ejected_at
-        host.ejected_at = None
-        host.ejected_until = None
-        host.healthy_since = now
-        host.consecutive = 0
-        self._ejected.discard(name)
-        self.counters[(EventKind.UNEJECTED.value, reason)] += 1
-        return OutlierEvent(EventKind.UNEJECTED, name, reason, now, host.ejections, lasted)
+    def _ramp_at(self, start: float) -> Ramp | None:
+        return None if self._ramp is None else self._ramp(start)
+
+    def _forget_departed(self, snapshot: FleetSnapshot) -> None:
+        names = snapshot.names
+        for name in [n for n in self._evidence if n not in names]:
+            del self._evidence[name]
+        self._pruned_at_version = snapshot.version
+
+
+__all__ = [
+    "DEFAULT_FAILURE_STATUSES",
+    "EventKind",
+    "OutlierDetector",
+    "OutlierEvent",
+    "RampFactory",
+]

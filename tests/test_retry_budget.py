@@ -1,4 +1,7 @@
-"""Retry budget arithmetic and backoff: pure, no clock."""
+"""Retry budget arithmetic and backoff: pure, no clock.
+
+Row numbers (M15) are the test matrix in ``docs/reliability.md``.
+"""
 
 from __future__ import annotations
 
