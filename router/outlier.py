@@ -47,7 +47,7 @@ a replica whose /health is 200 while it cannot serve is exactly
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -71,9 +71,6 @@ _LOCAL_FAILURES = frozenset(
     {Outcome.CONNECT_ERROR, Outcome.TIMEOUT, Outcome.UPSTREAM_RESET, Outcome.BAD_RESPONSE}
 )
 _EVIDENCE_OF_LIFE = frozenset({Outcome.OK, Outcome.HTTP_4XX})
-
-RampFactory = Callable[[float], Ramp | None]
-"""Builds the slow-start ramp that begins at a given time (None: no ramp)."""
 
 
 class EventKind(StrEnum):
@@ -120,9 +117,10 @@ class OutlierDetector:
     ``ejected_until`` from the snapshot. Membership is the registry's; the
     evidence of a replica that left is forgotten.
 
-    ``ramp(start)`` builds the slow start that follows an ejection (None, or
-    a factory that returns None: back at full weight at once). Lift an
-    ejection only through :meth:`uneject`, so that decay starts then.
+    ``slow_start_*`` shape the ramp that follows an ejection, as the health
+    checks' after a recovery (pass the same ``[health]`` values); a window of
+    0 brings a replica back at full weight at once. Lift an ejection only
+    through :meth:`uneject`, so that decay starts then.
     """
 
     def __init__(
@@ -135,7 +133,9 @@ class OutlierDetector:
         *,
         decay_interval_s: float = DEFAULT_DECAY_INTERVAL_S,
         failure_statuses: Iterable[int] = DEFAULT_FAILURE_STATUSES,
-        ramp: RampFactory | None = None,
+        slow_start_s: float = 0.0,
+        slow_start_aggression: float = 1.0,
+        slow_start_min_weight: float = 0.1,
     ) -> None:
         if consecutive_failures < 1:
             raise ValueError("consecutive_failures must be >= 1")
@@ -143,6 +143,8 @@ class OutlierDetector:
             raise ValueError("base_ejection_s and decay_interval_s must be > 0")
         if not 0 <= max_ejection_percent <= 100:
             raise ValueError("max_ejection_percent must be in [0, 100]")
+        if slow_start_s < 0 or slow_start_aggression <= 0 or not 0 < slow_start_min_weight <= 1:
+            raise ValueError("slow start: window >= 0, aggression > 0, min_weight in (0, 1]")
         self._registry = registry
         self.consecutive_failures = consecutive_failures
         self.base_ejection_s = base_ejection_s
@@ -151,7 +153,7 @@ class OutlierDetector:
         self.max_ejection_percent = max_ejection_percent
         self.decay_interval_s = decay_interval_s
         self.failure_statuses = frozenset(failure_statuses)
-        self._ramp = ramp
+        self._slow_start = (slow_start_s, slow_start_aggression, slow_start_min_weight)
         # n beyond this no longer lengthens an ejection; capping it keeps decay
         # from taking forever after a long outage.
         self._max_n = math.ceil(self.max_ejection_s / base_ejection_s)
@@ -271,7 +273,8 @@ class OutlierDetector:
         return OutlierEvent(EventKind.EJECTED, name, reason, now, n, duration)
 
     def _ramp_at(self, start: float) -> Ramp | None:
-        return None if self._ramp is None else self._ramp(start)
+        duration, aggression, min_weight = self._slow_start
+        return Ramp(start, duration, aggression, min_weight) if duration > 0 else None
 
     def _forget_departed(self, snapshot: FleetSnapshot) -> None:
         names = snapshot.names
@@ -285,5 +288,4 @@ __all__ = [
     "EventKind",
     "OutlierDetector",
     "OutlierEvent",
-    "RampFactory",
 ]

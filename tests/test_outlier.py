@@ -231,12 +231,12 @@ def test_outcomes_while_ejected_are_ignored() -> None:
 def test_ejection_sets_a_ramp_that_starts_when_it_ends() -> None:
     """A replica back from an ejection is cold: it ramps like a restarted one."""
     reg = registry()
-    d = detector(reg, ramp=lambda start: Ramp(start, 10.0))
+    d = detector(reg, slow_start_s=10.0, slow_start_aggression=2.0, slow_start_min_weight=0.2)
     fail(d, "r0", 0.0)
     status = reg.snapshot.get("r0")
-    assert status is not None and status.ramp == Ramp(30.0, 10.0)
-    assert status.ramp_factor(30.0) == pytest.approx(0.1)
-    assert status.ramp_factor(35.0) == pytest.approx(0.5)
+    assert status is not None and status.ramp == Ramp(30.0, 10.0, 2.0, 0.2)
+    assert status.ramp_factor(30.0) == pytest.approx(0.2)
+    assert status.ramp_factor(32.5) == pytest.approx(0.5)  # sqrt(2.5 / 10)
     assert status.ramp_factor(40.0) == 1.0
 
 
@@ -264,7 +264,7 @@ def test_removed_replica_is_ignored_and_its_evidence_forgotten() -> None:
 
 def test_manual_uneject() -> None:
     reg = registry()
-    d = detector(reg, ramp=lambda start: Ramp(start, 10.0))
+    d = detector(reg, slow_start_s=10.0)
     fail(d, "r9", 0.0)
     assert d.uneject("r9", 3.0)
     status = reg.snapshot.get("r9")
@@ -285,3 +285,7 @@ def test_invalid_parameters() -> None:
         detector(base_ejection_s=0)
     with pytest.raises(ValueError):
         detector(decay_interval_s=0)
+    with pytest.raises(ValueError):
+        detector(slow_start_s=-1.0)
+    with pytest.raises(ValueError):
+        detector(slow_start_min_weight=0.0)
