@@ -1,195 +1,117 @@
-"""Active health checks and slow start.
+"""Active health checks: evidence here, the verdict in the registry.
 
-Two pure pieces with the clock passed in, and one thin asyncio loop:
+A replica's health is status, and status has one owner, the
+:class:`router.replicas.Registry`. This module keeps only the evidence the
+verdict is drawn from (per replica: the checks in a row that disagree with
+the current verdict, and the last check's reason) and writes each verdict
+change with one ``registry.update(name, health=..., ramp=...)``.
 
-- :class:`HealthState`: one replica's verdict from its checks. Rise/fall
-  thresholds (HAProxy ``rise 2`` / ``fall 3`` [H5]; SGLang added the same
-  after flapping, I10) so one slow check does not pull a replica and one lucky
-  check does not restore it. A non-expected HTTP status fails at once (Envoy
-  [E7]): a replica that answers 503 on /health is telling us, not timing out.
-- :class:`SlowStart`: a replica that comes back is cold (KV cache empty, CUDA
-  graphs maybe not captured), so its share ramps up instead of jumping to 1/N
-  (Envoy [E10], HAProxy ``slowstart`` [H3]).
-- :class:`HealthChecker`: GETs every replica's health path on an interval and
-  reports verdict changes through a callback.
+- :class:`HealthState` turns one check into a verdict change, or none; pure,
+  time passed in, so the thresholds are tested on a hand clock. Rise/fall
+  thresholds as HAProxy's ``rise 2`` / ``fall 3`` (SGLang's router added the
+  same after flapping), so one slow check does not pull a replica and one
+  lucky check does not restore it. A non-expected HTTP status fails at once
+  (Envoy's active health checking): a replica that answers 503 on /health is
+  telling us, not timing out.
+- :class:`HealthChecker` GETs every member's health path, one round every
+  interval (jittered), and applies the results.
+- :func:`health_checks`: the checker as an async context manager for the
+  app's ordered start-up and shutdown.
 
-**Before the first check** a replica is *unknown* and not routable: "routable
-until proven otherwise" would flood a replica that is still loading a 70 GB
-model. Envoy does the same when active checks are on, and, as in Envoy, a
-single check decides the first verdict (one success makes it healthy, one
-failure unhealthy), so a starting gateway does not wait ``rise`` intervals.
-:meth:`HealthChecker.start` runs that first round before it returns, so once
-the gateway listens every replica has a verdict.
+**Before the first check** a replica is ``unknown`` and not routable:
+"routable until proven otherwise" would flood a replica still loading a 70 GB
+model. As in Envoy, a single check decides the first verdict (one success
+makes it healthy, one failure unhealthy), so a starting gateway does not wait
+``rise`` intervals, and :func:`health_checks` runs that first round before
+it yields: once the gateway listens, every replica has a verdict.
 
-**Slow start only after a failure** (HAProxy: "previously seen as failed",
-never at proxy start): replicas healthy at gateway start get full weight at
-once; a replica that turns healthy after being unhealthy ramps. A replica
-added at runtime may ramp too (``slow_start_on_first=True``). The router
-should also call ``state.slow_start.begin(now)`` when an outlier ejection of
-the replica ends, since M7's "200 on /health but cannot serve" replica is
-caught by ejection, not by the health check.
+**Slow start only after a failure** (HAProxy ``slowstart``: only for a server
+"previously seen as failed", never at proxy start). A replica that was healthy
+at start-up gets full weight at once; one that turns healthy after being
+unhealthy gets a :class:`~router.replicas.Ramp` (Envoy's slow start), because
+it is cold: empty KV cache, maybe CUDA graphs not captured yet
+(``docs/reliability.md`` M7, M11). A replica *added at runtime* ramps from its
+first healthy verdict too: it is not "proxy start" for that replica, and a
+replica added to a running fleet has usually just been started. The ramp of a
+replica that comes back while still ejected starts when the ejection ends,
+when it can first take traffic. The outlier detector sets the ramp that
+follows an ejection, from the same ``[health]`` slow-start values.
+
+Membership is the registry's, re-read every round: a replica added at runtime
+is checked from the next round on, one removed is forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import random
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from types import TracebackType
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import aiohttp
 
-log = logging.getLogger(__name__)
+from router.config import HealthConfig
+from router.metrics import Metrics
+from router.replicas import FleetSnapshot, Health, Ramp, Registry
 
-# HAProxy's defaults [H5]: two good checks to come back, three bad to go.
+log = logging.getLogger("dp_router.health")
+
+# HAProxy's defaults: two good checks to come back, three bad to go.
 DEFAULT_RISE = 2
 DEFAULT_FALL = 3
-DEFAULT_PATH = "/health"  # vLLM and SGLang both serve it
-DEFAULT_INTERVAL_S = 5.0
-DEFAULT_TIMEOUT_S = 2.0
+# vLLM and SGLang answer 200 on /health once they can serve.
+DEFAULT_EXPECTED_STATUSES: frozenset[int] = frozenset({200})
 # +-10 % per interval: enough to stop N gateways from checking in lockstep.
 DEFAULT_JITTER = 0.1
-# Envoy slow start: the minimum weight is 10 % so a ramping replica still gets
-# some traffic (and so proves itself); linear ramp (aggression 1).
-DEFAULT_SLOW_START_S = 30.0
-DEFAULT_AGGRESSION = 1.0
-DEFAULT_MIN_WEIGHT = 0.1
 # Health responses are tiny; reading at most this much keeps the connection
 # reusable without letting a confused replica stream megabytes at us.
 _MAX_BODY = 64 * 1024
 
-OnChange = Callable[[str, bool, str], None]
-Targets = Callable[[], Iterable[tuple[str, str]]]
-
-
-class SlowStart:
-    """Envoy's slow-start factor: ``max(min_weight, (t / window) ** (1 / aggression))``.
-
-    ``t`` is the time since :meth:`begin`. Aggression 1 is linear; above 1 the
-    ramp is faster early; below 1, slower. Outside a ramp the factor is 1.
-    A window of 0 disables slow start.
-    """
-
-    __slots__ = ("aggression", "min_weight", "started_at", "window_s")
-
-    def __init__(
-        self,
-        window_s: float = DEFAULT_SLOW_START_S,
-        aggression: float = DEFAULT_AGGRESSION,
-        min_weight: float = DEFAULT_MIN_WEIGHT,
-    ) -> None:
-        if window_s < 0 or aggression <= 0 or not 0 < min_weight <= 1:
-            raise ValueError("slow start: window_s >= 0, aggression > 0, 0 < min_weight <= 1")
-        self.window_s = window_s
-        self.aggression = aggression
-        self.min_weight = min_weight
-        self.started_at: float | None = None
-
-    def begin(self, now: float) -> None:
-        """Start (or restart) a ramp at ``now``."""
-        if self.window_s > 0:
-            self.started_at = now
-
-    def cancel(self) -> None:
-        self.started_at = None
-
-    def active(self, now: float) -> bool:
-        return self.started_at is not None and now - self.started_at < self.window_s
-
-    def factor(self, now: float) -> float:
-        """Weight multiplier in [min_weight, 1]; 1 outside a ramp."""
-        if not self.active(now):
-            return 1.0
-        assert self.started_at is not None
-        t = max(0.0, now - self.started_at)
-        return max(self.min_weight, (t / self.window_s) ** (1.0 / self.aggression))
-
-
-@dataclass(frozen=True, slots=True)
-class HealthTransition:
-    """A verdict change. ``first``: the first verdict (from unknown)."""
-
-    healthy: bool
-    reason: str
-    at: float
-    first: bool = False
-
 
 class HealthState:
-    """One replica's health verdict from active checks (pure; time passed in).
+    """One replica's health evidence: what the next verdict is drawn from.
 
-    ``observe(ok, now)`` feeds one check; ``immediate=True`` marks a failure
-    that fails the replica at once (a non-expected status) rather than after
-    ``fall`` in a row. ``healthy`` is False while the replica is unknown.
+    The verdict itself is not here (it is the registry's): :meth:`observe`
+    is told the current one and answers with the new one, or None.
     """
 
-    __slots__ = (
-        "_healthy",
-        "fall",
-        "last_reason",
-        "rise",
-        "since",
-        "slow_start",
-        "slow_start_on_first",
-        "streak",
-    )
+    __slots__ = ("fall", "last_at", "last_reason", "rise", "streak")
 
-    def __init__(
-        self,
-        rise: int = DEFAULT_RISE,
-        fall: int = DEFAULT_FALL,
-        *,
-        slow_start: SlowStart | None = None,
-        slow_start_on_first: bool = False,
-    ) -> None:
+    def __init__(self, rise: int = DEFAULT_RISE, fall: int = DEFAULT_FALL) -> None:
         if rise < 1 or fall < 1:
             raise ValueError("rise and fall must be >= 1")
         self.rise = rise
         self.fall = fall
-        self.slow_start = slow_start if slow_start is not None else SlowStart()
-        self.slow_start_on_first = slow_start_on_first
-        self._healthy: bool | None = None  # None: no check yet
         # Checks in a row that disagree with the current verdict.
         self.streak = 0
-        # When the replica last became healthy (None: not healthy yet).
-        self.since: float | None = None
         self.last_reason = "unknown"
-
-    @property
-    def healthy(self) -> bool:
-        return self._healthy is True
-
-    @property
-    def known(self) -> bool:
-        return self._healthy is not None
-
-    def slow_start_factor(self, now: float) -> float:
-        """Weight multiplier for routing: 1 unless ramping after a recovery."""
-        return self.slow_start.factor(now)
+        self.last_at: float | None = None  # when the last check was applied
 
     def observe(
-        self, ok: bool, now: float, *, immediate: bool = False, reason: str | None = None
-    ) -> HealthTransition | None:
-        """Feed one check result; returns the transition it caused, if any.
+        self,
+        ok: bool,
+        now: float,
+        current: Health,
+        *,
+        immediate: bool = False,
+        reason: str | None = None,
+    ) -> Health | None:
+        """Feed one check; the verdict it changes ``current`` to, or None.
 
-        ``reason`` is a short fixed string for metrics (default "passed" or
-        "failed"); it is kept in ``last_reason``.
+        ``immediate`` marks a failure that fails the replica at once (a
+        non-expected status) rather than after ``fall`` in a row. ``reason``
+        is a short fixed string (default "passed" or "failed"), kept in
+        ``last_reason`` for the admin API and the transition's log line.
         """
-        reason = reason or ("passed" if ok else "failed")
-        self.last_reason = reason
-        if self._healthy is None:
-            self._healthy = ok
+        self.last_reason = reason or ("passed" if ok else "failed")
+        self.last_at = now
+        verdict = Health.HEALTHY if ok else Health.UNHEALTHY
+        if current is Health.UNKNOWN:
             self.streak = 0
-            if ok:
-                self.since = now
-                if self.slow_start_on_first:
-                    self.slow_start.begin(now)
-            return HealthTransition(ok, reason, now, first=True)
-        if ok == self._healthy:
+            return verdict
+        if verdict is current:
             self.streak = 0
             return None
         if not ok and immediate:
@@ -198,224 +120,126 @@ class HealthState:
             self.streak += 1
         if self.streak < (self.rise if ok else self.fall):
             return None
-        self._healthy = ok
         self.streak = 0
-        if ok:
-            self.since = now
-            self.slow_start.begin(now)  # it was seen failed: ramp
-        else:
-            self.since = None
-            self.slow_start.cancel()
-        return HealthTransition(ok, reason, now)
+        return verdict
 
     def __repr__(self) -> str:
-        verdict = "unknown" if self._healthy is None else ("up" if self._healthy else "down")
-        return f"HealthState({verdict}, streak={self.streak}, last={self.last_reason!r})"
+        return f"HealthState(streak={self.streak}, last={self.last_reason!r})"
+
+
+def slow_start_ramp(config: HealthConfig) -> Callable[[float], Ramp] | None:
+    """The ramp a recovered replica gets, by its start time.
+
+    None when ``slow_start_s`` is 0: slow start is off, back at full weight.
+    """
+    if config.slow_start_s <= 0:
+        return None
+    return functools.partial(
+        Ramp,
+        duration=config.slow_start_s,
+        aggression=config.slow_start_aggression,
+        min_weight=config.slow_start_min_weight,
+    )
 
 
 class HealthChecker:
-    """Background active health checks, one task per replica.
+    """Active health checks of every member of ``registry``, in rounds.
 
-    Every ``interval_s`` (jittered by +-``jitter``), GET ``base_url + path``
-    with a ``timeout_s`` deadline; a status in ``expected_statuses`` passes,
-    any other status fails at once, a timeout or connection error counts
-    toward ``fall``. Verdict changes call ``on_change(name, healthy, reason)``
-    with reason one of ``passed``, ``unexpected_status``, ``timeout``,
-    ``connect_error``, ``error``.
+    Every ``interval_s`` (+- ``jitter``), GET ``url + path`` of each member
+    with a ``timeout_s`` deadline: a status in ``expected_statuses`` passes,
+    any other fails at once, a timeout or connection error counts toward
+    ``fall``. Every member is checked, draining ones included (HAProxy's
+    ``drain`` keeps checking a server; only ``maint`` stops).
 
-    ``targets()`` returns the current ``(name, base_url)`` pairs; membership
-    is re-read every interval and on :meth:`refresh`. Leave drained or
-    maintenance replicas in or out as the router prefers (HAProxy's ``drain``
-    keeps checking, ``maint`` stops).
-
-    ``session``: give a session that is NOT the data path's: health checks
-    queued behind 100 streams in the upstream connector would time out and
-    fail healthy replicas exactly when they are busy. With ``session=None``
-    the checker owns a small session of its own (the recommended setup).
-
-    Use as ``async with HealthChecker(...)`` or ``await start()`` /
-    ``await stop()`` (an aiohttp ``cleanup_ctx`` generator can do either).
+    ``session`` must NOT be the data path's: checks queued behind 100 streams
+    in the upstream connector would time out and fail healthy replicas
+    exactly when they are busy (:func:`health_checks` makes a small one).
+    ``clock`` gives ``now`` for the registry, so it must be the clock the
+    router compares ``ejected_until`` and ramps with (by default the event
+    loop's, as the proxy uses).
     """
 
     def __init__(
         self,
-        targets: Targets,
-        on_change: OnChange,
+        registry: Registry,
+        session: aiohttp.ClientSession,
+        config: HealthConfig,
+        metrics: Metrics,
+        rng: random.Random,
         *,
-        session: aiohttp.ClientSession | None = None,
-        path: str = DEFAULT_PATH,
-        interval_s: float = DEFAULT_INTERVAL_S,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        rise: int = DEFAULT_RISE,
-        fall: int = DEFAULT_FALL,
-        expected_statuses: Iterable[int] = (200,),
+        clock: Callable[[], float] | None = None,
+        expected_statuses: Iterable[int] = DEFAULT_EXPECTED_STATUSES,
         jitter: float = DEFAULT_JITTER,
-        slow_start_s: float = DEFAULT_SLOW_START_S,
-        slow_start_aggression: float = DEFAULT_AGGRESSION,
-        slow_start_min_weight: float = DEFAULT_MIN_WEIGHT,
-        rng: random.Random | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if interval_s <= 0 or timeout_s <= 0:
-            raise ValueError("interval_s and timeout_s must be > 0")
+        if config.interval_s <= 0 or config.timeout_s <= 0:
+            raise ValueError("health interval_s and timeout_s must be > 0")
         if not 0 <= jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
-        if not path.startswith("/"):
-            raise ValueError(f"health path must start with '/', got {path!r}")
-        self._targets = targets
-        self._on_change = on_change
+        HealthState(config.healthy_threshold, config.unhealthy_threshold)  # validate now
+        self._registry = registry
         self._session = session
-        self._own_session = session is None
-        self.path = path
-        self.interval_s = interval_s
-        self.timeout_s = timeout_s
-        self.rise = rise
-        self.fall = fall
-        self.expected_statuses = frozenset(expected_statuses)
-        self.jitter = jitter
-        self._slow_start = (slow_start_s, slow_start_aggression, slow_start_min_weight)
-        SlowStart(*self._slow_start)  # validate now, not at the first replica
-        self._rng = rng if rng is not None else random.Random()
-        self._clock = clock
-        self.states: dict[str, HealthState] = {}
-        self._probes: dict[str, tuple[str, asyncio.Task[None]]] = {}
-        # Probes cancelled by a membership change, awaited at stop().
-        self._retired: set[asyncio.Task[None]] = set()
-        self._supervisor: asyncio.Task[None] | None = None
-        self._started = False
-        # Replicas present when the checker started get no slow start on their
-        # first success (HAProxy: never at proxy start); later additions do.
-        self._initial: set[str] = set()
-        # Check results by reason ("passed", "timeout", ...) for the metrics
-        # module.
-        self.counters: Counter[str] = Counter()
+        self._config = config
+        self._metrics = metrics
+        self._rng = rng
+        self._clock = clock if clock is not None else asyncio.get_running_loop().time
+        self._expected = frozenset(expected_statuses)
+        self._jitter = jitter
+        self._ramp = slow_start_ramp(config)
+        self._evidence: dict[str, HealthState] = {}
+        # Members of the first round: their first healthy verdict is "proxy
+        # start" and gets no ramp; a replica added later does ramp.
+        self._at_start: set[str] | None = None
 
-    # --- queries ----------------------------------------------------------------
+    def evidence(self, name: str) -> HealthState | None:
+        """What the checks have seen of ``name`` (None before its first check)."""
+        return self._evidence.get(name)
 
-    def state(self, name: str) -> HealthState | None:
-        return self.states.get(name)
+    async def check_round(self) -> None:
+        """Check every current member once, concurrently, and apply the results."""
+        snapshot = self._registry.snapshot
+        self._forget_departed(snapshot)
+        if self._at_start is None:
+            self._at_start = set(snapshot.names)
+        targets = [(status.name, status.url) for status in snapshot]
+        results = await asyncio.gather(
+            *(self._check(name, url) for name, url in targets), return_exceptions=True
+        )
+        for (name, _), result in zip(targets, results, strict=True):
+            if isinstance(result, Exception):
+                # A bug here must not stop the checks of the rest of the fleet.
+                log.error("health check of %s crashed", name, exc_info=result)
+            elif isinstance(result, BaseException):
+                raise result
 
-    def is_healthy(self, name: str) -> bool:
-        state = self.states.get(name)
-        return state is not None and state.healthy
-
-    def slow_start_factor(self, name: str, now: float | None = None) -> float:
-        """Weight multiplier for ``name`` (1.0 when unknown or not ramping)."""
-        state = self.states.get(name)
-        if state is None:
-            return 1.0
-        return state.slow_start_factor(self._clock() if now is None else now)
-
-    # --- lifecycle --------------------------------------------------------------
-
-    async def start(self, *, wait_first_round: bool = True) -> None:
-        """Start checking. By default returns after every replica's first check
-        (at most ``timeout_s``), so the gateway starts with verdicts."""
-        if self._started:
-            return
-        self._started = True
-        if self._session is None:
-            # Small and separate: a couple of connections per replica suffice.
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=2),
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
-        pairs = self._current_targets()
-        self._initial = {name for name, _ in pairs}
-        if wait_first_round:
-            await asyncio.gather(*(self.check_once(name, url) for name, url in pairs))
-        self._supervisor = asyncio.create_task(self._supervise(), name="health-supervisor")
-
-    async def stop(self) -> None:
-        """Cancel every check and wait for them; closes an owned session."""
-        tasks = [t for _, t in self._probes.values()] + list(self._retired)
-        if self._supervisor is not None:
-            tasks.append(self._supervisor)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._probes.clear()
-        self._retired.clear()
-        self._supervisor = None
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
-        self._started = False
-
-    async def __aenter__(self) -> HealthChecker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def refresh(self) -> None:
-        """Re-read ``targets()`` now: start probes for new replicas, stop
-        those of removed ones (call it on a membership change)."""
-        if not self._started:
-            return
-        wanted = dict(self._current_targets())
-        for name, (url, task) in list(self._probes.items()):
-            if wanted.get(name) != url:
-                task.cancel()
-                self._retired.add(task)
-                task.add_done_callback(self._retired.discard)
-                del self._probes[name]
-                if name not in wanted:
-                    self.states.pop(name, None)
-        for name, url in wanted.items():
-            if name not in self._probes:
-                # The first round already checked it: wait an interval first.
-                delay = self._next_delay() if name in self.states else 0.0
-                task = asyncio.create_task(self._probe(name, url, delay), name=f"health:{name}")
-                self._probes[name] = (url, task)
-
-    # --- checks -------------------------------------------------------------------
-
-    async def check_once(self, name: str, base_url: str) -> HealthTransition | None:
-        """One check of one replica, applied to its state; returns any transition."""
-        ok, immediate, reason = await self._probe_once(base_url)
-        self.counters[reason] += 1
-        state = self.states.get(name)
-        if state is None:
-            state = self.states[name] = HealthState(
-                self.rise,
-                self.fall,
-                slow_start=SlowStart(*self._slow_start),
-                slow_start_on_first=name not in self._initial,
-            )
-        transition = state.observe(ok, self._clock(), immediate=immediate, reason=reason)
-        if transition is not None:
-            log.info(
-                "replica %s is %s (%s)",
-                name,
-                "healthy" if transition.healthy else "unhealthy",
-                reason,
-            )
+    async def run(self) -> None:
+        """Check rounds until cancelled, each an interval after the last began."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            await asyncio.sleep(max(0.0, started + self._next_interval() - loop.time()))
+            started = loop.time()
             try:
-                self._on_change(name, transition.healthy, reason)
+                await self.check_round()
             except Exception:
-                # A broken callback must not stop the checks of the fleet.
-                log.exception("health on_change callback failed for %s", name)
-        return transition
+                log.exception("health check round failed; the next one runs as usual")
 
-    async def _probe_once(self, base_url: str) -> tuple[bool, bool, str]:
+    # --- internals ----------------------------------------------------------------
+
+    async def _check(self, name: str, url: str) -> None:
+        ok, immediate, reason = await self._probe(url)
+        self._apply(name, url, ok, immediate, reason)
+
+    async def _probe(self, base_url: str) -> tuple[bool, bool, str]:
         """(ok, fail_at_once, reason) for one GET of the health path."""
-        assert self._session is not None, "start() the checker first"
-        url = base_url.rstrip("/") + self.path
+        url = base_url.rstrip("/") + self._config.path
         try:
             async with self._session.get(
                 url,
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                timeout=aiohttp.ClientTimeout(total=self._config.timeout_s),
                 allow_redirects=False,
             ) as resp:
                 await resp.content.read(_MAX_BODY)
-                if resp.status in self.expected_statuses:
+                if resp.status in self._expected:
                     return True, False, "passed"
                 return False, True, "unexpected_status"
         except TimeoutError:
@@ -425,38 +249,111 @@ class HealthChecker:
         except aiohttp.ClientError:
             return False, False, "error"
 
-    async def _probe(self, name: str, url: str, delay: float) -> None:
-        await asyncio.sleep(delay)
-        while True:
+    def _apply(self, name: str, url: str, ok: bool, immediate: bool, reason: str) -> None:
+        current = self._registry.snapshot.get(name)
+        if current is None or current.url != url:
+            return  # removed (or replaced) while the check ran: not its evidence
+        state = self._evidence.get(name)
+        if state is None:
+            state = self._evidence[name] = HealthState(
+                self._config.healthy_threshold, self._config.unhealthy_threshold
+            )
+        now = self._clock()
+        verdict = state.observe(ok, now, current.health, immediate=immediate, reason=reason)
+        if verdict is None:
+            return
+        if verdict is Health.UNHEALTHY:
+            # Any ramp is moot while down; the recovery starts a fresh one.
+            self._registry.update(name, health=verdict, ramp=None)
+        elif self._cold(name, current.health):
+            # Routable from the end of any ejection on: ramp from there.
+            start = max(now, current.ejected_until)
+            ramp = None if self._ramp is None else self._ramp(start)
+            self._registry.update(name, health=verdict, ramp=ramp)
+        else:
+            self._registry.update(name, health=verdict)
+        self._metrics.health_transitions.labels(name, verdict.value).inc()
+        level = logging.INFO if verdict is Health.HEALTHY else logging.WARNING
+        log.log(level, "replica %s is %s (%s)", name, verdict.value, reason)
+
+    def _cold(self, name: str, was: Health) -> bool:
+        """Whether turning healthy from ``was`` deserves slow start."""
+        if was is Health.UNHEALTHY:
+            return True  # "previously seen as failed"
+        return was is Health.UNKNOWN and name not in (self._at_start or ())
+
+    def _forget_departed(self, snapshot: FleetSnapshot) -> None:
+        names = snapshot.names
+        for name in [n for n in self._evidence if n not in names]:
+            del self._evidence[name]
+        if self._at_start is not None:
+            # Back under the same name later, it is a runtime add: it ramps.
+            self._at_start &= names
+
+    def _next_interval(self) -> float:
+        spread = self._config.interval_s * self._jitter
+        return self._config.interval_s + self._rng.uniform(-spread, spread)
+
+
+@contextlib.asynccontextmanager
+async def health_checks(
+    registry: Registry,
+    session: aiohttp.ClientSession | None,
+    config: HealthConfig,
+    metrics: Metrics,
+    rng: random.Random,
+    *,
+    clock: Callable[[], float] | None = None,
+    expected_statuses: Iterable[int] = DEFAULT_EXPECTED_STATUSES,
+    jitter: float = DEFAULT_JITTER,
+) -> AsyncIterator[HealthChecker]:
+    """Run health checks for the body of the ``async with``.
+
+    On enter, the first round runs to completion (at most ``timeout_s``), so
+    every replica has a verdict before the gateway listens; then rounds run
+    in one background task. On exit that task is cancelled and awaited, and a
+    session made here is closed: nothing is left running. ``session=None``
+    (recommended) makes a small session of the checker's own. The caller
+    decides whether checks run at all (``config.enabled`` is not read here);
+    with checks on, build the registry with ``initial_health=Health.UNKNOWN``.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if session is None:
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    # Rounds do not overlap: one check in flight per replica.
+                    connector=aiohttp.TCPConnector(limit=0, limit_per_host=1),
+                    timeout=aiohttp.ClientTimeout(total=None),
+                )
+            )
+        checker = HealthChecker(
+            registry,
+            session,
+            config,
+            metrics,
+            rng,
+            clock=clock,
+            expected_statuses=expected_statuses,
+            jitter=jitter,
+        )
+        await checker.check_round()
+        task = asyncio.create_task(checker.run(), name="health-checks")
+        try:
+            yield checker
+        finally:
+            task.cancel()
             try:
-                await self.check_once(name, url)
+                await task
             except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("health check of %s crashed; retrying next interval", name)
-            await asyncio.sleep(self._next_delay())
-
-    async def _supervise(self) -> None:
-        while True:
-            try:
-                self.refresh()
-            except Exception:
-                log.exception("health checker: reading targets failed")
-            await asyncio.sleep(self.interval_s)
-
-    def _current_targets(self) -> list[tuple[str, str]]:
-        return list(dict(self._targets()).items())
-
-    def _next_delay(self) -> float:
-        spread = self.interval_s * self.jitter
-        return self.interval_s + self._rng.uniform(-spread, spread)
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our own cancellation, not the task's: pass it on
 
 
 __all__ = [
+    "DEFAULT_EXPECTED_STATUSES",
     "HealthChecker",
     "HealthState",
-    "HealthTransition",
-    "OnChange",
-    "SlowStart",
-    "Targets",
+    "health_checks",
+    "slow_start_ramp",
 ]

@@ -1,4 +1,7 @@
-"""Health verdicts and slow start on a hand clock; the checker on real sockets."""
+"""Health verdicts on a hand clock; the checker against real servers on loopback.
+
+Row numbers (M7, M11) are the test matrix in ``docs/reliability.md``.
+"""
 
 from __future__ import annotations
 
@@ -7,137 +10,109 @@ import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 
-from router.health import HealthChecker, HealthState, HealthTransition, SlowStart
+from router.config import HealthConfig, ReplicaConfig
+from router.health import HealthChecker, HealthState, health_checks, slow_start_ramp
+from router.metrics import Metrics
+from router.replicas import FleetSnapshot, Health, Ramp, Registry
 
-# --- HealthState ----------------------------------------------------------------
+UNKNOWN, HEALTHY, UNHEALTHY = Health.UNKNOWN, Health.HEALTHY, Health.UNHEALTHY
+
+# --- HealthState: the verdict from evidence -------------------------------------
 
 
-def test_unknown_replica_is_not_healthy_and_one_success_decides() -> None:
+def test_one_success_decides_the_first_verdict() -> None:
     state = HealthState(rise=2, fall=3)
-    assert not state.healthy and not state.known
-    assert state.observe(True, 1.0) == HealthTransition(True, "passed", 1.0, first=True)
-    assert state.healthy and state.since == 1.0
-    # Healthy at start: no ramp (HAProxy never slow-starts at proxy start).
-    assert state.slow_start_factor(1.0) == 1.0
+    assert state.observe(True, 1.0, UNKNOWN) is HEALTHY
+    assert (state.streak, state.last_reason, state.last_at) == (0, "passed", 1.0)
 
 
 def test_one_failure_decides_the_first_verdict() -> None:
     state = HealthState(rise=2, fall=3)
-    transition = state.observe(False, 0.0, reason="connect_error")
-    assert transition == HealthTransition(False, "connect_error", 0.0, first=True)
-    assert state.known and not state.healthy and state.since is None
+    assert state.observe(False, 0.0, UNKNOWN, reason="connect_error") is UNHEALTHY
+    assert state.last_reason == "connect_error"
 
 
 def test_fall_threshold() -> None:
     state = HealthState(rise=2, fall=3)
-    state.observe(True, 0.0)
-    assert state.observe(False, 1.0) is None
-    assert state.observe(False, 2.0) is None
-    assert state.healthy
-    transition = state.observe(False, 3.0, reason="timeout")
-    assert transition is not None and not transition.healthy and transition.reason == "timeout"
-    assert not state.healthy
+    assert state.observe(False, 1.0, HEALTHY) is None
+    assert state.observe(False, 2.0, HEALTHY) is None
+    assert state.observe(False, 3.0, HEALTHY, reason="timeout") is UNHEALTHY
+    assert state.streak == 0 and state.last_reason == "timeout"
 
 
 def test_rise_threshold_and_interleaved_results_reset_the_streak() -> None:
     state = HealthState(rise=2, fall=1)
-    state.observe(False, 0.0)
-    assert state.observe(True, 1.0) is None
-    assert state.observe(False, 2.0) is None  # still down; the up-streak is gone
-    assert state.observe(True, 3.0) is None
-    transition = state.observe(True, 4.0)
-    assert transition == HealthTransition(True, "passed", 4.0)
-    assert state.since == 4.0
+    assert state.observe(True, 1.0, UNHEALTHY) is None
+    assert state.observe(False, 2.0, UNHEALTHY) is None  # still down; the up-streak is gone
+    assert state.observe(True, 3.0, UNHEALTHY) is None
+    assert state.observe(True, 4.0, UNHEALTHY) is HEALTHY
 
 
 def test_a_success_resets_the_failure_streak() -> None:
     state = HealthState(rise=2, fall=3)
-    state.observe(True, 0.0)
-    state.observe(False, 1.0)
-    state.observe(False, 2.0)
-    state.observe(True, 3.0)
-    state.observe(False, 4.0)
-    state.observe(False, 5.0)
-    assert state.healthy
+    for ok in (False, False, True, False, False):
+        assert state.observe(ok, 0.0, HEALTHY) is None
 
 
 def test_non_expected_status_fails_at_once() -> None:
     state = HealthState(rise=2, fall=3)
-    state.observe(True, 0.0)
-    transition = state.observe(False, 1.0, immediate=True, reason="unexpected_status")
-    assert transition is not None and not transition.healthy
-    assert transition.reason == "unexpected_status"
+    verdict = state.observe(False, 1.0, HEALTHY, immediate=True, reason="unexpected_status")
+    assert verdict is UNHEALTHY
 
 
-def test_recovery_after_failure_starts_slow_start() -> None:
-    state = HealthState(rise=1, fall=1, slow_start=SlowStart(window_s=10.0))
-    state.observe(True, 0.0)
-    state.observe(False, 5.0)
-    state.observe(True, 20.0)
-    assert state.slow_start_factor(20.0) == pytest.approx(0.1)
-    assert state.slow_start_factor(25.0) == pytest.approx(0.5)
-    assert state.slow_start_factor(30.0) == 1.0
-    # Going down again ends the ramp; coming back restarts it.
-    state.observe(False, 26.0)
-    assert state.slow_start_factor(26.0) == 1.0  # not routable anyway
-    state.observe(True, 40.0)
-    assert state.slow_start_factor(41.0) == pytest.approx(0.1)
-
-
-def test_replica_added_at_runtime_can_ramp_from_its_first_success() -> None:
-    state = HealthState(slow_start=SlowStart(window_s=10.0), slow_start_on_first=True)
-    state.observe(True, 100.0)
-    assert state.slow_start_factor(105.0) == pytest.approx(0.5)
+def test_immediate_does_not_speed_up_a_recovery() -> None:
+    state = HealthState(rise=2, fall=3)
+    assert state.observe(True, 1.0, UNHEALTHY, immediate=True) is None
 
 
 def test_invalid_thresholds() -> None:
     with pytest.raises(ValueError):
         HealthState(rise=0)
+    with pytest.raises(ValueError):
+        HealthState(fall=0)
 
 
-# --- SlowStart ------------------------------------------------------------------
+# --- slow start -------------------------------------------------------------------
+
+
+def test_slow_start_ramp_uses_the_configured_curve() -> None:
+    make = slow_start_ramp(
+        HealthConfig(slow_start_s=20.0, slow_start_aggression=2.0, slow_start_min_weight=0.1)
+    )
+    assert make is not None
+    ramp = make(100.0)
+    assert ramp == Ramp(100.0, 20.0, 2.0, 0.1)
+    # Envoy's (t / window) ** (1 / aggression): 5 s into 20 s at aggression 2 -> 0.5
+    assert ramp.factor(105.0) == pytest.approx(0.5)
+    assert ramp.factor(100.1) == pytest.approx(0.1)  # the floor: sqrt(0.005) = 0.07
+
+
+def test_zero_window_disables_slow_start() -> None:
+    assert slow_start_ramp(HealthConfig(slow_start_s=0.0)) is None
 
 
 @pytest.mark.parametrize("aggression", [0.5, 1.0, 1.5, 3.0])
 def test_slow_start_curve_is_monotonic_bounded_and_ends_at_one(aggression: float) -> None:
-    ramp = SlowStart(window_s=30.0, aggression=aggression, min_weight=0.1)
-    ramp.begin(100.0)
-    samples = [ramp.factor(100.0 + t / 10) for t in range(0, 400)]
+    make = slow_start_ramp(HealthConfig(slow_start_s=30.0, slow_start_aggression=aggression))
+    assert make is not None
+    ramp = make(100.0)
+    samples = [ramp.factor(100.0 + t / 10) for t in range(400)]
     assert samples == sorted(samples)
     assert min(samples) == pytest.approx(0.1)
     assert all(0.1 <= f <= 1.0 for f in samples)
-    assert ramp.factor(130.0) == 1.0
-    assert not ramp.active(130.0)
+    assert ramp.factor(130.0) == 1.0 and not ramp.active(130.0)
 
 
-def test_slow_start_matches_envoys_formula() -> None:
-    ramp = SlowStart(window_s=20.0, aggression=2.0, min_weight=0.1)
-    ramp.begin(0.0)
-    # (t / window) ** (1 / aggression): 5 s into 20 s at aggression 2 -> 0.5
-    assert ramp.factor(5.0) == pytest.approx(0.5)
-    assert ramp.factor(0.1) == pytest.approx(0.1)  # floor: sqrt(0.005) = 0.07
-
-
-def test_zero_window_disables_slow_start() -> None:
-    ramp = SlowStart(window_s=0.0)
-    ramp.begin(0.0)
-    assert ramp.factor(0.0) == 1.0
-
-
-def test_invalid_slow_start() -> None:
-    with pytest.raises(ValueError):
-        SlowStart(min_weight=0.0)
-    with pytest.raises(ValueError):
-        SlowStart(aggression=0.0)
-
-
-# --- HealthChecker against a real server -----------------------------------------
+# --- helpers for the checker ------------------------------------------------------
 
 INTERVAL = 0.2
+TIMEOUT = 0.3
+# Slack on every time bound: shared CI machines are noisy.
 SLACK = 0.5
 
 
@@ -157,20 +132,38 @@ class FakeReplica:
         return web.Response(status=self.status, text="ok")
 
 
+class Server:
+    """A real aiohttp server for one FakeReplica that a test can stop and restart."""
+
+    def __init__(self, fake: FakeReplica) -> None:
+        self.fake = fake
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Listen (again, on the same port after the first start)."""
+        app = web.Application()
+        app.router.add_get("/health", self.fake.health)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        self.port = self._runner.addresses[0][1]
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self.fake.release.set()
+            await self._runner.cleanup()
+            self._runner = None
+
+
 @asynccontextmanager
-async def serve(fake: FakeReplica, port: int = 0) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_get("/health", fake.health)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    host, bound = runner.addresses[0][:2]
+async def serve(fake: FakeReplica) -> AsyncIterator[str]:
+    server = Server(fake)
     try:
-        yield f"http://{host}:{bound}"
+        yield await server.start()
     finally:
-        fake.release.set()
-        await runner.cleanup()
+        await server.stop()
 
 
 def closed_port_url() -> str:
@@ -180,158 +173,337 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-class Changes:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, bool, str]] = []
-
-    def __call__(self, name: str, healthy: bool, reason: str) -> None:
-        self.seen.append((name, healthy, reason))
-
-    async def wait_for(self, expected: tuple[str, bool, str], timeout: float) -> None:
-        """Wait for ``expected`` to be reported, then forget what was seen."""
-        async with asyncio.timeout(timeout):
-            while expected not in self.seen:
-                await asyncio.sleep(0.01)
-        self.seen.clear()
+def replica(name: str, url: str) -> ReplicaConfig:
+    return ReplicaConfig(url=url, name=name, models=("m",))
 
 
-def checker(
-    targets: Callable[[], list[tuple[str, str]]], changes: Changes, **kw: float
-) -> HealthChecker:
-    params = {"interval_s": INTERVAL, "timeout_s": 0.3, "rise": 2, "fall": 2}
+def fleet(**urls: str) -> Registry:
+    """Replicas start unknown, as they do when active checks are on."""
+    return Registry(tuple(replica(n, u) for n, u in urls.items()), initial_health=Health.UNKNOWN)
+
+
+def config(**kw: Any) -> HealthConfig:
+    params: dict[str, Any] = {
+        "interval_s": INTERVAL,
+        "timeout_s": TIMEOUT,
+        "healthy_threshold": 2,
+        "unhealthy_threshold": 2,
+        "slow_start_s": 10.0,
+    }
     params.update(kw)
-    return HealthChecker(
-        targets,
-        changes,
-        interval_s=params["interval_s"],
-        timeout_s=params["timeout_s"],
-        rise=int(params["rise"]),
-        fall=int(params["fall"]),
-        slow_start_s=5.0,
-        rng=random.Random(12345),
+    return HealthConfig(**params)
+
+
+def health(reg: Registry, name: str) -> Health:
+    status = reg.snapshot.get(name)
+    assert status is not None
+    return status.health
+
+
+def transitions(metrics: Metrics, name: str, to: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "dp_router_health_transitions_total", {"replica": name, "to": to}
     )
+    return value or 0.0
 
 
-async def test_first_round_runs_before_start_returns() -> None:
+async def wait_for(reg: Registry, cond: Callable[[FleetSnapshot], bool], timeout: float) -> None:
+    """Wait until ``cond`` holds for the registry's snapshot (polled, bounded)."""
+    async with asyncio.timeout(timeout):
+        while not cond(reg.snapshot):
+            await asyncio.sleep(0.01)
+
+
+def is_(name: str, verdict: Health) -> Callable[[FleetSnapshot], bool]:
+    def cond(snapshot: FleetSnapshot) -> bool:
+        status = snapshot.get(name)
+        return status is not None and status.health is verdict
+
+    return cond
+
+
+class Clock:
+    """A hand clock for the checker's ``now``; the sockets keep real time."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def hand_checker(
+    reg: Registry, clock: Clock, **kw: Any
+) -> AsyncIterator[tuple[HealthChecker, Metrics]]:
+    """A checker driven round by round (no background task)."""
+    metrics = Metrics()
+    async with ClientSession() as session:
+        yield (
+            HealthChecker(reg, session, config(**kw), metrics, random.Random(12345), clock=clock),
+            metrics,
+        )
+
+
+# --- the checker, round by round on a hand clock ----------------------------------
+
+
+async def test_first_round_decides_and_gives_no_ramp_at_start() -> None:
     up, down = FakeReplica(), FakeReplica()
     down.status = 503
-    changes = Changes()
     async with serve(up) as up_url, serve(down) as down_url:
-        targets = [("up", up_url), ("down", down_url)]
-        async with checker(lambda: targets, changes) as hc:
-            assert hc.is_healthy("up")
-            assert not hc.is_healthy("down")
-            assert sorted(changes.seen) == [
-                ("down", False, "unexpected_status"),
-                ("up", True, "passed"),
-            ]
-            assert hc.slow_start_factor("up") == 1.0  # present at start: no ramp
+        reg = fleet(up=up_url, down=down_url)
+        async with hand_checker(reg, Clock()) as (hc, metrics):
+            await hc.check_round()
+        assert (health(reg, "up"), health(reg, "down")) == (HEALTHY, UNHEALTHY)
+        status = reg.snapshot.get("up")
+        assert status is not None and status.ramp is None  # HAProxy: never at start
+        assert transitions(metrics, "up", "healthy") == 1
+        assert transitions(metrics, "down", "unhealthy") == 1
+        evidence = hc.evidence("down")
+        assert evidence is not None and evidence.last_reason == "unexpected_status"
 
 
-async def test_flipping_health_status_marks_down_at_once_and_up_after_rise() -> None:
+async def test_recovery_after_failure_ramps_and_going_down_clears_the_ramp() -> None:
     fake = FakeReplica()
-    changes = Changes()
-    async with serve(fake) as url, checker(lambda: [("a", url)], changes) as hc:
-        assert hc.is_healthy("a")
-        changes.seen.clear()
-        fake.status = 503
-        # A non-expected status fails at once: within one interval (+ jitter).
-        await changes.wait_for(("a", False, "unexpected_status"), INTERVAL * 1.1 + SLACK)
-        assert not hc.is_healthy("a")
-        fake.status = 200
-        await changes.wait_for(("a", True, "passed"), 2 * INTERVAL * 1.1 + SLACK)
-        state = hc.state("a")
-        assert state is not None and state.healthy
-        # Seen failed, so it ramps (slow_start_s=5 in these tests).
-        assert hc.slow_start_factor("a") < 1.0
-
-
-async def test_dead_replica_fails_after_fall_connect_errors() -> None:
-    fake = FakeReplica()
-    changes = Changes()
+    clock = Clock(1000.0)
     async with serve(fake) as url:
-        port = int(url.rsplit(":", 1)[1])
-        hc = checker(lambda: [("a", url)], changes)
-        await hc.start()
-        try:
-            assert hc.is_healthy("a")
-        except BaseException:
-            await hc.stop()
-            raise
-    # The server is gone: connection refused, counted toward fall (2).
+        reg = fleet(a=url)
+        async with hand_checker(reg, clock) as (hc, metrics):
+            await hc.check_round()
+            fake.status = 500
+            clock.now = 1005.0
+            await hc.check_round()  # a non-expected status: down at once
+            assert health(reg, "a") is UNHEALTHY
+            fake.status = 200
+            clock.now = 1010.0
+            await hc.check_round()
+            assert health(reg, "a") is UNHEALTHY  # rise is 2
+            clock.now = 1015.0
+            await hc.check_round()
+            status = reg.snapshot.get("a")
+            assert status is not None and status.health is HEALTHY
+            assert status.ramp == Ramp(1015.0, 10.0, 1.0, 0.1)
+            assert status.ramp_factor(1020.0) == pytest.approx(0.5)
+            fake.status = 503
+            clock.now = 1016.0
+            await hc.check_round()
+            status = reg.snapshot.get("a")
+            assert status is not None and status.health is UNHEALTHY and status.ramp is None
+        assert transitions(metrics, "a", "healthy") == 2
+        assert transitions(metrics, "a", "unhealthy") == 2
+
+
+async def test_a_checked_replica_that_stays_healthy_changes_no_status() -> None:
+    fake = FakeReplica()
+    async with serve(fake) as url:
+        reg = fleet(a=url)
+        async with hand_checker(reg, Clock()) as (hc, _):
+            await hc.check_round()
+            version = reg.snapshot.version
+            for _ in range(3):
+                await hc.check_round()
+            assert reg.snapshot.version == version
+
+
+async def test_recovery_while_ejected_ramps_from_the_end_of_the_ejection() -> None:
+    fake = FakeReplica()
+    fake.status = 503
+    clock = Clock(1000.0)
+    async with serve(fake) as url:
+        reg = fleet(a=url)
+        async with hand_checker(reg, clock, healthy_threshold=1) as (hc, _):
+            await hc.check_round()
+            reg.update("a", ejected_until=1050.0)
+            fake.status = 200
+            clock.now = 1010.0
+            await hc.check_round()
+        status = reg.snapshot.get("a")
+        assert status is not None and status.ramp is not None
+        assert status.ramp.start == 1050.0
+
+
+async def test_zero_slow_start_window_means_full_weight_on_recovery() -> None:
+    fake = FakeReplica()
+    fake.status = 503
+    async with serve(fake) as url:
+        reg = fleet(a=url)
+        async with hand_checker(reg, Clock(), healthy_threshold=1, slow_start_s=0.0) as (hc, _):
+            await hc.check_round()
+            fake.status = 200
+            await hc.check_round()
+        status = reg.snapshot.get("a")
+        assert status is not None and status.health is HEALTHY and status.ramp is None
+
+
+async def test_membership_is_read_from_the_registry_every_round() -> None:
+    a, b = FakeReplica(), FakeReplica()
+    clock = Clock(1000.0)
+    async with serve(a) as a_url, serve(b) as b_url:
+        reg = fleet(a=a_url)
+        async with hand_checker(reg, clock) as (hc, _):
+            await hc.check_round()
+            # Added at runtime: unknown until checked, then healthy AND ramping,
+            # since for this replica it is not "proxy start".
+            reg.add(replica("b", b_url))
+            assert health(reg, "b") is UNKNOWN
+            clock.now = 1001.0
+            await hc.check_round()
+            status = reg.snapshot.get("b")
+            assert status is not None and status.health is HEALTHY
+            assert status.ramp is not None and status.ramp.start == 1001.0
+            # Removed: no more checks, its evidence forgotten.
+            reg.remove("a")
+            hits = a.hits
+            await hc.check_round()
+            assert a.hits == hits and hc.evidence("a") is None
+            # Back under the same name: a runtime add, so it ramps.
+            reg.add(replica("a", a_url))
+            clock.now = 1002.0
+            await hc.check_round()
+            status = reg.snapshot.get("a")
+            assert status is not None and status.ramp is not None
+            assert status.ramp.start == 1002.0
+
+
+async def test_unreachable_replica_is_a_connect_error_and_counts_toward_fall() -> None:
+    reg = Registry((replica("gone", closed_port_url()),), initial_health=Health.HEALTHY)
+    async with hand_checker(reg, Clock()) as (hc, _):
+        await hc.check_round()
+        assert health(reg, "gone") is HEALTHY  # one of fall (2)
+        evidence = hc.evidence("gone")
+        assert evidence is not None and evidence.last_reason == "connect_error"
+        await hc.check_round()
+        assert health(reg, "gone") is UNHEALTHY
+
+
+async def test_a_crash_while_applying_one_result_spares_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = FakeReplica(), FakeReplica()
+    async with serve(a) as a_url, serve(b) as b_url:
+        reg = fleet(a=a_url, b=b_url)
+
+        def explode(new: FleetSnapshot, old: FleetSnapshot) -> None:
+            before, after = old.get("a"), new.get("a")
+            if before is not None and after is not None and before.health != after.health:
+                raise RuntimeError("boom")
+
+        reg.subscribe(explode)
+        async with hand_checker(reg, Clock()) as (hc, metrics):
+            await hc.check_round()  # logs a's crash, does not raise
+        assert transitions(metrics, "b", "healthy") == 1  # b's result fully applied
+        assert "health check of a crashed" in caplog.text
+
+
+async def test_invalid_config_is_refused() -> None:
+    async with ClientSession() as session:
+        for bad in ({"interval_s": 0.0}, {"timeout_s": 0.0}, {"healthy_threshold": 0}):
+            with pytest.raises(ValueError):
+                HealthChecker(fleet(), session, config(**bad), Metrics(), random.Random(0))
+
+
+# --- health_checks: the live loop ---------------------------------------------------
+
+# One round every INTERVAL (+10 % jitter); a round lasts at most TIMEOUT.
+ROUND = INTERVAL * 1.1 + TIMEOUT
+
+
+@asynccontextmanager
+async def live(reg: Registry, **kw: Any) -> AsyncIterator[tuple[HealthChecker, Metrics]]:
+    metrics = Metrics()
+    async with health_checks(reg, None, config(**kw), metrics, random.Random(12345)) as hc:
+        yield hc, metrics
+
+
+def health_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "health-checks"]
+
+
+async def test_every_replica_has_a_verdict_when_enter_returns() -> None:
+    up, down = FakeReplica(), FakeReplica()
+    down.status = 503
+    async with serve(up) as up_url, serve(down) as down_url:
+        reg = fleet(up=up_url, down=down_url, gone=closed_port_url())
+        async with live(reg):
+            assert {s.name: s.health for s in reg.snapshot} == {
+                "up": HEALTHY,
+                "down": UNHEALTHY,
+                "gone": UNHEALTHY,
+            }
+            assert len(health_tasks()) == 1
+
+
+async def test_flipping_status_marks_down_at_once_and_up_after_rise() -> None:
+    fake = FakeReplica()
+    async with serve(fake) as url:
+        reg = fleet(a=url)
+        async with live(reg) as (_, metrics):
+            assert health(reg, "a") is HEALTHY
+            fake.status = 503
+            # A non-expected status fails at once: within one round.
+            await wait_for(reg, is_("a", UNHEALTHY), ROUND + SLACK)
+            fake.status = 200
+            await wait_for(reg, is_("a", HEALTHY), 2 * ROUND + SLACK)
+            status = reg.snapshot.get("a")
+            assert status is not None and status.ramp is not None  # seen failed: ramps
+        assert transitions(metrics, "a", "unhealthy") == 1
+        assert transitions(metrics, "a", "healthy") == 2
+
+
+async def test_dead_replica_fails_after_fall_and_is_readmitted_after_rise() -> None:
+    """M11: killed, then brought back on the same port; it ramps once back (M7)."""
+    server = Server(FakeReplica())
     try:
-        await changes.wait_for(("a", False, "connect_error"), 2 * INTERVAL * 1.1 + SLACK)
-        assert hc.counters["connect_error"] >= 2
-        # Restart on the same port: re-admitted after rise (2) checks (M11).
-        async with serve(fake, port=port):
-            await changes.wait_for(("a", True, "passed"), 2 * INTERVAL * 1.1 + SLACK)
+        reg = fleet(a=await server.start())
+        async with live(reg) as (hc, _):
+            assert health(reg, "a") is HEALTHY
+            await server.stop()
+            # Connection refused, counted toward fall (2): two rounds.
+            await wait_for(reg, is_("a", UNHEALTHY), 2 * ROUND + SLACK)
+            evidence = hc.evidence("a")
+            assert evidence is not None and evidence.last_reason == "connect_error"
+            await server.start()
+            # Re-admitted after rise (2) passing checks.
+            await wait_for(reg, is_("a", HEALTHY), 2 * ROUND + SLACK)
+            status = reg.snapshot.get("a")
+            assert status is not None and status.ramp is not None
     finally:
-        await hc.stop()
+        await server.stop()
 
 
 async def test_hanging_replica_times_out() -> None:
     fake = FakeReplica()
-    changes = Changes()
-    async with serve(fake) as url, checker(lambda: [("a", url)], changes, fall=1) as hc:
-        fake.hang = True
-        await changes.wait_for(("a", False, "timeout"), INTERVAL * 1.1 + 0.3 + SLACK)
-        assert not hc.is_healthy("a")
+    async with serve(fake) as url:
+        reg = fleet(a=url)
+        async with live(reg, unhealthy_threshold=1) as (hc, _):
+            fake.hang = True
+            await wait_for(reg, is_("a", UNHEALTHY), ROUND + SLACK)
+            evidence = hc.evidence("a")
+            assert evidence is not None and evidence.last_reason == "timeout"
 
 
-async def test_unreachable_at_start_is_unhealthy_not_routable() -> None:
-    changes = Changes()
-    async with checker(lambda: [("gone", closed_port_url())], changes) as hc:
-        assert not hc.is_healthy("gone")
-        assert changes.seen == [("gone", False, "connect_error")]
-
-
-async def test_membership_changes_are_picked_up() -> None:
+async def test_a_replica_added_at_runtime_is_checked_by_the_loop() -> None:
     a, b = FakeReplica(), FakeReplica()
-    changes = Changes()
     async with serve(a) as a_url, serve(b) as b_url:
-        targets = [("a", a_url)]
-        async with checker(lambda: list(targets), changes) as hc:
-            targets.append(("b", b_url))
-            hc.refresh()
-            await changes.wait_for(("b", True, "passed"), SLACK)
-            # Added at runtime: it ramps from its first success.
-            assert hc.slow_start_factor("b") < 1.0
-            targets.remove(("a", a_url))
-            hc.refresh()
-            assert hc.state("a") is None
-            await asyncio.sleep(0.05)  # a probe cancelled mid-request may still land
-            hits = a.hits
-            await asyncio.sleep(2 * INTERVAL)
-            assert a.hits == hits  # no more checks of a removed replica
+        reg = fleet(a=a_url)
+        async with live(reg):
+            reg.add(replica("b", b_url))
+            await wait_for(reg, is_("b", HEALTHY), ROUND + SLACK)
 
 
-async def test_a_failing_callback_does_not_stop_the_checks() -> None:
+async def test_exit_stops_the_loop_even_mid_check() -> None:
     fake = FakeReplica()
-    calls: list[bool] = []
-
-    def explode(name: str, healthy: bool, reason: str) -> None:
-        calls.append(healthy)
-        raise RuntimeError("boom")
-
     async with serve(fake) as url:
-        hc = HealthChecker(
-            lambda: [("a", url)], explode, interval_s=INTERVAL, timeout_s=0.3, fall=1
-        )
-        async with hc:
-            fake.status = 500
-            async with asyncio.timeout(INTERVAL * 1.1 + SLACK):
-                while len(calls) < 2:
+        reg = fleet(a=url)
+        loop = asyncio.get_running_loop()
+        async with live(reg):
+            fake.hang = True
+            hits = fake.hits
+            async with asyncio.timeout(ROUND + SLACK):
+                while fake.hits == hits:  # a check is now waiting on the replica
                     await asyncio.sleep(0.01)
-    assert calls == [True, False]
-
-
-async def test_stop_leaves_no_tasks_behind() -> None:
-    fake = FakeReplica()
-    async with serve(fake) as url:
-        hc = checker(lambda: [("a", url), ("b", url)], Changes())
-        await hc.start()
-        await asyncio.sleep(INTERVAL)
-        assert len([t for t in asyncio.all_tasks() if t.get_name().startswith("health")]) == 3
-        await hc.stop()
-        # The checker's own tasks are gone (the server's handlers may linger).
-        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("health")]
+            left_at = loop.time()
+        # Cancelled, not waited out: well under the check's timeout.
+        assert loop.time() - left_at < TIMEOUT
+        assert health_tasks() == []
