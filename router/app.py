@@ -143,6 +143,7 @@ class Gateway:
         self.data_app = create_data_app(self.proxy, config.server.max_body_bytes)
         self.admin_app = create_admin_app(self.proxy, config.admin.token)
         self._stack = contextlib.AsyncExitStack()
+        self.data_runner: web.AppRunner | None = None
         self.data_port = 0
         self.admin_port = 0
 
@@ -193,18 +194,22 @@ class Gateway:
             await stack.enter_async_context(
                 health_checks(
                     self.registry,
-                    session,
+                    # Its own small session: checks must not queue behind
+                    # long streams in the data path's connection pool.
+                    None,
                     cfg.health,
                     self.metrics,
                     random.Random(self.rng.random()),
                 )
             )
-        self.admin_port = await stack.enter_async_context(
+        admin = await stack.enter_async_context(
             listener(self.admin_app, cfg.admin.host, cfg.admin.port, cfg.server.shutdown_timeout_s)
         )
-        self.data_port = await stack.enter_async_context(
+        self.admin_port = bound_port(admin, cfg.admin.port)
+        self.data_runner = await stack.enter_async_context(
             listener(self.data_app, cfg.server.host, cfg.server.port, cfg.server.shutdown_timeout_s)
         )
+        self.data_port = bound_port(self.data_runner, cfg.server.port)
 
     @contextlib.contextmanager
     def _watch_fleet(self) -> Iterator[None]:
@@ -283,9 +288,9 @@ async def upstream_session(up: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSe
 @contextlib.asynccontextmanager
 async def listener(
     app: web.Application, host: str, port: int, shutdown_timeout_s: float
-) -> AsyncIterator[int]:
-    """Serve ``app`` on host:port; yields the bound port. On exit: stop
-    accepting, give in-flight requests ``shutdown_timeout_s``, cancel the rest."""
+) -> AsyncIterator[web.AppRunner]:
+    """Serve ``app`` on host:port. On exit: stop accepting, give in-flight
+    requests ``shutdown_timeout_s``, cancel the rest."""
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -303,6 +308,11 @@ async def listener(
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
         await site.start()
-        yield int(runner.addresses[0][1]) if port == 0 else port
+        yield runner
     finally:
         await runner.cleanup()
+
+
+def bound_port(runner: web.AppRunner, configured: int) -> int:
+    """The port a listener got (the configured one, or the OS's pick for 0)."""
+    return int(runner.addresses[0][1]) if configured == 0 else configured

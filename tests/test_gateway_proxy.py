@@ -391,7 +391,7 @@ async def test_client_sockets_have_tcp_nodelay(client: aiohttp.ClientSession) ->
             base(gw) + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=3)
         ) as resp:
             await resp.content.readany()
-            server = gw._data_runner.server  # type: ignore[union-attr]
+            server = gw.data_runner.server  # type: ignore[union-attr]
             assert server is not None and server.connections
             for conn in server.connections:
                 sock = conn.transport.get_extra_info("socket")

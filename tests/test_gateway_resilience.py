@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 from typing import Any
 
@@ -243,10 +244,10 @@ async def test_m7_loading_replica_is_not_flooded(client: aiohttp.ClientSession) 
             errors = 0
             served_by_loading: list[float] = []
             factors: list[float] = []
-            replica = gw.registry.get(name_of(loading[0]))
-            assert replica is not None
             while loop.time() < end:
-                factors.append(replica.slow_start_factor)
+                replica = gw.registry.get(name_of(loading[0]))
+                assert replica is not None
+                factors.append(replica.ramp_factor(loop.time()))
                 status, _, served = await _send(client, base(gw), stream=False, max_tokens=2)
                 errors += status != 200
                 if served == name_of(loading[0]) and status == 200:
@@ -392,7 +393,9 @@ async def test_m15_retry_storm_is_bounded(client: aiohttp.ClientSession) -> None
             attempts = sum([(await stats(client, u))["started"] for u in urls])
             assert attempts <= 1.2 * 200 + 3
             metrics = await (await client.get(admin(gw) + "/metrics")).text()
-            assert 'dp_router_retry_budget_exhausted_total{cause="budget"}' in metrics
+            # Refused by the ratio or the concurrency cap, whichever binds first.
+            refused = r"dp_router_retry_budget_exhausted_total\{cause=\"\w+\"\} [1-9]"
+            assert re.search(refused, metrics)
 
 
 async def test_m16_overload_is_bounded_and_answered(client: aiohttp.ClientSession) -> None:
@@ -446,7 +449,7 @@ async def test_m16_overload_is_bounded_and_answered(client: aiohttp.ClientSessio
             assert codes.count(200) >= 12  # capacity was used
             assert 429 in codes  # the queue bound held
             assert peak <= 4
-            assert gw.resilience.admission.waiting == 0
+            assert gw.admission.waiting == 0
             assert await eventually(lambda: in_flight_total(gw) == 0, 1.0)
 
 
