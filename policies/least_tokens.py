@@ -6,8 +6,9 @@ length), and no replica reports its own queue. Formula: argmin over the
 candidates of outstanding_tokens / weight, where a request's tokens are its
 prompt estimate plus its expected output (max_tokens, or the model's observed
 mean); equal scores are broken by in-flight count, then at random. Source:
-the token-load variants of SGLang's router and llm-d's queue scorers, and
-"route on queue depth (requests and tokens), not on turns" (DESIGN.md).
+the token-load variants of SGLang's router and llm-d's queue scorers: a
+request is not a unit of work, so queue depth is counted in tokens as well
+as in requests.
 Fails when the output estimate is badly off (max_tokens = 32k on every
 request makes all replicas look alike) and, across many gateways, because
 each only counts its own requests.

@@ -8,18 +8,13 @@ from itertools import compress, repeat
 from operator import eq
 
 
-def argmin_random_tie(values: Sequence[float], rng: random.Random) -> int:
-    """Index of the smallest value; equal minima are broken uniformly.
-
-    Breaking ties at random matters: with many idle replicas, "first wins"
-    sends every burst to the first one listed (the classic herd).
-    """
-    ties = argmin_ties(values)
-    return ties[0] if len(ties) == 1 else ties[int(rng.random() * len(ties))]
-
-
 def argmin_ties(values: Sequence[float]) -> list[int]:
-    """Indices of every minimal value (for a second-key tie-break)."""
+    """Indices of every minimal value.
+
+    Callers break the remaining ties with a second key, then with their
+    injected RNG: with many idle replicas, "first wins" would send every
+    burst to the first one listed (the classic herd).
+    """
     best = min(values)
     if values.count(best) == 1:  # C-speed: the common case builds no list
         return [values.index(best)]

@@ -26,8 +26,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 # Per-replica memory in blocks: 4,096 blocks x 64 tokens = 262k tokens, the
-# order of one 8B replica's KV cache on an 80 GB GPU (SIMULATOR-CHECKS:
-# ~430k tokens for Llama-3-8B). A smaller guess errs towards forgetting.
+# order of one 8B replica's KV cache on an 80 GB GPU (Llama-3-8B in BF16:
+# 128 KiB of KV per token, so the ~56 GB left after weights hold ~430k tokens).
+# A smaller guess errs towards forgetting.
 DEFAULT_CAPACITY_BLOCKS = 4096
 # Blocks of one prompt that are remembered: affinity on the first 16k tokens
 # is as good as on all of them, and it bounds on_dispatch's cost.

@@ -12,10 +12,11 @@ start one period after the current time, so churn neither starves nor
 floods anyone). Source: Envoy ``edf_scheduler.h`` and nginx's smooth WRR,
 which produce the same interleaving. Theory: with equal weights each of N
 replicas sees Erlang-N inter-arrivals, an E_N/M/1 queue, roughly halving
-random's mean sojourn (SIMULATOR-CHECKS 3.3: T = 5.78 vs 10 at N = 8,
-rho = 0.9). Fails when requests differ in cost (LLM requests do, by 100x):
-it keeps feeding a replica stuck on long generations, and a slow replica
-gets its full share whatever its queue (unstable at 1.5x slower, load 0.8).
+random's mean sojourn (5.78 vs 10 service times at N = 8, load 0.9;
+loadtest/sim_theory.py checks the simulator against it). Fails when
+requests differ in cost (LLM requests do, by 100x): it keeps feeding a
+replica stuck on long generations, and a slow replica gets its full share
+whatever its queue (unstable at 1.5x slower, load 0.8).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from collections.abc import Sequence
 
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
 from policies.load import LoadView
-
-INF = float("inf")
 
 
 class RoundRobin(BasePolicy):

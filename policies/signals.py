@@ -55,7 +55,6 @@ class Signal:
     get: Getter
     fallback: str | None
     per_weight: bool
-    summary: str
 
 
 def _in_flight(load: LoadView, now: float) -> float:
@@ -91,12 +90,12 @@ def _tpot(load: LoadView, now: float) -> float | None:
 SIGNALS: dict[str, Signal] = {
     s.name: s
     for s in (
-        Signal("in_flight", _in_flight, None, True, "requests in flight from this gateway"),
-        Signal("tokens", _tokens, None, True, "outstanding prompt + expected output tokens"),
-        Signal("queue", _queue, None, True, "reported waiting+running, locally corrected"),
-        Signal("kv", _kv, "queue", False, "reported KV-cache usage in [0, 1]"),
-        Signal("ttft", _ttft, "queue", False, "time-to-first-token EWMA, seconds"),
-        Signal("tpot", _tpot, "queue", False, "time-per-output-token EWMA, seconds"),
+        Signal("in_flight", _in_flight, None, True),
+        Signal("tokens", _tokens, None, True),
+        Signal("queue", _queue, None, True),
+        Signal("kv", _kv, "queue", False),
+        Signal("ttft", _ttft, "queue", False),
+        Signal("tpot", _tpot, "queue", False),
     )
 }
 
@@ -198,13 +197,3 @@ def kv_usages(candidates: Sequence[LoadView], now: float) -> list[float | None]:
 def token_loads(candidates: Sequence[LoadView]) -> list[float]:
     """The ``tokens`` signal per weight for every candidate."""
     return per_weight([c.outstanding_tokens for c in candidates], candidates)
-
-
-def value_of(signal: Signal, load: LoadView, now: float) -> float | None:
-    """One replica's value of one signal (weighted), None if absent."""
-    v = signal.get(load, now)
-    if v is None:
-        return None
-    if signal.per_weight:
-        return v / load.weight if load.weight > 0 else INF
-    return v

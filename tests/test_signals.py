@@ -85,6 +85,7 @@ def test_fast_queue_depths_equal_replica_load_queue_depth() -> None:
 
 
 def test_fast_kv_usages_equal_the_kv_signal() -> None:
+    """signals.kv_usages inlines the kv signal: None exactly where it falls back."""
     import random
 
     rng = random.Random(3)
@@ -94,4 +95,5 @@ def test_fast_kv_usages_equal_the_kv_signal() -> None:
         if rng.random() < 0.7:
             c.record_report(1.0, rng.choice([None, rng.random()]), rng.uniform(0, 10))
         now = rng.uniform(0, 20)
-        assert signals.kv_usages([c], now) == [signals.value_of(kv, c, now)]
+        used, vals = signals.values(kv, [c], now)
+        assert signals.kv_usages([c], now) == (vals if used == "kv" else [None])
