@@ -136,7 +136,16 @@ class Policy(Protocol):
 
 
 class BasePolicy:
-    """Default no-op feedback hooks and the common constructor."""
+    """Default no-op feedback hooks, the common constructor, and fleet tracking.
+
+    A policy with per-replica state calls :meth:`sync_fleet` first thing in
+    ``choose`` and overrides :meth:`on_membership`: when the fleet's version
+    changes and its names differ from the last ones seen, the hook gets the
+    new membership and drops the state of replicas that left. Feedback
+    (``on_dispatch``, ``observe``) about a replica outside the last membership
+    seen is ignored (:meth:`is_member`), so a late completion from a removed
+    replica cannot bring its state back.
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -145,6 +154,34 @@ class BasePolicy:
         if params:
             raise TypeError(f"unknown parameter(s) for policy {self.name}: {sorted(params)}")
         self.rng = rng if rng is not None else random.Random(0)
+        self._fleet_version: int | None = None
+        # None until the first choose(): feedback before that is accepted and
+        # reconciled with the first membership seen.
+        self._members: frozenset[str] | None = None
+
+    def sync_fleet(self, fleet: FleetView) -> None:
+        """Call :meth:`on_membership` if ``fleet`` is a new version with new names.
+
+        One integer comparison per call; the names are compared only when the
+        version moved (health or drain changes bump it without changing them).
+        """
+        version = fleet.version
+        if version == self._fleet_version:
+            return
+        self._fleet_version = version
+        names = fleet.names
+        if names != self._members:
+            self._members = names
+            self.on_membership(names)
+
+    def on_membership(self, names: frozenset[str]) -> None:
+        """The fleet now has exactly these replicas: forget state about any other."""
+        return None
+
+    def is_member(self, replica: str) -> bool:
+        """True unless a membership is known and ``replica`` is not in it."""
+        members = self._members
+        return members is None or replica in members
 
     def choose(
         self,

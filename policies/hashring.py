@@ -8,15 +8,16 @@ it owned (plus any spill-over its removal causes), which is what keeps
 prefix caches warm across membership changes.
 
 Immutable once built (Finagle: distributors are rebuilt on membership
-change, never mutated); its users keep the last ring while the candidate
-names are the same.
+change, never mutated): its user builds one over the fleet's names when the
+membership changes and makes replicas that may not take a key read as full
+in ``pick``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 # Virtual nodes per replica: with 100 the largest arc share over 8 replicas is
 # within ~15% of the mean (Karger et al.'s O(log n) points per node); more
@@ -38,14 +39,14 @@ def mix(key: int) -> int:
 
 
 class BoundedLoadRing:
-    __slots__ = ("_names", "_owners", "_points", "names")
+    __slots__ = ("_members", "_owners", "_points")
 
-    def __init__(self, names: Sequence[str], vnodes: int = DEFAULT_VNODES) -> None:
-        self.names = tuple(names)
-        pairs = sorted((_point(f"{name}#{i}"), name) for name in self.names for i in range(vnodes))
+    def __init__(self, names: Iterable[str], vnodes: int = DEFAULT_VNODES) -> None:
+        members = frozenset(names)
+        pairs = sorted((_point(f"{name}#{i}"), name) for name in members for i in range(vnodes))
         self._points = [p for p, _ in pairs]
         self._owners = [n for _, n in pairs]
-        self._names = frozenset(self.names)
+        self._members = len(members)
 
     def owner(self, key: int) -> str | None:
         """Plain consistent hashing: the first virtual node clockwise."""
@@ -69,6 +70,6 @@ class BoundedLoadRing:
             if load(name) < bound:
                 return name
             seen.add(name)
-            if len(seen) == len(self._names):
+            if len(seen) == self._members:
                 break
         return None

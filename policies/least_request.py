@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.load import LoadView
 
 
@@ -23,7 +23,13 @@ class LeastRequest(BasePolicy):
     name = "least_request"
     summary = "fewest in-flight requests per unit weight, random tie-break"
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         if not candidates:
             return NO_CANDIDATE
         best: list[LoadView] = []

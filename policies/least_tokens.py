@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from policies import signals
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.load import LoadView
 from policies.pick import argmin_ties
 
@@ -28,7 +28,13 @@ class LeastTokens(BasePolicy):
     name = "least_tokens"
     summary = "fewest outstanding tokens (prompt + expected output) per unit weight"
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         if not candidates:
             return NO_CANDIDATE
         ties = argmin_ties(signals.token_loads(candidates))

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from policies import signals
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.load import LoadView
 from policies.pick import sample_indices
 
@@ -54,7 +54,13 @@ class PowerOfChoices(BasePolicy):
         self.d = d
         self.replacement = replacement
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE

@@ -28,7 +28,9 @@ about, and cold replicas rank among themselves by in-flight count.
 Samples: the router (and the simulator) call :meth:`PeakEwmaPolicy.observe`
 with each request's TTFT and mean TPOT. If the router never does, the policy
 reads the router's plain EWMAs (``LoadView.ttft`` / ``.tpot``) instead,
-which are smoother: peaks show up later.
+which are smoother: peaks show up later. The peak EWMAs are kept per
+replica name across models and dropped only when the replica leaves the
+fleet.
 
 Source: Finagle ``PeakEwma.scala`` / ``Balancers.p2cPeakEwma`` (decayTime
 10 s), linkerd2-proxy and tower's ``PeakEwma``. How it fails: latency is a
@@ -45,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.load import LoadView
 from policies.pick import sample_indices
 
@@ -56,9 +58,6 @@ DEFAULT_TAU_S = 10.0
 # larger than any real cost * (pending + 1) (a week of seconds), so it ranks
 # after every measured replica; Finagle uses Long.MaxValue >> 16 nanoseconds.
 PENALTY = 1e6
-# Forget replicas that left membership once the table is this much larger
-# than the candidate list (checked every PRUNE_EVERY picks: O(N) but rare).
-PRUNE_EVERY = 1024
 
 
 class PeakEwma:
@@ -119,12 +118,17 @@ class PeakEwmaPolicy(BasePolicy):
         self.d = d
         self.tau = float(tau)
         self._lat: dict[str, _Latency] = {}
-        self._picks = 0
+
+    def on_membership(self, names: frozenset[str]) -> None:
+        for gone in [k for k in self._lat if k not in names]:
+            del self._lat[gone]
 
     def observe(self, replica: str, ttft_s: float | None, tpot_s: float | None, now: float) -> None:
         """Feed one request's measured TTFT and mean per-token time (either may be None)."""
         lat = self._lat.get(replica)
         if lat is None:
+            if not self.is_member(replica):
+                return  # it left the fleet: a late completion must not revive it
             lat = self._lat[replica] = _Latency(self.tau)
         if ttft_s is not None:
             lat.ttft.observe(ttft_s, now)
@@ -139,17 +143,19 @@ class PeakEwmaPolicy(BasePolicy):
         ttft, tpot = load.ttft.value, load.tpot.value
         return (ttft or 0.0) + (tpot or 0.0) * tokens
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE
+        self.sync_fleet(fleet)
         if n == 1:
             return Decision(candidates[0].name, "single_candidate")
-        self._picks += 1
-        if self._picks % PRUNE_EVERY == 0 and len(self._lat) > 2 * n + 16:
-            names = {c.name for c in candidates}
-            for stale in [k for k in self._lat if k not in names]:
-                del self._lat[stale]
         picks = (
             [candidates[i] for i in sample_indices(n, self.d, False, self.rng)]
             if 0 < self.d < n

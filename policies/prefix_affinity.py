@@ -23,7 +23,13 @@ gateway sent where, LRU-bounded like a KV cache):
    (default) takes the shortest queue; ``"ring"`` takes bounded-load
    consistent hashing (Mirrokni et al.; HAProxy hash-balance-factor) keyed on
    the prompt's deepest hashed block, so several gateways place a new prefix
-   on the same replica without talking to each other.
+   on the same replica without talking to each other. The ring holds the
+   whole fleet (rebuilt when membership changes) and the walk skips
+   replicas that are not candidates, which places a key exactly where a
+   ring of the candidates alone would.
+
+The cache map and the ring are kept per replica name across requests and
+models; a replica's entries are dropped only when it leaves the fleet.
 
 Why it does not collapse when every request shares a long system prompt:
 the system-prompt blocks soon live on every replica (each placement teaches
@@ -53,16 +59,16 @@ HAProxy's hash-balance-factor 150), ``min_match_blocks`` (1),
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from policies import signals
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.hashring import BoundedLoadRing
 from policies.load import LoadView, Outcome, load_bound
 from policies.pick import argmin_ties
 from policies.prefix_index import DEFAULT_CAPACITY_BLOCKS, DEFAULT_MAX_BLOCKS, PrefixIndex
 
-INF = float("inf")
 # Bounded-load slack: HAProxy's documented example factor 150 (1.5x mean).
 DEFAULT_EPSILON = 0.5
 # Imbalance switch (SGLang cache_aware's abs/rel thresholds): a prefix hit
@@ -86,6 +92,11 @@ def check_epsilon(policy: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise TypeError(f"{policy}: epsilon must be a number >= 0 (inf: no bound), got {value!r}")
     return float(value)
+
+
+def _in_flight_or_full(load: LoadView | None) -> int:
+    """A ring member's load for the walk; one that is not a candidate reads as full."""
+    return load.in_flight if load is not None else sys.maxsize
 
 
 class PrefixAffinity(BasePolicy):
@@ -118,15 +129,24 @@ class PrefixAffinity(BasePolicy):
             raise TypeError(f"{self.name}: placement must be 'least_load' or 'ring'")
         self.placement = placement
         self.index = PrefixIndex(capacity_blocks, max_blocks)
-        self._ring: BoundedLoadRing | None = None
+        self._ring: BoundedLoadRing | None = None  # over the fleet; built on first use
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def on_membership(self, names: frozenset[str]) -> None:
+        self.index.forget(names)
+        self._ring = None
+
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE
+        self.sync_fleet(fleet)
         by_name = {c.name: c for c in candidates}
-        if self.index.replicas() > 2 * n + 16:
-            self.index.forget(by_name)
         total = sum([c.in_flight for c in candidates])
         bound = load_bound(total, n, self.epsilon)
         hashes = request.block_hashes
@@ -156,12 +176,11 @@ class PrefixAffinity(BasePolicy):
                 else:
                     reason = "prefix_overloaded"
         if self.placement == "ring" and hashes and reason != "prefix_imbalance":
-            names = tuple(by_name)
             ring = self._ring
-            if ring is None or ring.names != names:
-                ring = self._ring = BoundedLoadRing(names)
+            if ring is None:
+                ring = self._ring = BoundedLoadRing(fleet.names)
             key = hashes[min(len(hashes), self.index.max_blocks) - 1]
-            name = ring.pick(key, lambda r: by_name[r].in_flight, bound)
+            name = ring.pick(key, lambda r: _in_flight_or_full(by_name.get(r)), bound)
             if name is not None:
                 return Decision(name, f"{reason}_ring", {"match_blocks": float(depth)})
         ties = argmin_ties(qs)
@@ -170,7 +189,7 @@ class PrefixAffinity(BasePolicy):
 
     def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:
         hashes = request.block_hashes
-        if hashes:
+        if hashes and self.is_member(replica):
             self.index.insert(replica, hashes)
 
     def on_complete(

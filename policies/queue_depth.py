@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from policies import signals
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.load import LoadView
 from policies.pick import argmin_ties, sample_indices
 
@@ -48,7 +48,13 @@ class QueueDepth(BasePolicy):
             raise TypeError(f"queue_depth: d must be an integer >= 0 (0 = all), got {d!r}")
         self.d = d
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE

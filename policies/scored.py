@@ -2,8 +2,10 @@
 
 When to use: when one signal is not enough, typically prefix-cache affinity
 traded against queue depth and KV-cache pressure, with weights an operator
-can tune in config instead of in code. The shape is llm-d's scheduler
-(filter -> scorer -> picker); each scorer states its formula here.
+can tune in config instead of in code.
+
+Source: llm-d's scheduler (filter -> scorer -> picker, scorers in [0, 1]
+weighted by the framework). Formula: each step below states its own.
 
 1. Filters drop candidates; if they drop all, the unfiltered list is used
    (reason suffix ``_unfiltered``) rather than failing a request that some
@@ -21,7 +23,8 @@ can tune in config instead of in code. The shape is llm-d's scheduler
      queue score is used in its place for every candidate (one unit).
    - ``prefix``: matched leading blocks / the prompt's blocks, from the
      approximate cache map (:class:`PrefixIndex`), 0 for prompts without a
-     full block.
+     full block. The map is kept per replica name across models; a
+     replica's entries are dropped only when it leaves the fleet.
 3. Picker: ``max`` (highest total, ties at random; llm-d's max-score picker)
    or ``weighted`` (probability proportional to total score, llm-d's random
    picker, which spreads when scores are close).
@@ -43,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from policies import signals
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.load import LoadView, Outcome, load_bound
 from policies.prefix_affinity import DEFAULT_EPSILON, check_epsilon
 from policies.prefix_index import DEFAULT_CAPACITY_BLOCKS, DEFAULT_MAX_BLOCKS, PrefixIndex
@@ -129,7 +132,9 @@ class Scored(BasePolicy):
         self.picker = picker
         self.epsilon = check_epsilon(self.name, epsilon)
         self.index = PrefixIndex(capacity_blocks, max_blocks)
-        self._kv = signals.get("kv")
+
+    def on_membership(self, names: frozenset[str]) -> None:
+        self.index.forget(names)
 
     def _filter(self, candidates: Sequence[LoadView]) -> Sequence[LoadView]:
         out = candidates
@@ -172,11 +177,16 @@ class Scored(BasePolicy):
                 out["prefix"] = [0.0] * len(candidates)
         return out
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         if not candidates:
             return NO_CANDIDATE
-        if self.index.replicas() > 2 * len(candidates) + 16:
-            self.index.forget(c.name for c in candidates)
+        self.sync_fleet(fleet)
         reason = "scored"
         pool = self._filter(candidates)
         if not pool:
@@ -205,7 +215,7 @@ class Scored(BasePolicy):
     def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:
         if "prefix" in self.weights:
             hashes = request.block_hashes
-            if hashes:
+            if hashes and self.is_member(replica):
                 self.index.insert(replica, hashes)
 
     def on_complete(

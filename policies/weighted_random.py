@@ -17,7 +17,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
 
-from policies.base import NO_CANDIDATE, BasePolicy, Decision, RouteRequest
+from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
 from policies.load import LoadView
 
 
@@ -25,7 +25,13 @@ class WeightedRandom(BasePolicy):
     name = "weighted_random"
     summary = "random pick, probability proportional to weight; baseline"
 
-    def choose(self, request: RouteRequest, candidates: Sequence[LoadView], now: float) -> Decision:
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[LoadView],
+        fleet: FleetView,
+        now: float,
+    ) -> Decision:
         n = len(candidates)
         if n == 0:
             return NO_CANDIDATE

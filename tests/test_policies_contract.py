@@ -18,6 +18,7 @@ from policies import registry
 from policies.base import BasePolicy, RouteRequest
 from policies.load import Outcome
 from router.load import ReplicaLoad, Ticket, dispatch
+from tests.fakes import Fleet, choose
 
 NAMES = sorted(registry.POLICIES)
 SYSTEM = "You are a helpful assistant. " * 40  # ~1,100 chars: 4 full prefix blocks
@@ -34,20 +35,21 @@ def make_request(rng: random.Random, i: int) -> RouteRequest:
     )
 
 
-def fleet(n: int) -> list[ReplicaLoad]:
+def replicas(n: int) -> list[ReplicaLoad]:
     return [ReplicaLoad(name=f"r{i}") for i in range(n)]
 
 
 def drive(policy: BasePolicy, loads: list[ReplicaLoad], steps: int, seed: int) -> list[str | None]:
     """Route ``steps`` requests with feedback, settling some as we go; returns the picks."""
     rng = random.Random(seed)
+    fleet = Fleet.of(loads)
     open_: list[tuple[Ticket, RouteRequest, str]] = []
     picks: list[str | None] = []
     now = 0.0
     for i in range(steps):
         now += rng.expovariate(10.0)
         req = make_request(rng, i)
-        d = policy.choose(req, loads, now)
+        d = policy.choose(req, loads, fleet, now)
         picks.append(d.replica)
         if d.replica is None:
             continue
@@ -59,9 +61,7 @@ def drive(policy: BasePolicy, loads: list[ReplicaLoad], steps: int, seed: int) -
         while open_ and rng.random() < 0.5:
             ticket, r, name = open_.pop(rng.randrange(len(open_)))
             ticket.close(Outcome.OK)
-            observe = getattr(policy, "observe", None)
-            if observe is not None:
-                observe(name, rng.uniform(0.05, 0.5), rng.uniform(0.01, 0.05), now)
+            policy.observe(name, rng.uniform(0.05, 0.5), rng.uniform(0.01, 0.05), now)
             ticket.load.ttft.add(rng.uniform(0.05, 0.5), now)
             ticket.load.tpot.add(rng.uniform(0.01, 0.05), now)
             policy.on_complete(r, name, Outcome.OK, now)
@@ -74,27 +74,29 @@ def name(request: pytest.FixtureRequest) -> str:
 
 
 def test_empty_candidates_choose_nothing(name: str) -> None:
-    d = registry.create(name, seed=1).choose(make_request(random.Random(0), 0), [], 0.0)
+    policy = registry.create(name, seed=1)
+    d = policy.choose(make_request(random.Random(0), 0), [], Fleet.of(["r0"]), 0.0)
     assert d.replica is None
     assert d.reason
 
 
 def test_single_candidate_is_chosen(name: str) -> None:
     policy = registry.create(name, seed=1)
-    only = fleet(1)
+    only = replicas(1)
     only[0].in_flight = 50
     for i in range(20):
-        assert policy.choose(make_request(random.Random(i), i), only, float(i)).replica == "r0"
+        assert choose(policy, make_request(random.Random(i), i), only, float(i)).replica == "r0"
 
 
 def test_never_picks_outside_candidates(name: str) -> None:
     policy = registry.create(name, seed=2)
-    loads = fleet(6)
+    loads = replicas(6)
+    fleet = Fleet.of(loads)
     rng = random.Random(3)
     for i in range(300):
         subset = [c for c in loads if rng.random() < 0.6] or loads[:1]
         req = make_request(rng, i)
-        d = policy.choose(req, subset, float(i))
+        d = policy.choose(req, subset, fleet, float(i))
         assert d.replica in {c.name for c in subset}
         policy.on_dispatch(req, d.replica, float(i))  # type: ignore[arg-type]
         dispatch(next(c for c in loads if c.name == d.replica), req.cost_tokens)
@@ -104,33 +106,36 @@ def test_never_picks_outside_candidates(name: str) -> None:
 
 
 def test_same_seed_same_sequence(name: str) -> None:
-    a = drive(registry.create(name, seed=42), fleet(5), 400, seed=9)
-    b = drive(registry.create(name, seed=42), fleet(5), 400, seed=9)
+    a = drive(registry.create(name, seed=42), replicas(5), 400, seed=9)
+    b = drive(registry.create(name, seed=42), replicas(5), 400, seed=9)
     assert a == b
     assert len(set(a)) > 1, "a load-aware or random policy spreads over 400 requests"
 
 
 def test_replica_removed_while_requests_in_flight(name: str) -> None:
     policy = registry.create(name, seed=5)
-    loads = fleet(4)
+    loads = replicas(4)
     rng = random.Random(6)
     tickets = []
     for i in range(40):
         req = make_request(rng, i)
-        d = policy.choose(req, loads, float(i))
+        d = choose(policy, req, loads, float(i))
         assert d.replica is not None
         policy.on_dispatch(req, d.replica, float(i))
         load = next(c for c in loads if c.name == d.replica)
         tickets.append((dispatch(load, 10), req, d.replica))
-    gone = loads.pop(1)  # r1 leaves membership with requests still in flight
+    gone = loads.pop(1)  # r1 leaves the fleet with requests still in flight
+    after = Fleet.of(loads, version=2)
     for i in range(40, 80):
-        d = policy.choose(make_request(rng, i), loads, float(i))
+        d = policy.choose(make_request(rng, i), loads, after, float(i))
         assert d.replica not in (None, gone.name)
     for ticket, req, replica in tickets:  # their completions still arrive
         ticket.close(Outcome.UPSTREAM_RESET if replica == gone.name else Outcome.OK)
         policy.on_complete(req, replica, ticket.outcome or Outcome.OK, 90.0)
+        policy.observe(replica, 0.2, 0.02, 90.0)
     assert gone.in_flight == 0
-    assert policy.choose(make_request(rng, 99), loads, 100.0).replica in {c.name for c in loads}
+    d = policy.choose(make_request(rng, 99), loads, after, 100.0)
+    assert d.replica in {c.name for c in loads}
 
 
 def test_unknown_replica_in_feedback_is_a_no_op(name: str) -> None:
@@ -140,10 +145,8 @@ def test_unknown_replica_in_feedback_is_a_no_op(name: str) -> None:
     fed.on_dispatch(req, "never-seen", 0.0)
     fed.on_complete(req, "never-seen", Outcome.OK, 0.0)
     fed.on_complete(req, "never-seen", Outcome.TIMEOUT, 0.0)
-    observe = getattr(fed, "observe", None)
-    if observe is not None:
-        observe("never-seen", 1.0, 0.1, 0.0)
-    assert drive(plain, fleet(4), 200, seed=3) == drive(fed, fleet(4), 200, seed=3)
+    fed.observe("never-seen", 1.0, 0.1, 0.0)
+    assert drive(plain, replicas(4), 200, seed=3) == drive(fed, replicas(4), 200, seed=3)
 
 
 def test_unknown_parameter_is_a_config_error(name: str) -> None:
@@ -153,7 +156,7 @@ def test_unknown_parameter_is_a_config_error(name: str) -> None:
 
 def test_zero_weight_replica_is_avoided_when_others_exist(name: str) -> None:
     policy = registry.create(name, seed=4)
-    loads = fleet(3)
+    loads = replicas(3)
     loads[0].weight = 0.0
     picks = drive(policy, loads, 300, seed=2)
     # Weighted policies never pick it; the others may, but it must stay rare.

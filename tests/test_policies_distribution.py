@@ -13,6 +13,7 @@ import pytest
 from policies import registry
 from policies.base import RouteRequest
 from router.load import ReplicaLoad, dispatch
+from tests.fakes import Fleet
 
 PICKS = 100_000
 TOL = 0.005
@@ -21,7 +22,8 @@ REQ = RouteRequest("m", prompt_tokens=100, expected_output_tokens=100)
 
 def shares(name: str, params: dict[str, object], loads: list[ReplicaLoad]) -> dict[str, float]:
     policy = registry.create(name, params, seed=12345)
-    counts = Counter(policy.choose(REQ, loads, 0.0).replica for _ in range(PICKS))
+    fleet = Fleet.of(loads)
+    counts = Counter(policy.choose(REQ, loads, fleet, 0.0).replica for _ in range(PICKS))
     return {c.name: counts[c.name] / PICKS for c in loads}
 
 
@@ -71,7 +73,8 @@ def test_weighted_random_follows_weights() -> None:
 def test_round_robin_is_exact_over_a_cycle() -> None:
     loads = [ReplicaLoad("a", weight=1), ReplicaLoad("b", weight=2), ReplicaLoad("c", weight=3)]
     policy = registry.create("round_robin")
-    picks = [policy.choose(REQ, loads, 0.0).replica for _ in range(600)]
+    fleet = Fleet.of(loads)
+    picks = [policy.choose(REQ, loads, fleet, 0.0).replica for _ in range(600)]
     assert Counter(picks) == {"a": 100, "b": 200, "c": 300}
     # Smooth: the heaviest never gets more than two in a row at weights 1:2:3.
     assert "ccc" not in "".join(p[0] for p in picks if p)  # type: ignore[index]
