@@ -134,7 +134,7 @@ class Metrics:
         self.attempts = Counter(
             f"{PREFIX}_upstream_attempts_total",
             "Upstream attempts by replica and outcome (ok, http_4xx, http_5xx, connect_error, "
-            "timeout, upstream_reset, client_disconnect, draining).",
+            "timeout, upstream_reset, bad_response, client_disconnect, draining, internal).",
             ["replica", "outcome"],
             registry=r,
         )
@@ -188,7 +188,8 @@ class Metrics:
         )
         self.admission_rejections = Counter(
             f"{PREFIX}_admission_rejections_total",
-            "Requests refused for lack of capacity, by reason (queue_full, queue_timeout).",
+            "Requests refused for lack of capacity, by reason (queue_full, queue_timeout, "
+            "shutting_down).",
             ["reason"],
             registry=r,
         )

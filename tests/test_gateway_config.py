@@ -111,3 +111,41 @@ def test_policies_command_lists_name_and_summary() -> None:
     lines = proc.stdout.strip().splitlines()
     assert any(line.startswith("queue_depth: ") for line in lines)
     assert all(": " in line for line in lines)
+
+
+def test_check_config_refuses_what_serve_refuses(tmp_path: Path) -> None:
+    """An admin listener off loopback needs a token: check-config says so too."""
+    open_admin = tmp_path / "open-admin.toml"
+    open_admin.write_text('[admin]\nhost = "0.0.0.0"\n[[replicas]]\nurl = "http://a:1"\n')
+    proc = _cli("check-config", str(open_admin))
+    assert proc.returncode == 2
+    assert "admin.token: required when admin.host is not loopback" in proc.stderr
+    served = _cli("serve", "--config", str(open_admin))
+    assert served.returncode == 2 and "admin.token" in served.stderr
+    with_token = tmp_path / "with-token.toml"
+    with_token.write_text(
+        '[admin]\nhost = "0.0.0.0"\ntoken = "s3cret"\n[[replicas]]\nurl = "http://a:1"\n'
+    )
+    assert _cli("check-config", str(with_token)).returncode == 0
+
+
+def test_one_load_bound_epsilon() -> None:
+    """The policies' own bound takes [routing] load_bound_epsilon; a second
+    epsilon in the policy's params is refused rather than silently winning."""
+    cfg = config.from_dict(
+        {
+            "routing": {"policy": "prefix_affinity", "load_bound_epsilon": 0.25},
+            "replicas": [{"url": "http://a:1"}],
+        }
+    )
+    assert cfg.routing.load_bound_epsilon == 0.25
+    params = config.policy_params("prefix_affinity", dict(cfg.routing.params), 0.25)
+    assert params["epsilon"] == 0.25
+    assert "epsilon" not in config.policy_params("queue_depth", {}, 0.25)
+    with pytest.raises(config.ConfigError, match="load_bound_epsilon"):
+        config.from_dict(
+            {
+                "routing": {"policy": "prefix_affinity", "params": {"epsilon": 1.0}},
+                "replicas": [{"url": "http://a:1"}],
+            }
+        )

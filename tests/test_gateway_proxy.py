@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 
 from tests.harness import (
     MODEL,
@@ -449,3 +452,82 @@ def _request_tasks() -> int:
         for t in asyncio.all_tasks()
         if getattr(t.get_coro(), "__qualname__", "") != "RequestHandler.start"
     )
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(answer: bytes) -> AsyncIterator[tuple[str, list[int]]]:
+    """A 'replica' that reads a request, writes ``answer`` and closes: what a
+    broken or confused backend looks like on the wire. Yields its URL and a
+    one-element list counting the requests it received."""
+    seen = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            seen[0] += 1
+            writer.write(answer)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HELLO THERE\r\n\r\n",  # a garbage status line
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/js",  # a header block cut short
+        b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"x" * 70000 + b"\r\n\r\n",  # an oversized header
+    ],
+    ids=["garbage_status_line", "truncated_headers", "oversized_header"],
+)
+async def test_invalid_upstream_answer_is_a_replica_failure(
+    client: aiohttp.ClientSession, answer: bytes
+) -> None:
+    """Not valid HTTP from a replica: retried on another replica before the
+    first byte, counted against the broken one (outlier ejection), never a
+    client disconnect or a 500."""
+    async with raw_upstream(answer) as (bad_url, seen), replicas(1) as good:
+        cfg = gateway_config(
+            [bad_url, *good],
+            routing={"policy": "round_robin"},
+            outlier={"consecutive_failures": 2, "base_ejection_s": 30.0},
+        )
+        bad_name = bad_url.removeprefix("http://")
+        async with gateway(cfg) as gw:
+            for _ in range(6):
+                async with client.post(base(gw) + "/v1/chat/completions", json=chat_body()) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["X-Dp-Replica"] != bad_name
+                    await resp.read()
+            assert seen[0] == 2  # ejected after its second failure
+            status = gw.registry.get(bad_name)
+            assert status is not None and status.ejected(asyncio.get_running_loop().time())
+            metrics = await (await client.get(admin(gw) + "/metrics")).text()
+            failed = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("dp_router_upstream_attempts_total")
+                and f'replica="{bad_name}"' in line
+            ]
+            assert failed and all("client_disconnect" not in line for line in failed)
+            assert any(
+                line.startswith("dp_router_outlier_ejections_total")
+                and f'replica="{bad_name}"' in line
+                and line.endswith(" 1.0")
+                for line in metrics.splitlines()
+            )

@@ -509,4 +509,42 @@ async def test_m25_sigterm_drains_streams_and_stops_accepting(
             await gw.stop()
 
 
+async def test_shutdown_refuses_requests_waiting_for_capacity_at_once(
+    client: aiohttp.ClientSession,
+) -> None:
+    """On SIGTERM a request waiting in admission gets 503 shutting_down now,
+    not after its queue timeout; the stream in flight still finishes."""
+    async with replicas(1, token_interval_s=0.05) as urls:
+        cfg = gateway_config(
+            urls,
+            replicas=[{"url": urls[0], "models": [MODEL], "max_concurrency": 1}],
+            admission={"queue_timeout_s": 20.0},
+            server={"shutdown_timeout_s": 5.0},
+        )
+        async with gateway(cfg) as gw:
+            loop = asyncio.get_running_loop()
+
+            async def stream() -> bytes:
+                async with client.post(
+                    base(gw) + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=30)
+                ) as resp:
+                    return await resp.read()
+
+            async def waiter() -> tuple[int, dict[str, Any], float]:
+                async with client.post(base(gw) + "/v1/chat/completions", json=chat_body()) as resp:
+                    return resp.status, await resp.json(), loop.time()
+
+            running = asyncio.create_task(stream())
+            assert await eventually(lambda: in_flight_total(gw) == 1, timeout=2.0)
+            waiting = asyncio.create_task(waiter())
+            assert await eventually(lambda: gw.admission.waiting == 1, timeout=2.0)
+            t0 = loop.time()
+            stopping = asyncio.create_task(gw.shutdown())
+            status, body, answered = await asyncio.wait_for(waiting, 5.0)
+            assert status == 503 and body["error"]["code"] == "shutting_down"
+            assert answered - t0 < SLACK  # not the 20 s queue timeout
+            assert _stream_ok(await running)
+            await stopping
+
+
 __all__ = ["ReplicaProcess"]
