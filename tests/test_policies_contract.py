@@ -1,15 +1,25 @@
-"""One contract over every registered policy (Envoy/Finagle style).
+"""One contract over every registered policy (Envoy/Finagle style), and the
+rules that keep ``policies/`` the bottom layer.
 
 Whatever a policy does, it must: answer None for no candidates, pick the only
 candidate, never pick outside the candidates it was given, repeat itself
-under the same seed, survive replicas leaving with requests in flight, and
-ignore feedback about replicas it never saw.
+under the same seed, survive replicas leaving the fleet with requests in
+flight, and ignore feedback about replicas it never saw. Its module must
+document when to use it, its formula, its source and how it fails, and
+every parameter it accepts.
+
+``policies/`` imports nothing of ours but itself and none of the gateway's
+I/O libraries, reads no clock and uses no module-level randomness: the same
+objects then run in the gateway, in the simulator and in these tests.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +32,8 @@ from tests.fakes import Fleet, choose
 
 NAMES = sorted(registry.POLICIES)
 SYSTEM = "You are a helpful assistant. " * 40  # ~1,100 chars: 4 full prefix blocks
+REPO = Path(__file__).resolve().parents[1]
+POLICIES_DIR = REPO / "policies"
 
 
 def make_request(rng: random.Random, i: int) -> RouteRequest:
@@ -172,44 +184,209 @@ def test_registry_lists_every_policy_once() -> None:
         registry.create("nope")
 
 
-def test_every_policy_documents_when_formula_source_failure() -> None:
-    import importlib
+# -- documentation -------------------------------------------------------------
 
+# What an operator choosing a policy needs, each as a labelled part of the
+# policy module's docstring: when it fits, what it computes, where it comes
+# from (a paper or a system to compare with) and how it goes wrong.
+DOC_SECTIONS = {
+    "when to use": r"\bwhen to use\b",
+    "formula": r"\bformula\b",
+    "source": r"\bsource:\s*\S",
+    "failure": r"\b(how it fails|fails when|fails like)\b",
+}
+
+
+def test_every_policy_documents_when_formula_source_failure() -> None:
+    missing = []
     for cls in registry.POLICIES.values():
         doc = (importlib.import_module(cls.__module__).__doc__ or "").lower()
-        assert "when to use" in doc, cls.name
-        assert "fail" in doc, cls.name
-        assert "source" in doc or "from" in doc, cls.name
+        missing += [f"{cls.name}: {s}" for s, rx in DOC_SECTIONS.items() if not re.search(rx, doc)]
+    assert missing == []
 
 
+def test_every_policy_parameter_is_documented() -> None:
+    """A config key that the docstring does not name is a key nobody can find."""
+    missing = []
+    for cls in registry.POLICIES.values():
+        doc = importlib.import_module(cls.__module__).__doc__ or ""
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind is param.KEYWORD_ONLY and f"``{param.name}``" not in doc:
+                missing.append(f"{cls.name}: {param.name}")
+    assert missing == []
+
+
+def test_policies_cite_only_documents_in_the_repository() -> None:
+    """Comments may point at a file of this repository (``docs/....md``), or at
+    public work by name; a document that is not here is a dead reference."""
+    dead = []
+    for path in sorted(POLICIES_DIR.rglob("*.py")):
+        for ref in re.findall(r"[\w./-]+\.md\b", path.read_text()):
+            if not (REPO / ref).exists():
+                dead.append(f"{path.name}: {ref}")
+    assert dead == []
+
+
+# -- layering and purity ---------------------------------------------------------
+
+# policies/ is the bottom layer: router and loadtest import it, never the
+# other way round, and the gateway's I/O libraries stay out of it.
+FORBIDDEN_IMPORTS = frozenset({"router", "loadtest", "aiohttp", "prometheus_client", "redis"})
+# Clocks, event loops and sockets: a policy gets ``now`` and does no I/O.
+IMPURE_IMPORTS = frozenset({"time", "datetime", "asyncio", "socket", "threading"})
 FORBIDDEN_RANDOM = {
     "random", "randint", "randrange", "choice", "choices", "shuffle", "sample",
     "uniform", "gauss", "expovariate", "seed", "getrandbits", "lognormvariate",
 }  # fmt: skip
 
 
-def test_policies_read_no_clock_and_no_global_random() -> None:
-    """Purity: no time.*, no module-level random.* (random.Random is fine)."""
-    root = Path(__file__).resolve().parents[1] / "policies"
-    offences = []
-    for path in sorted(root.glob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                if isinstance(node, ast.ImportFrom):
-                    mods = [node.module or ""]
-                    if node.module == "random":
-                        bad = [a.name for a in node.names if a.name != "Random"]
-                        offences += [f"{path.name}: from random import {b}" for b in bad]
-                for m in mods:
-                    if m.split(".")[0] in ("time", "datetime", "asyncio", "aiohttp", "socket"):
-                        offences.append(f"{path.name}: imports {m}")
+def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module) for every import in ``source``, at any depth.
+
+    ``import a.b``; ``from a import b`` (both ``a`` and ``a.b``, since ``b``
+    may be a module); relative imports resolved against ``package`` (the
+    importing module's package); ``importlib.import_module("x")`` and
+    ``__import__("x")`` with a literal name.
+    """
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base: list[str] = []
+            if node.level:
+                parts = package.split(".") if package else []
+                base = parts[: max(0, len(parts) - (node.level - 1))]
+            if node.module:
+                base = base + node.module.split(".")
+            if base:
+                out.append((node.lineno, ".".join(base)))
+            out += [
+                (node.lineno, ".".join([*base, alias.name]))
+                for alias in node.names
+                if alias.name != "*"
+            ]
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            arg = node.args[0]
             if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and node.value.id == "random"
-                and node.attr in FORBIDDEN_RANDOM
+                fname in ("import_module", "__import__")
+                and isinstance(arg, ast.Constant)
+                and isinstance(arg.value, str)
             ):
-                offences.append(f"{path.name}:{node.lineno}: random.{node.attr}")
+                out.append((node.lineno, arg.value))
+    return out
+
+
+def layer_offences(source: str, package: str, where: str = "") -> list[str]:
+    return [
+        f"{where}:{line}: imports {mod}"
+        for line, mod in imported_modules(source, package)
+        if mod.split(".")[0] in FORBIDDEN_IMPORTS | IMPURE_IMPORTS
+    ]
+
+
+def randomness_offences(source: str, where: str = "") -> list[str]:
+    """Module-level random use (``random.random()``, ``from random import
+    shuffle``, an alias of the module): only ``random.Random`` instances,
+    injected, are allowed."""
+    tree = ast.parse(source)
+    aliases = {"random"}
+    offences = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name for a in node.names if a.name == "random"}
+        if isinstance(node, ast.ImportFrom) and node.module == "random":
+            bad = [a.name for a in node.names if a.name != "Random"]
+            offences += [f"{where}:{node.lineno}: from random import {b}" for b in bad]
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr in FORBIDDEN_RANDOM
+        ):
+            offences.append(f"{where}:{node.lineno}: {node.value.id}.{node.attr}")
+    return offences
+
+
+def policy_sources() -> list[tuple[str, str, str]]:
+    """(path relative to the repo, package, source) for every module under policies/."""
+    out = []
+    for path in sorted(POLICIES_DIR.rglob("*.py")):
+        rel = path.relative_to(REPO)
+        package = ".".join(rel.parent.parts)
+        out.append((str(rel), package, path.read_text()))
+    return out
+
+
+def test_policies_import_nothing_above_them() -> None:
+    sources = policy_sources()
+    assert len(sources) > 10
+    offences = [o for rel, pkg, src in sources for o in layer_offences(src, pkg, rel)]
     assert offences == []
+
+
+def test_policies_read_no_clock_and_no_global_random() -> None:
+    offences = [o for rel, _pkg, src in policy_sources() for o in randomness_offences(src, rel)]
+    assert offences == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import router",
+        "import router.load as rl",
+        "from router.load import ReplicaLoad",
+        "from router import load",
+        "from .. import router",
+        "from ..loadtest.sim import core",
+        "def f():\n    import aiohttp\n",
+        "class C:\n    def m(self):\n        from prometheus_client import Counter\n",
+        "import redis.asyncio",
+        "import importlib\nimportlib.import_module('loadtest.sim')",
+        "__import__('redis')",
+        "import time",
+        "from time import monotonic",
+        "def f():\n    from datetime import datetime\n",
+        "import asyncio",
+    ],
+)
+def test_layer_check_catches_every_import_form(source: str) -> None:
+    assert layer_offences(source, "policies") != []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from policies import signals",
+        "from . import signals",
+        "from .load import LoadView",
+        "import math\nfrom collections.abc import Sequence",
+    ],
+)
+def test_layer_check_allows_policies_and_the_standard_library(source: str) -> None:
+    assert layer_offences(source, "policies") == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import random\nx = random.random()",
+        "import random as r\ndef f():\n    return r.choice([1])",
+        "from random import shuffle",
+    ],
+)
+def test_randomness_check_catches_module_level_random(source: str) -> None:
+    assert randomness_offences(source) != []
+
+
+def test_randomness_check_allows_an_injected_generator() -> None:
+    ok = (
+        "import random\n"
+        "class P:\n"
+        "    def __init__(self, rng: random.Random):\n"
+        "        self.x = rng.random()\n"
+    )
+    assert randomness_offences(ok) == []
