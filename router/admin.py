@@ -56,8 +56,13 @@ def create_admin_app(proxy: Proxy, token: str) -> web.Application:
         if not _authorized(request, token):
             return error_response(ErrorKind.UNAUTHORIZED, "missing or wrong admin token")
         now = asyncio.get_running_loop().time()
+        snapshot = proxy.registry.snapshot
         return web.json_response(
-            {"policy": proxy.policy.name, "replicas": [r.describe(now) for r in proxy.registry]}
+            {
+                "policy": proxy.policy.name,
+                "fleet_version": snapshot.version,
+                "replicas": [r.describe(now) for r in snapshot],
+            }
         )
 
     app.router.add_get("/metrics", metrics)
