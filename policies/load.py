@@ -124,4 +124,6 @@ def load_bound(in_flight_total: int, n: int, epsilon: float) -> int:
         return 0
     if math.isinf(epsilon):
         return sys.maxsize  # epsilon = inf: no bound, plain hashing
-    return math.ceil((1.0 + epsilon) * (in_flight_total + 1) / n)
+    # Rounded before the ceiling: (1 + 0.1) x 50 / 5 is 11.000000000000002 in
+    # binary floating point, and a bound one too loose is a bound not kept.
+    return math.ceil(round((1.0 + epsilon) * (in_flight_total + 1) / n, 9))

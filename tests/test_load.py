@@ -192,3 +192,15 @@ def test_every_outcome_settles_the_same_load() -> None:
         load = ReplicaLoad("a")
         dispatch(load, 7).close(outcome)
         assert (load.in_flight, load.outstanding_tokens) == (0, 0), outcome
+
+
+def test_load_bound_is_exact_for_decimal_epsilons() -> None:
+    """(1 + 0.1) x 50 / 5 is 11, not the 11.000000000000002 of binary floats."""
+    from fractions import Fraction
+
+    for eps in ("0.1", "0.2", "0.25", "0.3", "0.5"):
+        for n in range(1, 33):
+            for total in range(0, 200):
+                exact = Fraction(eps) + 1
+                want = -(-(exact * (total + 1)) // n)
+                assert load_bound(total, n, float(eps)) == want, (eps, n, total)
