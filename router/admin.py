@@ -1,8 +1,9 @@
 """The admin listener: /metrics, probes and a read-only view of replicas.
 
-It binds 127.0.0.1 by default (M23). When a token is configured every
-/admin route requires it (compared in constant time, M22); it is required
-whenever the listener is not on loopback (checked at start-up).
+It binds 127.0.0.1 by default (docs/reliability.md, M23). When a token is
+configured every /admin route requires it (compared in constant time, M22);
+it is required whenever the listener is not on loopback (config refuses
+otherwise).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from router.routing import Router
 
 log = logging.getLogger("dp_router")
 
-# aiohttp's own parser limits, stated so they are visible (RELIABILITY 12).
+# aiohttp's own parser limits, stated so they are visible (docs/reliability.md, rule 12).
 MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
@@ -261,7 +261,7 @@ async def upstream_session(up: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSe
     connector = aiohttp.TCPConnector(
         # No pool limit: a limit would silently queue streams behind others
         # in aiohttp's connector; concurrency is bounded by admission
-        # control instead, where it is visible and has a deadline (M16).
+        # control instead, where it is visible and has a deadline (docs/reliability.md, M16).
         limit=0,
         limit_per_host=0,
         keepalive_timeout=up.keepalive_timeout_s,
@@ -269,11 +269,11 @@ async def upstream_session(up: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSe
     session = aiohttp.ClientSession(
         connector=connector,
         # total=None: streams may run for many minutes; the proxy applies
-        # its own first-byte, idle and response timeouts (M6).
+        # its own first-byte, idle and response timeouts (docs/reliability.md, M6).
         timeout=aiohttp.ClientTimeout(
             total=None, connect=up.connect_timeout_s, sock_connect=up.connect_timeout_s
         ),
-        # Bytes and Content-Encoding pass through unchanged (M37).
+        # Bytes and Content-Encoding pass through unchanged (docs/reliability.md, M37).
         auto_decompress=False,
         # Forward what the client sent; invent no headers of our own.
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -296,7 +296,7 @@ async def listener(
         handle_signals=False,
         access_log=None,  # the proxy writes its own structured line
         # Cancel the handler when the client disconnects, so a
-        # non-streaming upstream request is closed too (M13).
+        # non-streaming upstream request is closed too (docs/reliability.md, M13).
         handler_cancellation=True,
         auto_decompress=False,
         shutdown_timeout=shutdown_timeout_s,

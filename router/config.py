@@ -56,7 +56,8 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    host: str = "127.0.0.1"  # loopback unless the operator says otherwise (M23)
+    # Loopback unless the operator says otherwise (docs/reliability.md, M23).
+    host: str = "127.0.0.1"
     port: int = 8081
     token: str = ""
 
@@ -222,7 +223,8 @@ def _port(path: str, value: int) -> None:
 
 
 def parse_replica_url(path: str, url: str) -> str:
-    """Only http(s) URLs with a host: the upstream never comes from a request (M42)."""
+    """Only http(s) URLs with a host: the upstream never comes from a request
+    (docs/reliability.md, M42)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{path}: expected an http(s) URL with a host, got {url!r}")

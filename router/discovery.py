@@ -20,7 +20,7 @@ from router.replicas import Registry, ReplicaStatus
 
 log = logging.getLogger("dp_router.discovery")
 
-MAX_MODELS_PER_REPLICA = 64  # bounds metric labels and memory (M47)
+MAX_MODELS_PER_REPLICA = 64  # bounds metric labels and memory (docs/reliability.md, M47)
 # A replica that has never answered is asked again soon rather than after a
 # full refresh period, so a fleet starting together becomes routable quickly.
 RETRY_UNKNOWN_S = 1.0

@@ -109,7 +109,7 @@ def request_id_from(headers: CIMultiDictProxy[str]) -> str:
     """The client's X-Request-Id if it is a plain token, else a fresh one.
 
     Only a restricted alphabet is propagated: the id is logged and echoed, and
-    a newline in it would forge log lines (M46).
+    a newline in it would forge log lines (docs/reliability.md, M46).
     """
     value = headers.get(REQUEST_ID)
     if value is not None and _SAFE_ID.match(value):

@@ -3,7 +3,7 @@
 Each gateway instance owns a ``CollectorRegistry`` (tests run several gateways
 in one process). Label values come only from configuration (replica names,
 models the replicas serve, fixed reason sets), never from raw client input:
-a model the fleet does not serve is counted as ``unknown`` (M47).
+a model the fleet does not serve is counted as ``unknown`` (docs/reliability.md, M47).
 
 Hot-path children are cached in dicts so a request does not pay for
 prometheus-client's label lookup more than once per combination.

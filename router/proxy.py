@@ -295,7 +295,8 @@ class Proxy:
     async def _read_body(self, request: web.Request) -> bytes:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            # Routing must read the body; we do not inflate untrusted input (M37).
+            # Routing must read the body; we do not inflate untrusted input
+            # (docs/reliability.md, M37).
             raise GatewayError(
                 ErrorKind.UNSUPPORTED_ENCODING,
                 f"Content-Encoding {encoding[:32]!r} is not supported; send an identity body",

@@ -3,7 +3,7 @@
 The body is forwarded as the original bytes; this reads it once to learn the
 model, whether it streams, max_tokens, a prompt-size estimate and the prompt
 text (for prefix hashing). Anything malformed raises GatewayError(400) before
-any replica is contacted (M35).
+any replica is contacted (docs/reliability.md, M35).
 """
 
 from __future__ import annotations
