@@ -31,35 +31,39 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.demo import free_ports
+import aiohttp
+import uvloop
 
-HOST = "127.0.0.1"
+from loadtest import procs
+from loadtest.procs import HOST, Child, StartError
+from loadtest.report import percentile
+
 MODEL = "bench"
 LUA_SCRIPT = Path(__file__).with_name("bench_post.lua")
 SMALL_PROMPT_BYTES = 64
-LARGE_PROMPT_BYTES = 100 * 1024  # the issue's "100 KB prompts"
+LARGE_PROMPT_BYTES = 100 * 1024  # a long-context prompt: the body the gateway must not copy
 HIGH_CONCURRENCY = 64
 STREAM_TOKENS = 16  # events per benchmark stream; TTFT only needs the first
 DEFAULT_RUN_S = 5.0  # per wrk run: enough for a stable p99 at c=1 (~5k samples)
 QUICK_RUN_S = 2.0
 WARMUP_S = 1.0  # connection pools, code paths and CPU caches warm before measuring
 DEFAULT_STREAMS = 300
-START_TIMEOUT_S = 30.0
-# Targets from the issue, for one gateway process on one core.
+# The gateway's budget, for one gateway process on one core: CPU per small
+# request, added latency at c=1 and added time to first token, and a 100 KB
+# prompt costing at most twice a small one (the body is relayed, not copied
+# or re-serialized).
 TARGET_CPU_US = 200.0
 TARGET_ADDED_P50_US = 250.0
 TARGET_ADDED_TTFT_US = 1000.0
 TARGET_LARGE_RATIO = 2.0
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 # ---- the fast upstream ------------------------------------------------------
@@ -139,8 +143,6 @@ def _upstream_main(port: int) -> int:
         await stop.wait()
         await runner.cleanup()
 
-    import uvloop
-
     uvloop.run(serve())
     return 0
 
@@ -151,7 +153,6 @@ def _floor_main(port: int, upstream: str) -> int:
     Whatever an aiohttp-based gateway costs beyond this is its own logic; the
     rest is the framework (HTTP parsing on both sides, the client pool).
     """
-    import aiohttp
     from aiohttp import web
 
     session: aiohttp.ClientSession | None = None
@@ -194,8 +195,6 @@ def _floor_main(port: int, upstream: str) -> int:
         await runner.cleanup()
         await session.close()
 
-    import uvloop
-
     uvloop.run(serve())
     return 0
 
@@ -207,101 +206,21 @@ def _pin(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
 
 
-@dataclass(slots=True)
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
-        return ""
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process (all its threads), from /proc."""
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # After "pid (comm)": field 14 utime and 15 stime are at 11 and 12 here.
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 class BenchError(RuntimeError):
     pass
-
-
-def _spawn(name: str, argv: list[str], workdir: Path, stdout_pipe: bool = False) -> Proc:
-    log = workdir / f"{name}.log"
-    with log.open("ab") as logf:
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else logf,
-            stderr=logf,
-            start_new_session=True,
-        )
-    return Proc(name, popen, log)
-
-
-def _wait_ready_line(proc: Proc) -> int:
-    assert proc.popen.stdout is not None
-    line = proc.popen.stdout.readline().decode()
-    if not line.startswith("ready"):
-        raise BenchError(f"{proc.name} did not start:\n{proc.tail()}")
-    return int(line.split()[1])
-
-
-def _wait_http(proc: Proc, url: str) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.1)
-    raise BenchError(f"{proc.name} not ready at {url}")
-
 
 
 def _gateway_config(
     upstream: str, port: int, admin_port: int, policy: str, access_log: bool
 ) -> str:
-    return "\n".join(
-        [
-            "# generated by dp-router bench",
-            "[server]",
-            f'host = "{HOST}"',
-            f"port = {port}",
-            f"access_log = {'true' if access_log else 'false'}",
-            "shutdown_timeout_s = 1.0",
-            "[admin]",
-            f'host = "{HOST}"',
-            f"port = {admin_port}",
-            "[health]",
-            "slow_start_s = 0.0  # measure the steady state from the first request",
-            "[routing]",
-            f'policy = "{policy}"',
-            "[[replicas]]",
-            f'url = "{upstream}"',
-            'name = "upstream"',
-            f'models = ["{MODEL}"]',
-            "",
-        ]
+    return procs.gateway_toml(
+        [{"url": upstream, "name": "upstream", "models": [MODEL]}],
+        port=port,
+        admin_port=admin_port,
+        comment="generated by dp-router bench",
+        server={"access_log": access_log, "shutdown_timeout_s": 1.0},
+        health={"slow_start_s": 0.0},  # measure the steady state from the first request
+        routing={"policy": policy},
     )
 
 
@@ -343,14 +262,14 @@ class WrkRun:
         )
 
 
-def wrk(
+async def wrk(
     url: str,
     *,
     connections: int,
     seconds: float,
     prompt_bytes: int,
     cpu: int | None,
-    gateway: Proc | None = None,
+    gateway: Child | None = None,
 ) -> WrkRun:
     """One wrk run (one thread: the other core is shared with the upstream)."""
     env = {
@@ -372,11 +291,15 @@ def wrk(
         url + "/v1/chat/completions",
     ]
     cpu_before = gateway.cpu_seconds() if gateway else 0.0
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    raw_out, raw_err = await proc.communicate()
     cpu_after = gateway.cpu_seconds() if gateway else 0.0
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout}")
+    stdout, stderr = raw_out.decode(errors="replace"), raw_err.decode(errors="replace")
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({proc.returncode}): {stderr.strip() or stdout}")
     data = json.loads(line.split(" ", 1)[1])
     requests = int(data["requests"])
     errors = sum(int(v) for v in data["errors"].values())
@@ -394,10 +317,8 @@ def wrk(
     )
 
 
-async def _stream_ttfts(url: str, n: int) -> list[float]:
+async def stream_ttfts(url: str, n: int) -> list[float]:
     """TTFT of ``n`` sequential streams on one keep-alive connection, seconds."""
-    import aiohttp
-
     body = json.dumps(
         {
             "model": MODEL,
@@ -424,12 +345,6 @@ async def _stream_ttfts(url: str, n: int) -> list[float]:
             if i >= n // 10:
                 out.append(first)
     return out
-
-
-def stream_ttfts(url: str, n: int) -> list[float]:
-    import uvloop
-
-    return uvloop.run(_stream_ttfts(url, n))
 
 
 # ---- the report -------------------------------------------------------------
@@ -590,8 +505,6 @@ def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _quantiles_us(values: list[float]) -> dict[str, float]:
-    from loadtest.report import percentile
-
     data = sorted(values)
     return {
         "p50": percentile(data, 0.5) * 1e6,
@@ -615,71 +528,52 @@ def _cpus() -> tuple[int | None, int | None]:
     return cpus[0], cpus[1]
 
 
-@contextlib.contextmanager
-def _processes(
+@contextlib.asynccontextmanager
+async def _processes(
     args: argparse.Namespace, workdir: Path
-) -> Iterator[tuple[str, str, Proc, tuple[str, Proc] | None]]:
+) -> AsyncIterator[tuple[str, str, Child, tuple[str, Child] | None]]:
+    """The upstream, the gateway (and the bare proxy with --floor); all stopped on exit."""
     gw_cpu, other_cpu = _cpus()
-    procs: list[Proc] = []
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(name: str, argv: list[str], *, stdout_pipe: bool = False) -> Child:
+            child = await procs.spawn(
+                name, argv, log=workdir / f"{name}.log", stdout_pipe=stdout_pipe
+            )
+            stack.push_async_callback(child.stop)
+            return child
+
         if args.upstream == "replica":
-            argv = [
-                sys.executable,
-                "-m",
-                "router",
-                "replica",
-                "--port",
-                "0",
-                "--model",
-                MODEL,
-                "--token-interval",
-                "0",
-                "--max-tokens",
-                str(STREAM_TOKENS),
-            ]
+            argv = procs.dp_router(
+                "replica", "--port", "0", "--model", MODEL, "--token-interval", "0",
+                "--max-tokens", str(STREAM_TOKENS),
+            )  # fmt: skip
         else:
-            argv = [sys.executable, "-m", "router", "bench", "_upstream", "0"]
-        upstream_proc = _spawn("upstream", [*_pin(other_cpu), *argv], workdir, stdout_pipe=True)
-        procs.append(upstream_proc)
-        upstream = f"http://{HOST}:{_wait_ready_line(upstream_proc)}"
-        port, admin_port = free_ports(2)
+            argv = procs.dp_router("bench", "_upstream", "0")
+        up = await start("upstream", [*_pin(other_cpu), *argv], stdout_pipe=True)
+        (up_port,) = await up.ready_ports(1)
+        upstream = f"http://{HOST}:{up_port}"
+        port, admin_port = procs.free_ports(2)
         config = workdir / "gateway.toml"
         config.write_text(_gateway_config(upstream, port, admin_port, args.policy, args.access_log))
-        gw = _spawn(
-            "gateway",
-            [
-                *_pin(gw_cpu),
-                sys.executable,
-                "-m",
-                "router",
-                "serve",
-                "--config",
-                str(config),
-                "--log-level",
-                # The access log is an INFO record: WARNING would mute it even
-                # with --access-log. Either way it goes to a file, as in production.
-                "INFO" if args.access_log else "WARNING",
-            ],
-            workdir,
-        )
-        procs.append(gw)
+        # The access log is an INFO record: WARNING would mute it even with
+        # --access-log. Either way it goes to a file, as in production.
+        level = "INFO" if args.access_log else "WARNING"
+        argv = procs.dp_router("serve", "--config", str(config), "--log-level", level)
+        gw = await start("gateway", [*_pin(gw_cpu), *argv])
         gateway = f"http://{HOST}:{port}"
-        _wait_http(gw, gateway + "/readyz")
-        floor: tuple[str, Proc] | None = None
+        await gw.wait_http(gateway + "/readyz")
+        floor: tuple[str, Child] | None = None
         if args.floor:
-            (floor_port,) = free_ports(1)
-            argv = [sys.executable, "-m", "router", "bench", "_floor", str(floor_port), upstream]
-            fp = _spawn("floor", [*_pin(gw_cpu), *argv], workdir)
-            procs.append(fp)
-            _wait_http(fp, f"http://{HOST}:{floor_port}/readyz")
+            (floor_port,) = procs.free_ports(1)
+            argv = procs.dp_router("bench", "_floor", str(floor_port), upstream)
+            fp = await start("floor", [*_pin(gw_cpu), *argv])
+            await fp.wait_http(f"http://{HOST}:{floor_port}/readyz")
             floor = (f"http://{HOST}:{floor_port}", fp)
         yield upstream, gateway, gw, floor
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
-def run_bench(args: argparse.Namespace) -> BenchResult:
+async def run_bench(args: argparse.Namespace) -> BenchResult:
     gw_cpu, other_cpu = _cpus()
     if other_cpu is not None:
         # The Python parts of the client (TTFT streams) stay off the gateway's core.
@@ -691,62 +585,75 @@ def run_bench(args: argparse.Namespace) -> BenchResult:
         client_cpu=other_cpu,
         repeat=args.repeat,
     )
-    with (
-        tempfile.TemporaryDirectory(prefix="dp-router-bench-") as tmp,
-        _processes(args, Path(tmp)) as (upstream, gateway, gw, floor),
-    ):
-        say = _say
-        say(f"upstream {args.upstream} at {upstream}; gateway at {gateway} (core {gw_cpu})")
-        # Warm-up at the highest concurrency, so every pool holds its connections.
-        for url in [gateway] + ([floor[0]] if floor else []):
-            wrk(
-                url,
-                connections=HIGH_CONCURRENCY,
-                seconds=WARMUP_S,
-                prompt_bytes=SMALL_PROMPT_BYTES,
-                cpu=other_cpu,
-            )
-        scenarios = [
-            ("c1_small", 1, SMALL_PROMPT_BYTES),
-            ("c64_small", HIGH_CONCURRENCY, SMALL_PROMPT_BYTES),
-            ("c1_100k", 1, LARGE_PROMPT_BYTES),
-            ("c64_100k", HIGH_CONCURRENCY, LARGE_PROMPT_BYTES),
-        ]
-        targets = [("direct", upstream, None), ("gateway", gateway, gw)]
-        if floor:
-            targets.append(("floor", floor[0], floor[1]))
-        for name, conns, size in scenarios:
-            # Interleaved repetitions, so a noisy neighbour hits every side alike.
-            reps: dict[str, list[WrkRun]] = {side: [] for side, _, _ in targets}
-            for _ in range(args.repeat):
-                for side, url, proc in targets:
-                    run = wrk(
-                        url,
-                        connections=conns,
-                        seconds=args.seconds,
-                        prompt_bytes=size,
-                        cpu=other_cpu,
-                        gateway=proc,
-                    )
-                    reps[side].append(run)
-            result.runs[name] = {side: WrkRun.median(runs) for side, runs in reps.items()}
-            direct, via = result.runs[name]["direct"], result.runs[name]["gateway"]
-            say(
-                f"{name}: direct {direct.rps:.0f} req/s p50 {direct.p50_us:.0f} us; "
-                f"gateway {via.rps:.0f} req/s p50 {via.p50_us:.0f} us, "
-                f"{via.cpu_us_per_request or 0:.0f} us CPU/req"
-            )
-        result.ttft_us = {
-            "direct": _quantiles_us(stream_ttfts(upstream, args.streams)),
-            "gateway": _quantiles_us(stream_ttfts(gateway, args.streams)),
-        }
-        if floor:
-            result.ttft_us["floor"] = _quantiles_us(stream_ttfts(floor[0], args.streams))
-        say(
-            f"stream TTFT p50: direct {result.ttft_us['direct']['p50']:.0f} us, "
-            f"gateway {result.ttft_us['gateway']['p50']:.0f} us"
-        )
+    with tempfile.TemporaryDirectory(prefix="dp-router-bench-") as tmp:
+        async with _processes(args, Path(tmp)) as (upstream, gateway, gw, floor):
+            await _measure(args, result, upstream, gateway, gw, floor)
     return result
+
+
+async def _measure(
+    args: argparse.Namespace,
+    result: BenchResult,
+    upstream: str,
+    gateway: str,
+    gw: Child,
+    floor: tuple[str, Child] | None,
+) -> None:
+    gw_cpu, other_cpu = result.gateway_cpu, result.client_cpu
+    say = _say
+    say(f"upstream {args.upstream} at {upstream}; gateway at {gateway} (core {gw_cpu})")
+    # Warm-up at the highest concurrency, so every pool holds its connections.
+    for url in [gateway] + ([floor[0]] if floor else []):
+        await wrk(
+            url,
+            connections=HIGH_CONCURRENCY,
+            seconds=WARMUP_S,
+            prompt_bytes=SMALL_PROMPT_BYTES,
+            cpu=other_cpu,
+        )
+    scenarios = [
+        ("c1_small", 1, SMALL_PROMPT_BYTES),
+        ("c64_small", HIGH_CONCURRENCY, SMALL_PROMPT_BYTES),
+        ("c1_100k", 1, LARGE_PROMPT_BYTES),
+        ("c64_100k", HIGH_CONCURRENCY, LARGE_PROMPT_BYTES),
+    ]
+    targets: list[tuple[str, str, Child | None]] = [
+        ("direct", upstream, None),
+        ("gateway", gateway, gw),
+    ]
+    if floor:
+        targets.append(("floor", floor[0], floor[1]))
+    for name, conns, size in scenarios:
+        # Interleaved repetitions, so a noisy neighbour hits every side alike.
+        reps: dict[str, list[WrkRun]] = {side: [] for side, _, _ in targets}
+        for _ in range(args.repeat):
+            for side, url, proc in targets:
+                run = await wrk(
+                    url,
+                    connections=conns,
+                    seconds=args.seconds,
+                    prompt_bytes=size,
+                    cpu=other_cpu,
+                    gateway=proc,
+                )
+                reps[side].append(run)
+        result.runs[name] = {side: WrkRun.median(runs) for side, runs in reps.items()}
+        direct, via = result.runs[name]["direct"], result.runs[name]["gateway"]
+        say(
+            f"{name}: direct {direct.rps:.0f} req/s p50 {direct.p50_us:.0f} us; "
+            f"gateway {via.rps:.0f} req/s p50 {via.p50_us:.0f} us, "
+            f"{via.cpu_us_per_request or 0:.0f} us CPU/req"
+        )
+    result.ttft_us = {
+        "direct": _quantiles_us(await stream_ttfts(upstream, args.streams)),
+        "gateway": _quantiles_us(await stream_ttfts(gateway, args.streams)),
+    }
+    if floor:
+        result.ttft_us["floor"] = _quantiles_us(await stream_ttfts(floor[0], args.streams))
+    say(
+        f"stream TTFT p50: direct {result.ttft_us['direct']['p50']:.0f} us, "
+        f"gateway {result.ttft_us['gateway']['p50']:.0f} us"
+    )
 
 
 def _say(msg: str) -> None:
@@ -800,8 +707,8 @@ def main(argv: list[str]) -> int:
         )
         return 2
     try:
-        result = run_bench(args)
-    except BenchError as exc:
+        result = uvloop.run(run_bench(args))
+    except (BenchError, StartError) as exc:
         print(f"dp-router bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

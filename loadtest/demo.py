@@ -20,8 +20,8 @@ throughput, errors, per-replica share, prefix-cache hit rate) and, with
 ``--out``, writes results.json, summary.md and charts.
 
 Every child is stopped on exit, on Ctrl-C and on SIGTERM; children also get
-SIGTERM from the kernel if the demo itself is killed (PR_SET_PDEATHSIG), so a
-demo never leaves servers behind.
+SIGTERM from the kernel if the demo itself is killed (loadtest/procs.py), so
+a demo never leaves servers behind.
 """
 
 from __future__ import annotations
@@ -29,25 +29,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import signal
-import socket
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
+from loadtest import procs
 from loadtest.loadgen import LoadConfig, conversations, run_load, run_with_uvloop
+from loadtest.procs import HOST, StartError
 from loadtest.report import RunResult, comparison_table, write_plots, write_results
-from loadtest.workload_types import Conversation
+from loadtest.workloads import Conversation
 
-HOST = "127.0.0.1"
 MODEL = "dp-demo"
 # Preferred order of policies to compare; only registered ones are used, so
 # the demo keeps working while policies come and go.
@@ -81,8 +79,6 @@ SLOW_FACTOR = 3.0  # one replica this much slower (an older GPU, a noisy neighbo
 TARGET_UTILIZATION = 0.65
 # Conversations sampled from the workload to estimate its mean cost.
 RATE_SAMPLE = 300
-START_TIMEOUT_S = 30.0  # cold Python imports on a busy 2-core box take seconds
-STOP_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,155 +95,29 @@ class DemoOptions:
     engine: str | None = None  # a loadtest.engine preset instead of the paced model
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports (bound together, so they cannot repeat)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM me when the demo process dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
-
-
-@dataclass(slots=True)
-class Child:
-    """A subprocess we started, with its log file for error messages."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    log: Path
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-
-async def spawn(name: str, argv: Sequence[str], log: Path, *, pipe_stdout: bool) -> Child:
-    logf = log.open("ab")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE if pipe_stdout else logf,
-            stderr=logf,
-            # Own session: a terminal Ctrl-C reaches only the demo, which then
-            # stops the gateway before the replicas (no error storm).
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-    finally:
-        logf.close()
-    return Child(name, proc, log)
-
-
-async def stop(child: Child) -> None:
-    """SIGTERM, wait, then SIGKILL: the uvicorn-style graceful-then-forceful stop."""
-    proc = child.proc
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-
-
-class StartError(RuntimeError):
-    pass
-
-
-async def wait_replicas_ready(child: Child, count: int) -> list[int]:
-    """Read ``ready <port> ...`` lines until all ``count`` replicas listen; their ports."""
-    assert child.proc.stdout is not None
-    ports: list[int] = []
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while len(ports) < count:
-        left = deadline - time.monotonic()
-        try:
-            line = await asyncio.wait_for(child.proc.stdout.readline(), max(left, 0.01))
-        except TimeoutError:
-            raise StartError(f"replicas not ready after {START_TIMEOUT_S:.0f} s") from None
-        if not line:
-            await child.proc.wait()
-            raise StartError(
-                f"replica process exited with {child.proc.returncode}:\n{child.tail()}"
-            )
-        if line.startswith(b"ready "):
-            ports.append(int(line.split()[1]))
-    return ports
-
-
-async def _drain(stream: asyncio.StreamReader | None) -> None:
-    """Keep reading a child's stdout so a full pipe can never block it."""
-    if stream is None:
-        return
-    while await stream.read(65536):
-        pass
-
-
-async def wait_http_ready(child: Child, url: str, session: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if child.proc.returncode is not None:
-            raise StartError(f"{child.name} exited with {child.proc.returncode}:\n{child.tail()}")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                if resp.status == 200:
-                    return
-        await asyncio.sleep(0.1)
-    raise StartError(f"{child.name} not ready at {url} after {START_TIMEOUT_S:.0f} s")
-
-
 def replica_names(n: int) -> list[str]:
     """Names as the gateway reports them; the slow one says so."""
     return [f"r{i + 1}" + ("-slow" if i == n - 1 and n > 1 else "") for i in range(n)]
 
 
 def gateway_config(policy: str, seed: int, port: int, admin_port: int, urls: list[str]) -> str:
-    """The TOML the gateway runs with (see config/ for the documented format)."""
-    names = replica_names(len(urls))
-    lines = [
-        "# generated by dp-router demo",
-        "[server]",
-        f'host = "{HOST}"',
-        f"port = {port}",
-        "access_log = false  # the demo prints its own report",
-        "shutdown_timeout_s = 2.0",
-        "",
-        "[admin]",
-        f'host = "{HOST}"',
-        f"port = {admin_port}",
-        "",
-        "[health]",
-        "interval_s = 1.0",
+    """The TOML the gateway runs with (the format: config/example.toml)."""
+    replicas = [
+        {"url": url, "name": name, "models": [MODEL]}
+        for name, url in zip(replica_names(len(urls)), urls, strict=True)
+    ]
+    return procs.gateway_toml(
+        replicas,
+        port=port,
+        admin_port=admin_port,
+        comment="generated by dp-router demo",
+        # The demo prints its own report; 2 s is enough to drain a demo's streams.
+        server={"access_log": False, "shutdown_timeout_s": 2.0},
         # Slow start would ramp every fresh replica for 30 s: longer than a
         # demo run, and the same for all policies, so it only blurs them.
-        "slow_start_s = 0.0",
-        "",
-        "[routing]",
-        f'policy = "{policy}"',
-        f"seed = {seed}",
-    ]
-    for name, url in zip(names, urls, strict=True):
-        lines += ["", "[[replicas]]", f'url = "{url}"', f'name = "{name}"', f'models = ["{MODEL}"]']
-    return "\n".join(lines) + "\n"
+        health={"interval_s": 1.0, "slow_start_s": 0.0},
+        routing={"policy": policy, "seed": seed},
+    )
 
 
 @contextlib.asynccontextmanager
@@ -255,7 +125,7 @@ async def fleet(
     opts: DemoOptions, workdir: Path, session: aiohttp.ClientSession
 ) -> AsyncIterator[list[str]]:
     """N replicas in one process, the last one slowed down; yields their URLs."""
-    argv = [sys.executable, "-m", "router", "replica", "--host", HOST, "--model", MODEL]
+    argv = procs.dp_router("replica", "--host", HOST, "--model", MODEL)
     if opts.engine:
         argv += ["--engine", opts.engine, "--seed", str(opts.seed)]
     else:
@@ -264,21 +134,15 @@ async def fleet(
         argv += ["--max-running", str(MAX_RUNNING)]
     # Port 0: the replica process binds free ports and reports them (no race).
     argv += ["--port", "0"] * opts.replicas
-    child = await spawn("replicas", argv, workdir / "replicas.log", pipe_stdout=True)
-    drain: asyncio.Task[None] | None = None
+    child = await procs.spawn("replicas", argv, log=workdir / "replicas.log", stdout_pipe=True)
     try:
-        ports = await wait_replicas_ready(child, opts.replicas)
-        drain = asyncio.create_task(_drain(child.proc.stdout))
+        ports = await child.ready_ports(opts.replicas)
         urls = [f"http://{HOST}:{p}" for p in ports]
         if opts.replicas > 1 and opts.slow_factor != 1.0:
             await _slow_down(session, urls[-1], opts.slow_factor)
         yield urls
     finally:
-        await stop(child)
-        if drain is not None:
-            drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drain
+        await child.stop()
 
 
 async def _slow_down(session: aiohttp.ClientSession, url: str, factor: float) -> None:
@@ -295,19 +159,17 @@ async def gateway(
     policy: str, opts: DemoOptions, urls: list[str], workdir: Path, session: aiohttp.ClientSession
 ) -> AsyncIterator[str]:
     """The gateway with ``policy`` in front of ``urls``; yields its base URL."""
-    port, admin_port = free_ports(2)
+    port, admin_port = procs.free_ports(2)
     config = workdir / f"gateway-{policy}.toml"
     config.write_text(gateway_config(policy, opts.seed, port, admin_port, urls))
-    argv = [sys.executable, "-m", "router", "serve", "--config", str(config)]
-    child = await spawn(
-        f"gateway ({policy})", argv, workdir / f"gateway-{policy}.log", pipe_stdout=False
-    )
+    argv = procs.dp_router("serve", "--config", str(config))
+    child = await procs.spawn(f"gateway ({policy})", argv, log=workdir / f"gateway-{policy}.log")
     try:
         base = f"http://{HOST}:{port}"
-        await wait_http_ready(child, base + "/readyz", session)
+        await child.wait_http(base + "/readyz", session=session)
         yield base
     finally:
-        await stop(child)
+        await child.stop()
 
 
 async def run_policy(

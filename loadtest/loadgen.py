@@ -36,13 +36,15 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import uvloop
 
+from loadtest.replica.server import DOMAIN_HEADER
 from loadtest.report import (
     ErrorKind,
     RequestRecord,
@@ -54,14 +56,12 @@ from loadtest.report import (
     write_plots,
     write_results,
 )
-from loadtest.workload_types import Conversation, Turn
-from loadtest.workloads import WORKLOADS, load_workload
+from loadtest.workloads import WORKLOADS, Conversation, Turn, load_workload
+
+T = TypeVar("T")
 
 REPLICA_HEADER = "x-dp-replica"
 SESSION_HEADER = "x-session-id"
-# The simulated replica's MoE model draws expert popularity per domain
-# (loadtest.replica.DOMAIN_HEADER); real servers ignore the header.
-DOMAIN_HEADER = "x-sim-domain"
 
 # Per-request limit; long enough for a few thousand tokens at vLLM decode
 # speeds, short enough that a hung upstream cannot stall a run forever.
@@ -157,6 +157,8 @@ class _Sender:
 
     async def send(self, conv: Conversation, index: int, turn: Turn) -> RequestRecord:
         headers = {**self.base_headers, SESSION_HEADER: conv.id}
+        # The simulated replica's MoE model draws expert popularity per
+        # domain; real servers ignore the header.
         if conv.domain:
             headers[DOMAIN_HEADER] = conv.domain
         data = self.body(turn)
@@ -460,7 +462,7 @@ def _auth(cfg: LoadConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
-SendFn = Callable[[Conversation, int, Turn], Any]
+SendFn = Callable[[Conversation, int, Turn], Coroutine[Any, Any, None]]
 
 
 async def _open_loop(
@@ -707,11 +709,7 @@ def _first_interrupt(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
     loop.remove_signal_handler(signal.SIGINT)
 
 
-def run_with_uvloop(coro: Any) -> Any:
+def run_with_uvloop(coro: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run`` on uvloop (cheaper per request: more CPU for the server)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)

@@ -1,8 +1,10 @@
 """Real servers for tests: simulated replicas and gateways, in-process or as
-processes, on free loopback ports. Fakes live here and nowhere else.
+processes, on free loopback ports.
 
 In-process servers share the test's event loop (fast, and the test can read
 their state); process servers can be SIGKILLed, SIGSTOPped and restarted.
+Processes are started, awaited and stopped by loadtest/procs.py, the harness
+the demo, bench and faults tools use too; this module adds the test timings.
 """
 
 from __future__ import annotations
@@ -10,38 +12,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from loadtest.demo import free_ports
-from loadtest.replica import ReplicaConfig, run_replica
+from loadtest import procs
+from loadtest.replica import SimReplicaConfig, run_replica
 from router import config as config_mod
 from router.app import Gateway
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "sim-model"
+# Upstream timeouts short enough that a test of a hung or dead replica takes
+# seconds, long enough for a loaded 2-core machine to answer in time.
+UPSTREAM_TIMEOUTS = {
+    "connect_timeout_s": 1.0,
+    "first_byte_timeout_s": 2.0,
+    "idle_timeout_s": 2.0,
+    "response_timeout_s": 10.0,
+}
+# Active health checks for process tests: a replica is out after two failed
+# checks 0.5 s apart, and back after two good ones.
+HEALTH_CHECKS = {
+    "interval_s": 0.5,
+    "timeout_s": 0.4,
+    "healthy_threshold": 2,
+    "unhealthy_threshold": 2,
+}
+# Interpreter start-up on a busy 2-core machine.
+PROCESS_START_S = 15.0
 
 
 def free_port() -> int:
-    return free_ports(1)[0]
+    return procs.free_ports(1)[0]
 
 
 def gateway_config(replica_urls: list[str], **sections: Any) -> config_mod.Config:
-    """A test config: loopback, ephemeral ports, short timeouts (RELIABILITY 6)."""
+    """A test config: loopback, ephemeral ports, short timeouts, no health checks."""
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "access_log": True},
-        "admin": {"host": "127.0.0.1", "port": 0},
-        "upstream": {
-            "connect_timeout_s": 1.0,
-            "first_byte_timeout_s": 2.0,
-            "idle_timeout_s": 2.0,
-            "response_timeout_s": 10.0,
-        },
+        "server": {"host": procs.HOST, "port": 0, "access_log": True},
+        "admin": {"host": procs.HOST, "port": 0},
+        "upstream": dict(UPSTREAM_TIMEOUTS),
         "health": {"enabled": False},
         "replicas": [{"url": u, "models": [MODEL]} for u in replica_urls],
     }
@@ -60,7 +73,7 @@ async def replicas(n: int, **cfg: Any) -> AsyncIterator[list[str]]:
         urls = []
         for i in range(n):
             url, _state = await stack.enter_async_context(
-                run_replica(ReplicaConfig(name=f"r{i}", models=(MODEL,), **cfg))
+                run_replica(SimReplicaConfig(name=f"r{i}", models=(MODEL,), **cfg))
             )
             urls.append(url)
         yield urls
@@ -77,11 +90,11 @@ async def gateway(cfg: config_mod.Config) -> AsyncIterator[Gateway]:
 
 
 def base(gw: Gateway) -> str:
-    return f"http://127.0.0.1:{gw.data_port}"
+    return f"http://{procs.HOST}:{gw.data_port}"
 
 
 def admin(gw: Gateway) -> str:
-    return f"http://127.0.0.1:{gw.admin_port}"
+    return f"http://{procs.HOST}:{gw.admin_port}"
 
 
 def chat_body(stream: bool = False, max_tokens: int = 8, content: str = "hello") -> dict[str, Any]:
@@ -124,62 +137,54 @@ def tokens_total(gw: Gateway) -> int:
     return sum(r.load.outstanding_tokens for r in gw.registry)
 
 
+def _child_env() -> dict[str, str]:
+    # The repository first on the path: the child runs this checkout's code.
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
 class ReplicaProcess:
-    """Simulated replicas in one child process (``dp-router replica``)."""
+    """Simulated replicas in one child process (``dp-router replica``) on fixed
+    ports, so that :meth:`start` after :meth:`kill` brings them back where
+    the gateway expects them."""
 
     def __init__(self, ports: list[int], args: list[str]) -> None:
         self.ports = ports
         self.args = args
-        self.proc: asyncio.subprocess.Process | None = None
+        self.child: procs.Child | None = None
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self.ports]
+        return [f"http://{procs.HOST}:{p}" for p in self.ports]
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        return self.child.proc if self.child is not None else None
 
     async def start(self) -> None:
-        argv = [sys.executable, "-m", "router", "replica", "--model", MODEL]
+        argv = procs.dp_router("replica", "--model", MODEL)
         for p in self.ports:
             argv += ["--port", str(p)]
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv,
-            *self.args,
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+        self.child = await procs.spawn(
+            "replica", [*argv, *self.args], stdout_pipe=True, cwd=REPO, env=_child_env()
         )
-        assert self.proc.stdout is not None
-        ready = 0
-        while ready < len(self.ports):
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 15)
-            if not line:
-                raise RuntimeError("replica process exited before it was ready")
-            if line.startswith(b"ready"):
-                ready += 1
+        await self.child.ready_ports(len(self.ports), timeout=PROCESS_START_S)
 
     def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, sig)
+        if self.child is not None:
+            self.child.send(sig)
 
     async def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        if self.proc is not None:
-            await self.proc.wait()
+        if self.child is not None:
+            await self.child.kill()
 
     async def stop(self) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), 5)
-        except TimeoutError:
-            await self.kill()
+        if self.child is not None:
+            await self.child.stop()
 
 
 @contextlib.asynccontextmanager
 async def replica_process(n: int = 1, *args: str) -> AsyncIterator[ReplicaProcess]:
-    proc = ReplicaProcess([free_port() for _ in range(n)], list(args))
+    proc = ReplicaProcess(procs.free_ports(n), list(args))
     await proc.start()
     try:
         yield proc
@@ -191,27 +196,14 @@ def toml_config(
     replica_urls: list[str], port: int, admin_port: int, server: dict[str, float] | None = None
 ) -> str:
     """A gateway config file for a process gateway, with the test timings."""
-    lines = [
-        "[server]",
-        'host = "127.0.0.1"',
-        f"port = {port}",
-        *(f"{k} = {v}" for k, v in (server or {}).items()),
-        "[admin]",
-        f"port = {admin_port}",
-        "[upstream]",
-        "connect_timeout_s = 1.0",
-        "first_byte_timeout_s = 2.0",
-        "idle_timeout_s = 2.0",
-        "response_timeout_s = 10.0",
-        "[health]",
-        "interval_s = 0.5",
-        "timeout_s = 0.4",
-        "healthy_threshold = 2",
-        "unhealthy_threshold = 2",
-    ]
-    for url in replica_urls:
-        lines += ["[[replicas]]", f'url = "{url}"', f'models = ["{MODEL}"]']
-    return "\n".join(lines) + "\n"
+    return procs.gateway_toml(
+        [{"url": url, "models": [MODEL]} for url in replica_urls],
+        port=port,
+        admin_port=admin_port,
+        server=server or {},
+        upstream=UPSTREAM_TIMEOUTS,
+        health=HEALTH_CHECKS,
+    )
 
 
 class GatewayProcess:
@@ -221,41 +213,26 @@ class GatewayProcess:
         self.config_path = config_path
         self.port = port
         self.admin_port = admin_port
-        self.proc: asyncio.subprocess.Process | None = None
+        self.child: procs.Child | None = None
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{procs.HOST}:{self.port}"
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        return self.child.proc if self.child is not None else None
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router",
-            "serve",
-            "--config",
-            str(self.config_path),
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stderr=asyncio.subprocess.PIPE,
-        )
-
-        async def ready() -> bool:
-            try:
-                async with session.get(self.base + "/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        if not await eventually(ready, timeout=15, interval=0.1):
-            raise RuntimeError("gateway process did not become ready")
+        argv = procs.dp_router("serve", "--config", str(self.config_path))
+        self.child = await procs.spawn("gateway", argv, cwd=REPO, env=_child_env())
+        try:
+            await self.child.wait_http(
+                self.base + "/readyz", timeout=PROCESS_START_S, session=session
+            )
+        except procs.StartError as exc:
+            raise RuntimeError("gateway process did not become ready") from exc
 
     async def stop(self) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.proc.terminate()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 15)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        if self.child is not None:
+            await self.child.stop(timeout=15)

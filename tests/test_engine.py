@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from loadtest.engine import (
+from loadtest.engine.engine import (
     ALLREDUCE_SHARE,
     Engine,
     EngineConfig,
@@ -14,8 +14,8 @@ from loadtest.engine import (
     StepResult,
     preset,
 )
-from loadtest.moe import MoEConfig
-from loadtest.profiles import MODELS, IterationProfile
+from loadtest.engine.moe import MoEConfig
+from loadtest.engine.profiles import MODELS, IterationProfile
 from policies.prefix import BLOCK_TOKENS
 
 

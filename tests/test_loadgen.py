@@ -9,14 +9,16 @@ import socket
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
 from loadtest import loadgen
 from loadtest.loadgen import LoadConfig, base_url, run_load, scrape_prefix_counters
-from loadtest.replica import ReplicaConfig, run_replica
-from loadtest.workload_types import Conversation, Turn
+from loadtest.replica import SimReplicaConfig, run_replica
+from loadtest.workloads import Conversation, Turn
+from policies.prefix import BLOCK_TOKENS, chat_prompt_text, estimate_tokens
 
-FAST = ReplicaConfig(name="fast", token_interval_s=0.001)
+FAST = SimReplicaConfig(name="fast", token_interval_s=0.001)
 
 
 def chats(n: int, turns: int = 2, out: int = 5) -> list[Conversation]:
@@ -114,17 +116,26 @@ async def test_request_budget_stops_mid_conversation() -> None:
 
 
 async def test_prefix_counters_scrape() -> None:
-    async with run_replica(FAST) as (url, _):
-        counters = await _scrape(url + "/metrics")
-    # The paced replica exports vLLM's prefix counters (zero without a cache model).
-    assert counters is not None and counters[0] >= 0
-
-
-async def _scrape(url: str) -> tuple[float, float] | None:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        return await scrape_prefix_counters(session, [url])
+    """The scrape sums vLLM's prefix-cache counters, in tokens, over every replica."""
+    prompt = "the same long prompt " * 40
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
+    tokens = estimate_tokens(len(chat_prompt_text(body["messages"])))
+    async with (
+        run_replica(FAST) as (url_a, _),
+        run_replica(FAST) as (url_b, _),
+        aiohttp.ClientSession() as session,
+    ):
+        urls = [url_a + "/metrics", url_b + "/metrics"]
+        assert await scrape_prefix_counters(session, urls) == (0.0, 0.0)
+        for _ in range(2):  # the second time, the prompt's full blocks are cached
+            async with session.post(url_a + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+        queries, hits = await scrape_prefix_counters(session, urls) or (0.0, 0.0)
+        assert queries == 2 * tokens
+        assert hits == tokens // BLOCK_TOKENS * BLOCK_TOKENS
+        # A replica that does not answer is left out, not counted as zero.
+        dead = f"http://127.0.0.1:{closed_port()}/metrics"
+        assert await scrape_prefix_counters(session, [dead]) is None
 
 
 def test_cli_writes_json_and_summary(tmp_path, capsys) -> None:

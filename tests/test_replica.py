@@ -22,30 +22,24 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.backend import BackendLoad, Job, PacedBackend
-from loadtest.replica import (
-    FaultError,
-    Generation,
-    ReplicaConfig,
-    ReplicaState,
-    _chunk,
-    _Chunks,
-    main,
-    orca_header,
-    parse_fault,
-    run_replica,
-)
+from loadtest.replica import SimReplicaConfig, SimReplicaState, run_replica
+from loadtest.replica.cli import main
+from loadtest.replica.faults import FaultError, parse_fault
+from loadtest.replica.metrics import orca_header
+from loadtest.replica.model import Job, ModelLoad
+from loadtest.replica.openai import Chunks, Generation, chunk
+from loadtest.replica.paced import PacedModel
 from policies.prefix import block_hashes, chat_prompt_text, estimate_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello"}]}
 
-Replica = tuple[str, ReplicaState]
+Replica = tuple[str, SimReplicaState]
 
 
 @pytest.fixture
 async def replica() -> AsyncIterator[Replica]:
-    async with run_replica(ReplicaConfig(name="r0", token_interval_s=0.001)) as r:
+    async with run_replica(SimReplicaConfig(name="r0", token_interval_s=0.001)) as r:
         yield r
 
 
@@ -61,13 +55,19 @@ def sse_events(raw: bytes) -> list[str]:
     return [e.removeprefix("data: ") for e in text.split("\n\n") if e]
 
 
-async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 1.5) -> None:
-    """Poll ``cond`` until true; the timeout is the bound under test + slack."""
+async def eventually(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 1.5) -> None:
+    """Poll ``cond`` (sync or async) until true; the timeout is the bound under
+    test + slack."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not await cond():
+    while True:
+        result = cond()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
 
 
 async def stats(http: aiohttp.ClientSession, url: str) -> dict[str, int]:
@@ -251,7 +251,7 @@ async def test_chunks_then_hang_until_client_leaves(
         return (await stats(http, url))["aborted"] == 1
 
     await eventually(aborted, timeout=1.5)  # "within 1 s" + 0.5 s slack
-    assert state.backend.load().running == 0
+    assert state.model.load().running == 0
     assert state.requests[-1].outcome == "aborted"
 
 
@@ -272,11 +272,11 @@ async def test_hang_before_headers_counts_abort_on_client_timeout(
     assert state.requests[-1].status is None
 
 
-async def test_client_disconnect_mid_stream_is_aborted_and_frees_backend(
+async def test_client_disconnect_mid_stream_is_aborted_and_frees_the_model(
     http: aiohttp.ClientSession,
 ) -> None:
-    backend = PacedBackend(0.05, max_running=1)
-    async with run_replica(ReplicaConfig(), backend=backend) as (url, state):
+    model = PacedModel(0.05, max_running=1)
+    async with run_replica(SimReplicaConfig(), model=model) as (url, state):
         body = {**CHAT, "stream": True, "max_tokens": 100}
         async with http.post(f"{url}/v1/chat/completions", json=body) as r:
             n = 0
@@ -290,7 +290,7 @@ async def test_client_disconnect_mid_stream_is_aborted_and_frees_backend(
             return (await stats(http, url))["aborted"] == 1
 
         await eventually(aborted)
-        assert backend.load().running == 0
+        assert model.load().running == 0
         assert state.requests[-1].chunks < 10  # generation stopped, not run to the end
 
 
@@ -380,7 +380,7 @@ async def test_hop_headers_and_request_echo(replica: Replica, http: aiohttp.Clie
 
 
 async def test_not_ready_for(http: aiohttp.ClientSession) -> None:
-    async with run_replica(ReplicaConfig(not_ready_for_s=30)) as (url, _):
+    async with run_replica(SimReplicaConfig(not_ready_for_s=30)) as (url, _):
         async with http.get(f"{url}/health") as r:
             assert r.status == 200
         async with http.post(f"{url}/v1/chat/completions", json=CHAT) as r:
@@ -431,7 +431,7 @@ async def test_runtime_status_drain_and_speed(
 
 
 async def test_api_key(http: aiohttp.ClientSession) -> None:
-    async with run_replica(ReplicaConfig(api_key="sekret")) as (url, _):
+    async with run_replica(SimReplicaConfig(api_key="sekret")) as (url, _):
         async with http.post(f"{url}/v1/chat/completions", json=CHAT) as r:
             assert r.status == 401
         bad = {"Authorization": "Bearer wrong"}
@@ -456,8 +456,8 @@ def families(text: str) -> dict[str, Any]:
 
 
 async def test_vllm_metrics_parse_and_move_with_load(http: aiohttp.ClientSession) -> None:
-    backend = PacedBackend(0.05, max_running=1)
-    async with run_replica(ReplicaConfig(), backend=backend) as (url, _):
+    model = PacedModel(0.05, max_running=1)
+    async with run_replica(SimReplicaConfig(), model=model) as (url, _):
         body = {**CHAT, "messages": [{"role": "user", "content": "y" * 600}], "max_tokens": 40}
         tasks = [
             asyncio.create_task(http.post(f"{url}/v1/chat/completions", json=body))
@@ -465,7 +465,7 @@ async def test_vllm_metrics_parse_and_move_with_load(http: aiohttp.ClientSession
         ]
 
         async def queued() -> bool:
-            return backend.load().waiting == 2
+            return model.load().waiting == 2
 
         await eventually(queued)
         async with http.get(f"{url}/metrics") as r:
@@ -481,7 +481,7 @@ async def test_vllm_metrics_parse_and_move_with_load(http: aiohttp.ClientSession
         await asyncio.gather(*tasks, return_exceptions=True)
 
         async def idle() -> bool:
-            return backend.load().running == 0 and backend.load().waiting == 0
+            return model.load().running == 0 and model.load().waiting == 0
 
         await eventually(idle)
         # The same prompt again hits the prefix cache.
@@ -493,8 +493,8 @@ async def test_vllm_metrics_parse_and_move_with_load(http: aiohttp.ClientSession
         assert hits.name == "vllm:prefix_cache_hits_total" and hits.value > 0
 
 
-class ExpertBackend(PacedBackend):
-    def load(self) -> BackendLoad:
+class ExpertModel(PacedModel):
+    def load(self) -> ModelLoad:
         base = super().load()
         base.expert_tokens = [10, 30, 5]
         base.expert_overflow = [0, 4, 0]
@@ -502,9 +502,9 @@ class ExpertBackend(PacedBackend):
 
 
 async def test_sglang_metrics_and_expert_counters(http: aiohttp.ClientSession) -> None:
-    cfg = ReplicaConfig(metrics="sglang", models=("m-a", "m-b"))
+    cfg = SimReplicaConfig(metrics="sglang", models=("m-a", "m-b"))
     async with (
-        run_replica(cfg, backend=ExpertBackend(0.0)) as (url, _),
+        run_replica(cfg, model=ExpertModel(0.0)) as (url, _),
         http.get(f"{url}/metrics") as r,
     ):
         fams = families(await r.text())
@@ -537,10 +537,10 @@ async def test_orca_header_both_formats(replica: Replica, http: aiohttp.ClientSe
             assert set(report["named_metrics"]) >= {"kv_cache_usage_perc", "num_requests_waiting"}
     async with http.post(f"{url}/v1/chat/completions", json=CHAT) as r:
         assert "endpoint-load-metrics" not in r.headers
-    assert orca_header("BIN", BackendLoad(0, 0, 0.0)) is None
+    assert orca_header("BIN", ModelLoad(0, 0, 0.0)) is None
 
 
-class RecordingBackend(PacedBackend):
+class RecordingModel(PacedModel):
     """Keeps the jobs it was given; refuses prompts that contain "REFUSE"."""
 
     def __init__(self) -> None:
@@ -555,24 +555,24 @@ class RecordingBackend(PacedBackend):
             yield n
 
 
-async def test_backend_sees_parsed_job_and_domain(http: aiohttp.ClientSession) -> None:
-    backend = RecordingBackend()
-    async with run_replica(ReplicaConfig(), backend=backend) as (url, _):
+async def test_model_sees_parsed_job_and_domain(http: aiohttp.ClientSession) -> None:
+    model = RecordingModel()
+    async with run_replica(SimReplicaConfig(), model=model) as (url, _):
         body = {**CHAT, "messages": [{"role": "user", "content": "z" * 1000}], "max_tokens": 2}
         hdr = {"x-sim-domain": "code", "x-request-id": "j1"}
         async with http.post(f"{url}/v1/chat/completions", json=body, headers=hdr) as r:
             assert r.status == 200
-    job = backend.jobs[0]
+    job = model.jobs[0]
     assert (job.request_id, job.domain, job.max_tokens) == ("j1", "code", 2)
     assert job.prompt_tokens == estimate_tokens(len(job.prompt_text))
     assert job.block_hashes == block_hashes(chat_prompt_text(body["messages"]))
     assert len(job.block_hashes) == 3  # 1000 chars + role markers = 3 full blocks
 
 
-async def test_backend_refusal_is_an_error_before_or_in_band(
+async def test_model_refusal_is_an_error_before_or_in_band(
     http: aiohttp.ClientSession,
 ) -> None:
-    async with run_replica(ReplicaConfig(), backend=RecordingBackend()) as (url, state):
+    async with run_replica(SimReplicaConfig(), model=RecordingModel()) as (url, state):
         body = {**CHAT, "messages": [{"role": "user", "content": "REFUSE"}]}
         async with http.post(f"{url}/v1/chat/completions", json=body) as r:
             assert r.status == 400
@@ -599,9 +599,8 @@ async def test_repeated_request_headers_are_joined(
     assert rec.peer is not None and rec.peer.startswith("127.0.0.1:")
 
 
-async def test_engine_backend_from_config(http: aiohttp.ClientSession) -> None:
-    pytest.importorskip("loadtest.engine_backend")
-    cfg = ReplicaConfig(engine="llama2-7b", metrics="vllm")
+async def test_engine_model_from_config(http: aiohttp.ClientSession) -> None:
+    cfg = SimReplicaConfig(engine="llama2-7b", metrics="vllm")
     async with run_replica(cfg) as (url, _):
         body = {**CHAT, "stream": True, "max_tokens": 8}
         async with http.post(f"{url}/v1/chat/completions", json=body) as r:
@@ -611,34 +610,33 @@ async def test_engine_backend_from_config(http: aiohttp.ClientSession) -> None:
             assert "vllm:kv_cache_usage_perc" in families(await r.text())
 
 
-# -- the backend ------------------------------------------------------------------
+# -- the paced model -----------------------------------------------------------
 
 
-async def test_paced_backend_fifo_queue_and_cancel() -> None:
-    backend = PacedBackend(0.0, max_running=1)
+async def test_paced_model_fifo_queue_and_cancel() -> None:
+    model = PacedModel(0.0, max_running=1)
     job = Job("a", "", 0, (), max_tokens=3)
-    first = backend.generate(job)
+    first = model.generate(job)
     assert await anext(first) == 1
-    assert backend.load().running == 1
+    assert model.load().running == 1
 
     order: list[str] = []
 
     async def run(name: str) -> None:
-        async for _ in backend.generate(Job(name, "", 0, (), max_tokens=1)):
+        async for _ in model.generate(Job(name, "", 0, (), max_tokens=1)):
             order.append(name)
 
     b = asyncio.create_task(run("b"))
     c = asyncio.create_task(run("c"))
     d = asyncio.create_task(run("d"))
-    await asyncio.sleep(0.01)
-    assert backend.load().waiting == 3
+    await eventually(lambda: model.load().waiting == 3)
     c.cancel()  # a waiter that leaves the queue must not take or leak a slot
-    await asyncio.sleep(0.01)
-    assert backend.load().waiting == 2
+    await eventually(lambda: model.load().waiting == 2)
+    assert model.load().running == 1
     await first.aclose()
     await asyncio.gather(b, d)
     assert order == ["b", "d"]
-    assert backend.load() == BackendLoad(running=0, waiting=0, kv_usage=0.0)
+    assert model.load() == ModelLoad(running=0, waiting=0, kv_usage=0.0)
 
 
 # -- the CLI, as a process ------------------------------------------------------------
@@ -685,7 +683,11 @@ async def test_cli_serves_several_ports_in_one_process(http: aiohttp.ClientSessi
                 headers={"x-sim-fault": "hang_before_headers=1"},
             )
         )
-        await asyncio.sleep(0.2)
+
+        async def hanging_arrived() -> bool:
+            return (await stats(http, f"http://127.0.0.1:{ports[0]}"))["in_progress"] == 1
+
+        await eventually(hanging_arrived, timeout=5)
     finally:
         proc.send_signal(signal.SIGTERM)
         # 2 x SHUTDOWN_TIMEOUT_S (0.5 s) for the hanging handler, plus slack.
@@ -730,10 +732,10 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("rid", ["chatcmpl-r-1", 'cmpl-odd"" id'])
 def test_chunk_template_matches_full_serialization(kind: str, rid: str) -> None:
     gen = Generation(kind, "m", True, False, 50, "p", 1)  # type: ignore[arg-type]
-    chunks = _Chunks(gen, rid, 1234)
+    chunks = Chunks(gen, rid, 1234)
     for i in (0, 1, 7, 49):
         for finish in (None, "length"):
-            assert chunks.event(i, finish) == _chunk(gen, rid, 1234, i, finish)
+            assert chunks.event(i, finish) == chunk(gen, rid, 1234, i, finish)
 
 
 async def test_reset_keeps_requests_in_flight_counted(

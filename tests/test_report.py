@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -131,12 +132,18 @@ def test_inflight_timeline_counts_overlaps() -> None:
     assert series == {"a": [1, 2, 2, 1], "b": [0, 1, 0, 0]}
 
 
-def test_plots_written_or_skipped(tmp_path) -> None:
+def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch) -> None:
+    """matplotlib is an optional extra: without it, None (the caller says so)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes the import fail
+    r = summarize(_records(), wall_s=4.0, label="A")
+    assert write_plots([r, r], tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plots_are_written_with_matplotlib(tmp_path) -> None:
+    pytest.importorskip("matplotlib")  # the optional [plots] extra
     r = summarize(_records(), wall_s=4.0, label="A")
     paths = write_plots([r, r], tmp_path)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert paths is None  # optional extra missing: the caller says so and carries on
-    else:
-        assert paths is not None and all(p.stat().st_size > 0 for p in paths)
+    assert paths is not None
+    assert [p.name for p in paths] == ["latency_cdf.png", "replica_load.png"]
+    assert all(p.stat().st_size > 0 for p in paths)

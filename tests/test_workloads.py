@@ -1,4 +1,4 @@
-"""Workload generators: item 11's statistics, prefix structure, arrivals, the entry point."""
+"""Workload generators: length statistics, prefix structure, arrivals, the entry point."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from collections import Counter
 
 import pytest
 
-from loadtest.workload_types import Conversation
-from loadtest.workloads import WORKLOADS, load_workload
+from loadtest.workloads import WORKLOADS, Conversation, load_workload
 from policies.prefix import CHARS_PER_TOKEN
 
 
@@ -18,7 +17,7 @@ def turns_of(convs: list[Conversation]) -> list:
     return [t for c in convs for t in c.turns]
 
 
-# -- item 11 ----------------------------------------------------------------------
+# -- length statistics against the papers' means --------------------------------------
 
 
 def test_lmsys_like_sessions_average_two_turns() -> None:
@@ -149,7 +148,7 @@ def test_lazy_and_errors_are_raised_at_once() -> None:
 
 
 def test_summary_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from loadtest.workloads import main
+    from loadtest.workloads.catalog import main
 
     assert main([]) == 0
     assert "sglang-shared-prefix" in capsys.readouterr().out

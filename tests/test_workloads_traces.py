@@ -1,4 +1,4 @@
-"""Trace loaders against the published facts of the vendored traces (items 9 and 10)."""
+"""Trace loaders against the published facts of the vendored traces."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import traces
-from loadtest.workloads import load_workload, mooncake_prompt, text_source
+from loadtest.workloads import load_workload, traces
+from loadtest.workloads.synthetic import text_source
+from loadtest.workloads.traces import mooncake_prompt
 
 
 def test_azure_conv_exact() -> None:

@@ -50,7 +50,7 @@ class MoEConfig:
     top_k: int = 2
     zipf_s: float = 0.5  # 0 = uniform popularity
     mode: str = "dropless"
-    # Switch Transformer's recommended training value; SIMULATOR-CHECKS sweeps 1.0/1.25/2.0.
+    # Switch Transformer's recommended training value (Fedus et al. 2021 compare 1.0-2.0).
     capacity_factor: float = 1.25
     # Share of the non-attention step time spent in the MoE (expert MLP) layers:
     # the MLP operators are 60-62% of a layer in the Vidur 7B profile at both
@@ -165,8 +165,8 @@ def expected_drop_fraction_uniform(tokens: int, experts: int, capacity_factor: f
     """Exact dropped share for uniform top-1 routing with a capacity factor.
 
     Each expert's load is Binomial(T, 1/E); capacity C = ceil(CF * T / E);
-    dropped share = E * E[(X - C)+] / T. SIMULATOR-CHECKS item 16: T = 4096,
-    E = 64 -> 4.94% at CF 1.0, 0.13% at CF 1.25.
+    dropped share = E * E[(X - C)+] / T. For T = 4096, E = 64 this is 4.94%
+    at CF 1.0 and 0.13% at CF 1.25.
     """
     cap = math.ceil(capacity_factor * tokens / experts)
     p = 1.0 / experts

@@ -1,7 +1,7 @@
-"""The simulator against queueing theory: SIMULATOR-CHECKS items 1-8, CI sizes.
+"""The simulator against queueing theory (loadtest/sim/theory.py), CI sizes.
 
 Seeded and small (2e4 jobs, one seed); tolerances widened from the spread we
-measured across seeds at this size (see loadtest/sim_theory.SCALES). The
+measured across seeds at this size (see loadtest.sim.theory.SCALES). The
 full-size runs: ``dp-router simulate --theory-checks``.
 """
 
@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest import sim_theory
+from loadtest.sim import theory as sim_theory
 
 CI = sim_theory.SCALES["ci"]
 
 
-@pytest.mark.parametrize("item", sorted(sim_theory.ITEMS))
-def test_theory_item(item: str) -> None:
-    results = sim_theory.ITEMS[item](CI)
+@pytest.mark.parametrize("group", sorted(sim_theory.GROUPS))
+def test_theory_group(group: str) -> None:
+    results = sim_theory.GROUPS[group](CI)
     assert results
     failed = [c for c in results if not c.ok]
     assert not failed, sim_theory.format_checks(failed)
 
 
 def test_closed_forms_match_the_documented_values() -> None:
-    """The formulas themselves, against SIMULATOR-CHECKS' tables."""
+    """The closed forms themselves, against tabulated values: E_N/M/1, Erlang C,
+    Mitzenmacher's supermarket model, the balls-into-bins fluid limit at t = 1
+    (s_1 = tanh 1 for d = 2)."""
     assert sim_theory.round_robin_sojourn(8, 0.9) == pytest.approx(5.781, abs=1e-3)
     assert sim_theory.round_robin_sojourn(8, 0.8) == pytest.approx(2.980, abs=1e-3)
     assert sim_theory.round_robin_sojourn(4, 0.8) == pytest.approx(3.267, abs=1e-3)

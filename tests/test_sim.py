@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from loadtest import sim_core, simulate
-from loadtest.sim_service import ExpService, LognormalService
-from loadtest.sim_workload import open_workload
+from loadtest.sim import cli as simulate
+from loadtest.sim import core as sim_core
+from loadtest.sim.queue_model import ExpQueue, LognormalQueue
+from loadtest.sim.workload import open_workload
 from policies import registry
 
 
@@ -17,7 +18,7 @@ def run_exp(
 ) -> sim_core.SimResult:
     cfg = sim_core.SimConfig(replicas=n, service="exp", slow_factor=slow, seed=seed)
     arrivals = open_workload("exp", seed=seed, requests=requests, rate=rate)
-    return sim_core.run(registry.create(policy, seed=seed), arrivals, requests, cfg, ExpService())
+    return sim_core.run(registry.create(policy, seed=seed), arrivals, requests, cfg, ExpQueue())
 
 
 def test_same_seed_same_result_and_every_request_settles() -> None:
@@ -30,7 +31,7 @@ def test_same_seed_same_result_and_every_request_settles() -> None:
 
 @pytest.mark.parametrize("policy", ["queue_depth", "least_request", "p2c", "peak_ewma"])
 def test_slow_replica_gets_a_small_share_and_does_not_drag_the_fast_ones(policy: str) -> None:
-    """Issue item 8: one replica 10x slower. Load-aware policies starve it and
+    """One replica 10x slower. Load-aware policies starve it and
     the other seven serve about as fast as a fleet of seven alone would."""
     n, rate, reqs = 8, 0.7 * 7.1, 20_000  # 0.7 of capacity (7 + 0.1 service units)
     slowed = run_exp(policy, n, rate, reqs, slow=10.0)
@@ -57,7 +58,7 @@ def test_multi_turn_sessions_follow_their_answers_and_prefix_affinity_hits() -> 
         cfg = sim_core.SimConfig(replicas=4, service="lognormal", cache_blocks=4096, seed=2)
         arrivals = open_workload("chat", seed=2, requests=600, rate=2.0)
         res = sim_core.run(
-            registry.create(policy, seed=2), arrivals, 600, cfg, LognormalService(slots=4)
+            registry.create(policy, seed=2), arrivals, 600, cfg, LognormalQueue(slots=4)
         )
         assert res.arrivals == 600
         hits[policy] = res.cache_hit or 0.0
@@ -114,7 +115,7 @@ def test_several_gateways_each_keep_their_own_view() -> None:
     cfg = sim_core.SimConfig(replicas=8, service="exp", report_interval=1.0, seed=4)
     gateways = [registry.create("queue_depth", seed=g) for g in range(4)]
     arrivals = open_workload("exp", seed=4, requests=8000, rate=7.2)
-    res = sim_core.run(gateways, arrivals, 8000, cfg, ExpService())
+    res = sim_core.run(gateways, arrivals, 8000, cfg, ExpQueue())
     assert res.arrivals == 8000 and not res.unstable
     assert res.reasons == {"queue_depth": 8000}
     # Between JSQ with one gateway (2.1) and random (10): local correction holds.
@@ -134,11 +135,11 @@ def test_policy_spec_parsing() -> None:
 
 
 def test_quality_check_runner_smoke() -> None:
-    """SIMULATOR-CHECKS 12-13 run through sim_quality._run; full runs: --quality-checks."""
-    from loadtest import sim_quality
+    """The prefix benchmarks' runner, small; full runs: --quality-checks."""
+    from loadtest.sim import quality
 
-    rr = sim_quality._run("round_robin", "sglang-shared-prefix", 4, 128, 0.0, 0, {})
-    ca = sim_quality._run("prefix_affinity", "sglang-shared-prefix", 4, 128, 0.0, 0, {})
+    rr = quality._run("round_robin", "sglang-shared-prefix", 4, 128, 0.0, 0, {})
+    ca = quality._run("prefix_affinity", "sglang-shared-prefix", 4, 128, 0.0, 0, {})
     assert ca["hit"] > rr["hit"]
     assert rr["throughput"] > 0 and ca["ttft_p90"] > 0
 
@@ -147,7 +148,7 @@ def test_quality_check_runner_smoke() -> None:
 def test_every_request_sharing_one_system_prompt_spreads_and_still_hits(policy: str) -> None:
     """The collapse trap with 100% sharing: shares stay near 1/N, the prompt stays cached."""
     cfg = sim_core.SimConfig(replicas=8, service="lognormal", cache_blocks=4096, seed=6)
-    svc = LognormalService(slots=4)
+    svc = LognormalQueue(slots=4)
     rate = 0.7 * 8 * 4 / svc.mean(2225, 175)
     arrivals = open_workload("system-prompt", seed=6, requests=6000, rate=rate)
     res = sim_core.run(registry.create(policy, seed=6), arrivals, 6000, cfg, svc)

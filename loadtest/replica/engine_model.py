@@ -1,4 +1,4 @@
-"""The engine model (loadtest/engine.py) behind the simulated replica's backend protocol.
+"""The engine model (loadtest/engine/) as a replica model, stepped in real time.
 
 One asyncio task drives the engine in real time: it runs ``Engine.step`` at
 the loop's current time, sleeps for the step's modelled duration (times the
@@ -21,18 +21,20 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
-from loadtest.backend import BackendLoad, Job
 from loadtest.engine import Engine, EngineRequest
+from loadtest.replica.model import Job, ModelLoad
 
 # asyncio.sleep wakes up late by ~0.1-1 ms, which on 6 ms steps would slow the
 # modelled engine by up to 15%. The next step therefore starts when the last
 # one was due to end, as long as the loop is less than this far behind; beyond
 # that the loop was blocked, and the engine honestly loses the time.
 MAX_CATCH_UP_S = 0.02
+# The driver task's name, so a test can check that none is left running.
+DRIVER_TASK_NAME = "engine-model-driver"
 
 
-class EngineBackend:
-    """``GenerationBackend`` over an :class:`~loadtest.engine.Engine`."""
+class EngineModel:
+    """A :class:`~loadtest.replica.model.ReplicaModel` over an :class:`~loadtest.engine.Engine`."""
 
     def __init__(self, engine: Engine, *, speed: float = 1.0) -> None:
         if speed <= 0:
@@ -52,9 +54,9 @@ class EngineBackend:
             raise ValueError("speed factor must be > 0")
         self._speed = factor
 
-    def load(self) -> BackendLoad:
+    def load(self) -> ModelLoad:
         s = self.engine.stats()
-        return BackendLoad(
+        return ModelLoad(
             running=s["running"],
             waiting=s["waiting"],
             kv_usage=min(1.0, s["kv_usage"]),
@@ -99,7 +101,7 @@ class EngineBackend:
     def _ensure_driver(self) -> None:
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(
-                self._drive(), name="engine-backend-driver"
+                self._drive(), name=DRIVER_TASK_NAME
             )
 
     async def _drive(self) -> None:

@@ -1,10 +1,10 @@
-"""Routing quality with the engine model: SIMULATOR-CHECKS items 12 and 13.
+"""Routing quality with the engine model: two published prefix-routing benchmarks.
 
 Qualitative reproductions (``dp-router simulate --quality-checks``): the
 simulator cannot match another team's hardware, so each check states the
 published direction and ratio and prints what our engine model gives.
 
-- Item 12, SGLang's shared-prefix benchmark (64 groups x 16 requests,
+- SGLang's shared-prefix benchmark (64 groups x 16 requests,
   2,048-token prefix + 128-token question, 256 out): cache-aware routing
   (``prefix_affinity``; ``scored`` for comparison) vs round-robin: prefix
   hit rate (published 3.75x) and throughput (published 1.92x), at N = 4, 8,
@@ -13,7 +13,7 @@ published direction and ratio and prints what our engine model gives.
   as Llama-3-8B's (GQA, 128 KiB/token, ~430k tokens per replica: SGLang's
   benchmark model class) on the Llama-2-7B compute profile, the only 7-8B
   profile we have.
-- Item 13, llm-d's prefix benchmark (150 x 6,000-token prefixes, 5 users
+- llm-d's prefix benchmark (150 x 6,000-token prefixes, 5 users
   each, 1,200-token queries, N = 8, 307,328 tokens of KV per replica):
   TTFT p90 and throughput of approximate-prefix routing (``prefix_affinity``,
   ``scored``), load (``queue_depth``) and ``weighted_random``. TTFT is
@@ -28,8 +28,8 @@ import argparse
 import itertools
 from typing import Any
 
-from loadtest import sim_core
-from loadtest.sim_workload import from_conversations
+from loadtest.sim import core
+from loadtest.sim.workload import from_conversations
 from loadtest.workloads import load_workload
 from policies import registry
 
@@ -46,7 +46,7 @@ def _run(
     seed: int,
     overrides: dict[str, Any],
 ) -> dict[str, float]:
-    cfg = sim_core.SimConfig(
+    cfg = core.SimConfig(
         replicas=n,
         service="engine",
         warmup=0.0 if rate == 0 else 0.1,
@@ -55,8 +55,8 @@ def _run(
         report_interval=0.1,  # replicas report queue and KV, as vLLM's /metrics scrape
     )
     arrivals = from_conversations(load_workload(workload, seed=seed, requests=requests, rate=rate))
-    res = sim_core.run(registry.create(policy, seed=seed), arrivals, requests, cfg)
-    ttft = sim_core.summary(res.ttft)
+    res = core.run(registry.create(policy, seed=seed), arrivals, requests, cfg)
+    ttft = core.summary(res.ttft)
     return {
         "throughput": res.arrivals / res.sim_time,
         "hit": res.cache_hit or 0.0,
@@ -66,8 +66,10 @@ def _run(
     }
 
 
-def item12(seed: int = 0, sizes: tuple[int, ...] = (4, 8, 16)) -> tuple[list[str], bool]:
-    lines = ["item 12: SGLang shared-prefix, 64 x 16 requests, closed loop (all at once)"]
+def sglang_shared_prefix(
+    seed: int = 0, sizes: tuple[int, ...] = (4, 8, 16)
+) -> tuple[list[str], bool]:
+    lines = ["SGLang shared-prefix, 64 x 16 requests, closed loop (all at once)"]
     lines.append(f"{'N':>3}  {'policy':<16} {'hit':>6} {'req/s':>7} {'ttft p50':>9} {'p90':>7}")
     gains = []
     for n in sizes:
@@ -98,13 +100,13 @@ def item12(seed: int = 0, sizes: tuple[int, ...] = (4, 8, 16)) -> tuple[list[str
     return lines, ok and grows
 
 
-def item13(seed: int = 0, requests: int = 1500) -> tuple[list[str], bool]:
+def llmd_prefix(seed: int = 0, requests: int = 1500) -> tuple[list[str], bool]:
     policies = ("weighted_random", "queue_depth", "prefix_affinity", "scored")
     closed = {p: _run(p, "llm-d", 8, requests, 0.0, seed, LLMD_KV) for p in policies}
     rate = 0.8 * closed["weighted_random"]["throughput"]
     open_ = {p: _run(p, "llm-d", 8, requests, rate, seed, LLMD_KV) for p in policies}
     lines = [
-        f"item 13: llm-d prefix workload, N=8, KV 307,328 tokens/replica; "
+        f"llm-d prefix workload, N=8, KV 307,328 tokens/replica; "
         f"TTFT at {rate:.1f} req/s (80% of random's closed-loop throughput)"
     ]
     lines.append(f"{'policy':<16} {'hit':>6} {'closed req/s':>13} {'ttft p50':>9} {'ttft p90':>9}")
@@ -132,9 +134,9 @@ def item13(seed: int = 0, requests: int = 1500) -> tuple[list[str], bool]:
 
 
 def main(args: argparse.Namespace) -> int:
-    lines12, ok12 = item12(args.seed)
+    lines12, ok12 = sglang_shared_prefix(args.seed)
     print("\n".join(lines12), flush=True)
     print()
-    lines13, ok13 = item13(args.seed)
+    lines13, ok13 = llmd_prefix(args.seed)
     print("\n".join(lines13))
     return 0 if ok12 and ok13 else 1

@@ -1,7 +1,7 @@
 """Workloads for the policy simulator, as light arrival records.
 
 The simulator reads the same named workloads and traces as the load
-generator (loadtest/workloads.py, ``--workload NAME|PATH``), converted here
+generator (loadtest/workloads/, ``--workload NAME|PATH``), converted here
 into :class:`SimArrival` records; prompt text is kept only as a lazy source
 of prefix-block hashes, so a policy or a service model that never asks for
 hashes never pays for them. Two built-ins add what theory checks and scale
@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from loadtest.workload_types import Conversation
+from loadtest.workloads import Conversation, load_workload
 from policies.prefix import BLOCK_TOKENS, chat_prompt_text
 
 BUILTIN: dict[str, str] = {
@@ -35,7 +35,7 @@ _MASK = (1 << 64) - 1
 class SimTurn:
     """One request of a conversation: lengths, and where its block hashes come from."""
 
-    __slots__ = ("_hashes", "output_tokens", "prompt_tokens", "text", "think_s")
+    __slots__ = ("hashes", "output_tokens", "prompt_tokens", "text", "think_s")
 
     def __init__(
         self,
@@ -49,7 +49,9 @@ class SimTurn:
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.text = text
-        self._hashes = hashes
+        # Precomputed prefix-block hashes (synthetic workloads); None:
+        # RouteRequest hashes prompt_text() when a policy first asks.
+        self.hashes = hashes
         self.think_s = think_s
 
     def prompt_text(self) -> str:
@@ -112,7 +114,7 @@ def _system_prompt(seed: int, requests: int, rate: float) -> Iterator[SimArrival
 
 
 def open_workload(name: str, *, seed: int, requests: int, rate: float) -> Iterator[SimArrival]:
-    """Arrivals of a built-in or a loadtest/workloads.py workload at ``rate`` per second.
+    """Arrivals of a built-in or a loadtest.workloads workload at ``rate`` per second.
 
     For multi-turn workloads ``rate`` is conversations per second (the later
     turns follow their answers).
@@ -123,16 +125,4 @@ def open_workload(name: str, *, seed: int, requests: int, rate: float) -> Iterat
         return _exp(seed, requests, rate)
     if name == "system-prompt":
         return _system_prompt(seed, requests, rate)
-    from loadtest.workloads import load_workload
-
     return from_conversations(load_workload(name, seed=seed, requests=requests, rate=rate))
-
-
-def hashes_of(turn: SimTurn) -> tuple[int, ...]:
-    """The turn's prefix-block hashes (computed once, from text, when first asked)."""
-    h = turn._hashes
-    if h is None:
-        from policies.prefix import block_hashes
-
-        h = turn._hashes = block_hashes(turn.prompt_text())
-    return h

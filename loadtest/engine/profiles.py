@@ -6,7 +6,7 @@ linearly once the matrix multiplies are compute-bound. Vidur (Agrawal et al.,
 MLSys 2024) measured exactly that per operator, per token count and per
 tensor-parallel degree; we interpolate it instead of inventing a curve.
 
-The vendored CSVs (``loadtest/data/vidur_h100_llama2_*_mlp.csv``) hold, per
+The vendored CSVs (``loadtest/engine/data/vidur_h100_llama2_*_mlp.csv``) hold, per
 ``(num_tokens, num_tensor_parallel_workers)``, the time in ms of each operator
 of ONE transformer layer. A layer's non-attention time is the sum of the
 medians of the per-layer operators (layer norms, QKV projection, RoPE,
@@ -22,10 +22,10 @@ least-squares monotone fit); this moves the 7B TP1 points by at most ~0.6 ms
 (the dips are pooled with their neighbours) and leaves the large-token slope
 untouched.
 
-Checked against SIMULATOR-CHECKS' defaults table: Llama-2-7B TP1 takes
-5.5-6.8 ms per iteration up to 128 tokens (table: ~6 ms; decode steps 6-7
-ms), slope 1024->4096 tokens 0.0205 ms/token (table: 0.021); Llama-2-70B TP4
-14.3-16.0 ms up to 128 tokens (table: 15 ms), slope 0.052 ms/token (0.054).
+What the profiles give, as a sanity check against the usual H100 figures
+(a 7B decode step ~6-7 ms, a 70B TP4 step ~15 ms): Llama-2-7B TP1 takes
+5.5-6.8 ms per iteration up to 128 tokens, slope 1024->4096 tokens 0.0205
+ms/token; Llama-2-70B TP4 14.3-16.0 ms up to 128 tokens, slope 0.052 ms/token.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class ModelSpec:
     params: float  # parameter count; weights take params * weight_bytes
     layers: int
     kv_bytes_per_token: int  # whole model, all layers (split across TP x PP GPUs)
-    profile_file: str  # file name in loadtest/data
+    profile_file: str  # file name in loadtest/engine/data
     weight_bytes: int = 2  # fp16/bf16
 
     def profile(self, tp: int) -> IterationProfile:
@@ -157,8 +157,9 @@ class ModelSpec:
 
 # KV bytes per token = 2 (K and V) * layers * kv_heads * head_dim * 2 bytes.
 # Llama-2-7B: 2*32*32*128*2 = 512 KiB (no GQA). Llama-2-70B: 2*80*8*128*2
-# = 320 KiB (GQA, 8 KV heads). Compute and KV come from the same model, as
-# SIMULATOR-CHECKS asks, because the Vidur profiles measured these two.
+# = 320 KiB (GQA, 8 KV heads). Compute and KV come from the same model (these
+# two, because the Vidur profiles measured them): a KV footprint from one model
+# and step times from another would give a fleet no real deployment has.
 MODELS: dict[str, ModelSpec] = {
     "llama2-7b": ModelSpec(
         "llama2-7b", 6.74e9, 32, 2 * 32 * 32 * 128 * 2, "vidur_h100_llama2_7b_mlp.csv"

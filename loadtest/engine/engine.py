@@ -14,15 +14,15 @@ What it models, because routing quality depends on it:
 - preemption by recompute when the KV cache is full: the most recently
   admitted running sequence goes back to the head of the waiting queue and
   loses all KV that is not in the prefix cache (vLLM's default);
-- iteration time from a measured profile (loadtest/profiles.py) in the
+- iteration time from a measured profile (loadtest/engine/profiles.py) in the
   iteration's token count, plus attention as KV bytes read / HBM bandwidth,
-  times the MoE slowdown (loadtest/moe.py), plus tensor-parallel all-reduce
+  times the MoE slowdown (loadtest/engine/moe.py), plus tensor-parallel all-reduce
   and the pipeline-parallel bubble.
 
 Pure: no I/O, no clock, no asyncio. Time comes in as ``now`` and durations go
 out in ``StepResult``; randomness (MoE routing only) from the injected
 ``random.Random``. The policy simulator and the live simulated replica
-(loadtest/engine_backend.py) drive the same object.
+(loadtest/replica/engine_model.py) drive the same object.
 
 Prefix-cache granularity: the gateway hashes prompts in blocks of
 ``policies.prefix.BLOCK_TOKENS`` (64) tokens, and the engine caches at exactly
@@ -53,12 +53,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loadtest.moe import ExpertRouter, MoEConfig
-from loadtest.profiles import MODELS, IterationProfile
+from loadtest.engine.moe import ExpertRouter, MoEConfig
+from loadtest.engine.profiles import MODELS, IterationProfile
 from policies.prefix import BLOCK_TOKENS
 
 GIB = 1 << 30
-# H100 SXM HBM3 bandwidth [unverified spec figure, SIMULATOR-CHECKS].
+# H100 SXM HBM3 bandwidth: NVIDIA's data-sheet figure (3.35 TB/s), not measured here.
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_MEMORY_BYTES = 80e9
 # vLLM's default gpu_memory_utilization.
@@ -73,7 +73,9 @@ ACTIVATION_RESERVE_BYTES = 2.5e9
 MIN_KV_TOKENS = 4096
 
 # Share of a step spent in tensor-parallel all-reduce, by interconnect and TP
-# degree (issue item 6: PCIe Gen5 ~8% at TP2, 25% TP4, 38% TP8; NVLink 2-9%).
+# degree: PCIe Gen5 ~8% at TP2, 25% at TP4, 38% at TP8; NVLink 2-9%. Typical
+# figures for 7B-70B models, not measured here: change them with --engine-opt
+# allreduce_share=... when you have your own.
 ALLREDUCE_SHARE: dict[str, dict[int, float]] = {
     "nvlink": {1: 0.0, 2: 0.02, 4: 0.05, 8: 0.09},
     "pcie5": {1: 0.0, 2: 0.08, 4: 0.25, 8: 0.38},

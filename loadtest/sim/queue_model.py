@@ -1,6 +1,6 @@
-"""Replica models for the policy simulator: service-time servers and the engine.
+"""Queue-server replica models for the policy simulator (the engine model is the other kind).
 
-Two kinds, one contract with the core (loadtest/sim_core.py):
+Two kinds of replica model, one contract with the core (loadtest/sim/core.py):
 
 - Queue servers (``exp``, ``lognormal``): ``slots`` requests in service at
   once, FCFS behind them; each request's service time is drawn when it
@@ -10,7 +10,7 @@ Two kinds, one contract with the core (loadtest/sim_core.py):
   noise of mean 1), first token when the prefill part is done. Optionally a
   prefix cache per replica (LRU of prefix blocks, capacity in blocks) that
   removes the cached part of the prefill.
-- ``engine``: loadtest/engine.py's continuous-batching model, stepped
+- ``engine``: loadtest/engine/'s continuous-batching model, stepped
   iteration by iteration on the virtual clock.
 
 A slow replica multiplies its service times (or iteration durations) by its
@@ -22,10 +22,9 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 
-from policies.prefix import BLOCK_TOKENS
-
-# Token-proportional model defaults, from SIMULATOR-CHECKS' H100 8B-class
-# table: prefill ~40k tokens/s on long prompts, a decode step ~7 ms.
+# Token-proportional model defaults for an 8B-class model on one H100: prefill
+# ~40k tokens/s on long prompts, a decode step ~7 ms (the engine model's
+# Llama-2-7B profile gives the same order: ~6-7 ms per decode step).
 PREFILL_TOKENS_PER_S = 40_000.0
 DECODE_S_PER_TOKEN = 0.007
 # Service-time noise around the token formula (lognormal, mean 1): the same
@@ -65,10 +64,9 @@ class PrefixCache:
         return hit
 
 
-class QueueService:
-    """Service-time model of a queue server; ``sample`` returns (total, to_first_token)."""
-
-    name = "queue"
+class QueueModel:
+    """A queue server: ``slots`` in service at once, FCFS behind them; ``sample``
+    draws one request's (service time, time to its first token)."""
 
     def __init__(self, slots: int = 1) -> None:
         if slots < 1:
@@ -85,10 +83,8 @@ class QueueService:
         raise NotImplementedError
 
 
-class ExpService(QueueService):
+class ExpQueue(QueueModel):
     """Exp(mu) service, independent of lengths; first token at the start."""
-
-    name = "exp"
 
     def __init__(self, mu: float = 1.0, slots: int = 1) -> None:
         super().__init__(slots)
@@ -103,10 +99,8 @@ class ExpService(QueueService):
         return 1.0 / self.mu
 
 
-class LognormalService(QueueService):
+class LognormalQueue(QueueModel):
     """(uncached prompt / prefill rate + output x decode time) x LogNormal(mean 1)."""
-
-    name = "lognormal"
 
     def __init__(
         self,
@@ -132,13 +126,9 @@ class LognormalService(QueueService):
         return prompt / self.prefill_tps + output * self.decode_s
 
 
-def make_queue_service(name: str, *, slots: int = 1, mu: float = 1.0) -> QueueService:
+def make_queue_model(name: str, *, slots: int = 1, mu: float = 1.0) -> QueueModel:
     if name == "exp":
-        return ExpService(mu, slots)
+        return ExpQueue(mu, slots)
     if name == "lognormal":
-        return LognormalService(slots)
+        return LognormalQueue(slots)
     raise ValueError(f"unknown service model {name!r}")
-
-
-def cached_tokens(blocks: int) -> int:
-    return blocks * BLOCK_TOKENS

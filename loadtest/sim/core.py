@@ -5,7 +5,7 @@ It drives the SAME objects as the gateway: a policy from policies.registry
 policy has it), :class:`router.load.ReplicaLoad` per replica, and
 ``router.load.dispatch`` / ``Ticket.close`` for the load accounting; it feeds
 the TTFT / TPOT EWMAs as the gateway does. Only the replicas are modelled
-(loadtest/sim_service.py, or loadtest/engine.py).
+(loadtest/sim/queue_model.py, or the engine model of loadtest/engine/).
 
 Cost per request: a few heap operations and one ``choose``, so sampling
 policies run 10^6 requests over 1,000 replicas in well under a minute;
@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from loadtest.sim_service import PrefixCache, QueueService
-from loadtest.sim_workload import SimArrival, SimTurn
+from loadtest.sim.queue_model import PrefixCache, QueueModel
+from loadtest.sim.workload import SimArrival, SimTurn
 from policies.base import BasePolicy, Policy, RouteRequest
 from policies.load import Outcome
 from policies.prefix import BLOCK_TOKENS
@@ -159,7 +159,7 @@ def run(
     arrivals: Iterator[SimArrival],
     total_requests: int,
     cfg: SimConfig,
-    service: QueueService | None = None,
+    service: QueueModel | None = None,
 ) -> SimResult:
     """Simulate ``arrivals`` through ``policy`` over ``cfg.replicas`` modelled replicas.
 
@@ -297,7 +297,7 @@ def run(
 
     def arrive(arr: SimArrival, turn: SimTurn, t: float) -> None:
         nonlocal dispatched, in_system, backlog_mid, backlog_end, seq, t_half
-        hashes = turn._hashes
+        hashes = turn.hashes
         req = RouteRequest(
             MODEL,
             prompt_tokens=turn.prompt_tokens,

@@ -1,4 +1,4 @@
-"""MoE routing: exact samplers, capacity overflow (item 16), Zipf imbalance (item 17)."""
+"""MoE routing: exact samplers, capacity overflow, Zipf imbalance."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from loadtest.moe import (
+from loadtest.engine.moe import (
     ExpertRouter,
     MoEConfig,
     binomial,
@@ -16,7 +16,7 @@ from loadtest.moe import (
     zipf_max_over_mean,
 )
 
-# -- item 16: uniform top-1, T = 4096, E = 64 -------------------------------------
+# -- capacity overflow: uniform top-1, T = 4096, E = 64 ----------------------------
 
 
 def test_capacity_overflow_analytic() -> None:
@@ -36,7 +36,7 @@ def test_capacity_overflow_sampled(cf: float, expected: float, tol: float) -> No
     assert dropped == pytest.approx(expected_drop_fraction_uniform(4096, 64, cf), rel=0.1)
 
 
-# -- item 17: Zipf(0.5) over 12 experts --------------------------------------------
+# -- imbalance: Zipf(0.5) over 12 experts -------------------------------------------
 
 
 def test_zipf_imbalance_limit() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
+import tomllib
 
 import pytest
 
-from loadtest import bench
+from loadtest import bench, procs
 from loadtest.bench import BenchResult, WrkRun
+from router import config
 
 
 def run(rps: float, p50: float, cpu: float | None = None) -> WrkRun:
@@ -52,22 +52,31 @@ def test_targets_and_table_by_hand() -> None:
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
-def test_lua_script_drives_the_fast_upstream() -> None:
-    argv = [sys.executable, "-m", "router", "bench", "_upstream", "0"]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            port = int(proc.stdout.readline().split()[1])
-            url = f"http://127.0.0.1:{port}"
-            small = bench.wrk(url, connections=2, seconds=1, prompt_bytes=64, cpu=None)
-            large = bench.wrk(url, connections=2, seconds=1, prompt_bytes=100 * 1024, cpu=None)
-            ttfts = bench.stream_ttfts(url, 10)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+async def test_lua_script_drives_the_fast_upstream() -> None:
+    upstream = await procs.spawn(
+        "upstream", procs.dp_router("bench", "_upstream", "0"), stdout_pipe=True
+    )
+    try:
+        (port,) = await upstream.ready_ports(1)
+        url = f"http://127.0.0.1:{port}"
+        small = await bench.wrk(url, connections=2, seconds=1, prompt_bytes=64, cpu=None)
+        large = await bench.wrk(url, connections=2, seconds=1, prompt_bytes=100 * 1024, cpu=None)
+        ttfts = await bench.stream_ttfts(url, 10)
+    finally:
+        await upstream.stop()
     assert small.requests > 0 and small.errors == 0 and small.p50_us > 0
     assert large.requests > 0 and large.errors == 0
     assert len(ttfts) == 10 and all(t > 0 for t in ttfts)
+
+
+def test_generated_gateway_config_is_valid() -> None:
+    text = bench._gateway_config("http://127.0.0.1:1", 18000, 18001, "p2c", access_log=True)
+    cfg = config.from_dict(tomllib.loads(text), env={})
+    assert [(r.name, r.url, r.models) for r in cfg.replicas] == [
+        ("upstream", "http://127.0.0.1:1", (bench.MODEL,))
+    ]
+    assert cfg.routing.policy == "p2c" and cfg.server.access_log is True
+    assert cfg.health.slow_start_s == 0.0
 
 
 def test_median_of_repeated_runs() -> None:

@@ -1,12 +1,29 @@
-"""The simulator checked against queueing theory (SIMULATOR-CHECKS items 1-8).
+"""The simulator checked against queueing theory.
 
-Each check runs the SAME policy objects through loadtest/sim_core.py (or,
-for balls into bins, through ``choose`` directly) and compares a measured
-number with a closed form or a published/reference value, with a tolerance.
+Each group of checks runs the SAME policy objects through the simulator's
+core (loadtest/sim/core.py, or the routing pipeline alone for balls into
+bins) and compares a measured number with a closed form or a reference
+value, with a tolerance:
+
+- ``mm1``: one server, M/M/1 sojourn 1 / (mu - lambda);
+- ``random``: random dispatch to N servers is N independent M/M/1 queues;
+- ``round_robin``: the E_N/M/1 queue each server sees under round-robin;
+- ``jsq``: join-the-shortest-queue and power of two choices at N = 8, and
+  the order Erlang C (M/M/N, the pooled bound) < JSQ < pod2 < RR < random;
+- ``pod``: power of d choices at N = 100 against Mitzenmacher's N -> infinity
+  formula ("The Power of Two Choices in Randomized Load Balancing", 2001);
+- ``bins``: n balls into n bins with d choices: the share of bins holding at
+  least i balls against the fluid limit (Mitzenmacher, 2001), and the
+  maximum load (Azar, Broder, Karlin and Upfal, "Balanced Allocations",
+  1999: ln ln n / ln d + O(1) for d >= 2, against ~ln n / ln ln n for d = 1);
+- ``bounded_load``: consistent hashing with bounded loads (Mirrokni, Thorup
+  and Zadimoghaddam, 2018): nothing over the bound, few keys moved on removal;
+- ``peak_ewma``: the Peak-EWMA cost, by hand.
+
 ``checks(scale)`` is used both by the CI tests (``scale="ci"``: seeded, a few
 seconds, tolerances widened from the measured variance) and by
 ``dp-router simulate --theory-checks`` (``scale="full"``: >= 4e5 jobs, 3
-seeds, the document's tolerances).
+seeds, tight tolerances).
 """
 
 from __future__ import annotations
@@ -18,9 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
-from loadtest import sim_core
-from loadtest.sim_service import ExpService
-from loadtest.sim_workload import open_workload
+from loadtest.sim import core
+from loadtest.sim.queue_model import ExpQueue
+from loadtest.sim.workload import open_workload
 from policies import registry
 from policies.base import Policy, RouteRequest
 from policies.hashring import BoundedLoadRing
@@ -31,7 +48,7 @@ from router.load import ReplicaLoad
 
 @dataclass(frozen=True)
 class Check:
-    item: str
+    group: str  # the GROUPS key that produced it
     name: str
     measured: float
     expected: float
@@ -117,11 +134,9 @@ def mean_sojourn(
     """Mean sojourn over ``seeds`` runs of ``jobs`` jobs (first 15% discarded), mu = 1."""
     total = 0.0
     for seed in range(seeds):
-        cfg = sim_core.SimConfig(replicas=n, service="exp", seed=seed, warmup=0.15)
+        cfg = core.SimConfig(replicas=n, service="exp", seed=seed, warmup=0.15)
         arrivals = open_workload("exp", seed=seed, requests=jobs, rate=rho * n)
-        res = sim_core.run(
-            registry.create(policy, params, seed=seed), arrivals, jobs, cfg, ExpService()
-        )
+        res = core.run(registry.create(policy, params, seed=seed), arrivals, jobs, cfg, ExpQueue())
         total += sum(res.e2e) / len(res.e2e)
     return total / seeds
 
@@ -197,14 +212,21 @@ def peak_ewma_checks() -> list[Check]:
     e2.observe(1.0, 5.0)  # below: blended with w = exp(-5/10)
     w = math.exp(-0.5)
     return [
-        Check("8", "peak-ewma: sample above cost sets it", jump, 3.0, 0.0, True),
-        Check("8", "peak-ewma: halves after tau ln 2 (6.93 s)", half, 1.5, 1e-12, True),
+        Check("peak_ewma", "peak-ewma: sample above cost sets it", jump, 3.0, 0.0, True),
+        Check("peak_ewma", "peak-ewma: halves after tau ln 2 (6.93 s)", half, 1.5, 1e-12, True),
         Check(
-            "8", "peak-ewma: smaller sample blends", e2.cost, 4.0 * w + 1.0 * (1 - w), 1e-12, True
+            "peak_ewma",
+            "peak-ewma: smaller sample blends",
+            e2.cost,
+            4.0 * w + 1.0 * (1 - w),
+            1e-12,
+            True,
         ),
-        Check("8", "peak-ewma: load = cost (pending + 1)", peak_load(2.0, 3), 8.0, 0.0, True),
         Check(
-            "8",
+            "peak_ewma", "peak-ewma: load = cost (pending + 1)", peak_load(2.0, 3), 8.0, 0.0, True
+        ),
+        Check(
+            "peak_ewma",
             "peak-ewma: cost 0, pending 2 -> penalty",
             peak_load(0.0, 2),
             PENALTY + 2,
@@ -238,42 +260,48 @@ SCALES = {
     # CI: 2e4 jobs, one seed; tolerances from the spread we measured over
     # seeds at this size (JSQ at N = 8, rho = 0.9: 1.95-2.36 over 4 seeds).
     "ci": Scale(20_000, 1, 0.08, 0.20, 0.08, 0.15, 0.10, False, 10_000, 2, 0.01, 0.004, 6),
-    # The document's sizes and tolerances.
+    # Long runs, several seeds, tight tolerances (minutes).
     "full": Scale(400_000, 3, 0.03, 0.05, 0.03, 0.05, 0.05, True, 100_000, 5, 0.005, 0.002, 7),
 }
 
 
-def item1(sc: Scale) -> list[Check]:
+def mm1_checks(sc: Scale) -> list[Check]:
     got = mean_sojourn("round_robin", {}, 1, 0.8, sc.jobs, sc.seeds)
-    return [Check("1", "M/M/1 rho=0.8 sojourn", got, mm1_sojourn(0.8), sc.tol_mm1)]
+    return [Check("mm1", "M/M/1 rho=0.8 sojourn", got, mm1_sojourn(0.8), sc.tol_mm1)]
 
 
-def item2(sc: Scale) -> list[Check]:
+def random_checks(sc: Scale) -> list[Check]:
     got = mean_sojourn("weighted_random", {}, 8, 0.9, sc.jobs, sc.seeds)
-    return [Check("2", "random N=8 rho=0.9", got, mm1_sojourn(0.9), sc.tol_random)]
+    return [Check("random", "random N=8 rho=0.9", got, mm1_sojourn(0.9), sc.tol_random)]
 
 
-def item3(sc: Scale) -> list[Check]:
+def round_robin_checks(sc: Scale) -> list[Check]:
     out = []
     for n, rho in ((8, 0.9), (8, 0.8), (4, 0.8)):
         got = mean_sojourn("round_robin", {}, n, rho, sc.jobs, sc.seeds)
         out.append(
-            Check("3", f"round-robin N={n} rho={rho}", got, round_robin_sojourn(n, rho), sc.tol_rr)
+            Check(
+                "round_robin",
+                f"round-robin N={n} rho={rho}",
+                got,
+                round_robin_sojourn(n, rho),
+                sc.tol_rr,
+            )
         )
     return out
 
 
-def item4(sc: Scale) -> list[Check]:
+def jsq_checks(sc: Scale) -> list[Check]:
     jsq = mean_sojourn("least_request", {}, 8, 0.9, sc.jobs, sc.seeds)
     pod = mean_sojourn("p2c", {"signal": "in_flight"}, 8, 0.9, sc.jobs, sc.seeds)
     rr = mean_sojourn("round_robin", {}, 8, 0.9, sc.jobs, sc.seeds)
     rand = mean_sojourn("weighted_random", {}, 8, 0.9, sc.jobs, sc.seeds)
     order = [erlang_c_sojourn(8, 0.9), jsq, pod, rr, rand]
     return [
-        Check("4", "JSQ N=8 rho=0.9 (reference 2.12)", jsq, 2.12, sc.tol_jsq),
-        Check("4", "pod d=2 N=8 rho=0.9 (reference 3.10)", pod, 3.10, sc.tol_jsq),
+        Check("jsq", "JSQ N=8 rho=0.9 (reference 2.12)", jsq, 2.12, sc.tol_jsq),
+        Check("jsq", "pod d=2 N=8 rho=0.9 (reference 3.10)", pod, 3.10, sc.tol_jsq),
         Check(
-            "4",
+            "jsq",
             "Erlang C < JSQ < pod2 < RR < random",
             float(all(a < b for a, b in itertools.pairwise(order))),
             1.0,
@@ -284,18 +312,20 @@ def item4(sc: Scale) -> list[Check]:
     ]
 
 
-def item5(sc: Scale) -> list[Check]:
+def pod_checks(sc: Scale) -> list[Check]:
     out = []
     for d in (1, 2, 3) if sc.pod_d1 else (2, 3):
         params: dict[str, object] = {"d": d, "replacement": True, "signal": "in_flight"}
         got = mean_sojourn("p2c", params, 100, 0.9, sc.jobs, sc.seeds)
         out.append(
-            Check("5", f"pod d={d} N=100 lambda=0.9", got, supermarket_sojourn(0.9, d), sc.tol_pod)
+            Check(
+                "pod", f"pod d={d} N=100 lambda=0.9", got, supermarket_sojourn(0.9, d), sc.tol_pod
+            )
         )
     return out
 
 
-def item6(sc: Scale) -> list[Check]:
+def bins_checks(sc: Scale) -> list[Check]:
     f2, f1 = balls_fluid(2), balls_fluid(1)
     fr2_2 = fr2_3 = fr1_1 = 0.0
     max2, min1 = 0, 10**9
@@ -308,11 +338,11 @@ def item6(sc: Scale) -> list[Check]:
         max2, min1 = max(max2, max(b2)), min(min1, max(b1))
     n = sc.bins_n
     return [
-        Check("6", f"bins n={n} d=2 load>=2", fr2_2, f2[2], sc.bins_tol, True),
-        Check("6", f"bins n={n} d=2 load>=3", fr2_3, f2[3], sc.bins_tol3, True),
-        Check("6", f"bins n={n} d=1 load>=1", fr1_1, f1[1], sc.bins_tol, True),
+        Check("bins", f"bins n={n} d=2 load>=2", fr2_2, f2[2], sc.bins_tol, True),
+        Check("bins", f"bins n={n} d=2 load>=3", fr2_3, f2[3], sc.bins_tol3, True),
+        Check("bins", f"bins n={n} d=1 load>=1", fr1_1, f1[1], sc.bins_tol, True),
         Check(
-            "6",
+            "bins",
             "bins d=2 max load <= 4 in every run",
             float(max2 <= 4),
             1.0,
@@ -321,7 +351,7 @@ def item6(sc: Scale) -> list[Check]:
             f"max {max2}",
         ),
         Check(
-            "6",
+            "bins",
             f"bins d=1 max load >= {sc.bins_max1} in every run",
             float(min1 >= sc.bins_max1),
             1.0,
@@ -332,43 +362,52 @@ def item6(sc: Scale) -> list[Check]:
     ]
 
 
-def item7(sc: Scale) -> list[Check]:
+def bounded_load_checks(sc: Scale) -> list[Check]:
     eps = 0.25
     violations, moved, mism = bounded_ring_checks(10, sc.bins_n // 2, eps, seed=1)
     return [
-        Check("7", "bounded-load: assignments over the bound", violations, 0.0, 0.0, True),
-        Check("7", "eps=inf is plain ring hashing (mismatches)", mism, 0.0, 0.0, True),
+        Check(
+            "bounded_load", "bounded-load: assignments over the bound", violations, 0.0, 0.0, True
+        ),
+        Check("bounded_load", "eps=inf is plain ring hashing (mismatches)", mism, 0.0, 0.0, True),
         # Spill-over per owned key; the paper's bound is O(1/eps^2) = 16 here.
-        Check("7", "removal: other keys moved per owned key", moved, 0.0, 1.0 / eps**2, True),
+        Check(
+            "bounded_load",
+            "removal: other keys moved per owned key",
+            moved,
+            0.0,
+            1.0 / eps**2,
+            True,
+        ),
     ]
 
 
-ITEMS: dict[str, Callable[[Scale], list[Check]]] = {
-    "1": item1,
-    "2": item2,
-    "3": item3,
-    "4": item4,
-    "5": item5,
-    "6": item6,
-    "7": item7,
-    "8": lambda _sc: peak_ewma_checks(),
+GROUPS: dict[str, Callable[[Scale], list[Check]]] = {
+    "mm1": mm1_checks,
+    "random": random_checks,
+    "round_robin": round_robin_checks,
+    "jsq": jsq_checks,
+    "pod": pod_checks,
+    "bins": bins_checks,
+    "bounded_load": bounded_load_checks,
+    "peak_ewma": lambda _sc: peak_ewma_checks(),
 }
 
 
 def checks(scale: str = "ci", progress: Callable[[str], None] | None = None) -> Iterator[Check]:
     sc = SCALES[scale]
-    for item, fn in ITEMS.items():
+    for group, fn in GROUPS.items():
         if progress is not None:
-            progress(f"item {item}")
+            progress(group)
         yield from fn(sc)
 
 
 def format_checks(results: list[Check]) -> str:
-    lines = [f"{'item':<4}  {'check':<52}  {'measured':>10}  {'expected':>10}  {'tol':>7}  ok"]
+    lines = [f"{'group':<12}  {'check':<52}  {'measured':>10}  {'expected':>10}  {'tol':>7}  ok"]
     for c in results:
         tol = f"{c.tol:g}" if c.absolute else f"{c.tol:.0%}"
         lines.append(
-            f"{c.item:<4}  {c.name[:52]:<52}  {c.measured:>10.4f}  {c.expected:>10.4f}  {tol:>7}  "
-            f"{'yes' if c.ok else 'NO'}{'  ' + c.detail if c.detail else ''}"
+            f"{c.group:<12}  {c.name[:52]:<52}  {c.measured:>10.4f}  {c.expected:>10.4f}  "
+            f"{tol:>7}  {'yes' if c.ok else 'NO'}{'  ' + c.detail if c.detail else ''}"
         )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Readers for the public request traces vendored in loadtest/data/.
+"""The public request traces vendored in loadtest/workloads/data/: readers and replay.
 
 - Azure LLM inference trace 2023 (Splitwise, ISCA 2024): CSV
   ``TIMESTAMP,ContextTokens,GeneratedTokens``; timestamps carry 7 fractional
@@ -9,21 +9,26 @@
   512-token prompt block; equal ids = equal prefix block, which is real
   prefix sharing (multi-turn and shared documents).
 
-Rows are plain tuples-with-names; turning them into
-:class:`loadtest.workload_types.Conversation` (text, arrivals) is
-loadtest/workloads.py's job.
+Rows are plain tuples-with-names; :func:`replay` turns them into
+:class:`~loadtest.workloads.types.Conversation` objects (synthetic text of
+the row's length, the trace's arrivals or Poisson ones).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
+
+from loadtest.workloads.synthetic import TextSource, poisson_arrivals, text_source
+from loadtest.workloads.types import Conversation, Turn
+from policies.prefix import CHARS_PER_TOKEN
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 AZURE_CONV = DATA_DIR / "AzureLLMInferenceTrace_conv.csv"
@@ -89,8 +94,8 @@ def read_mooncake(path: str | Path = MOONCAKE) -> tuple[TraceRow, ...]:
 def infinite_cache_hit_ratio(rows: Iterable[TraceRow]) -> float:
     """Share of prompt blocks whose hash id was seen earlier in the trace.
 
-    The ceiling any cache (and any router) can reach on the trace:
-    SIMULATOR-CHECKS item 10 gives 0.640 for the Mooncake synthetic trace.
+    The ceiling any cache (and any router) can reach on the trace: 0.640 for
+    the Mooncake synthetic trace.
     """
     seen: set[int] = set()
     hits = total = 0
@@ -132,3 +137,70 @@ def _median(sorted_xs: list[int]) -> float:
     n = len(sorted_xs)
     mid = n // 2
     return float(sorted_xs[mid]) if n % 2 else (sorted_xs[mid - 1] + sorted_xs[mid]) / 2
+
+
+# -- replay -------------------------------------------------------------------
+
+
+def mooncake_prompt(src: TextSource, hash_ids: tuple[int, ...], prompt_tokens: int) -> str:
+    """Prompt text whose prefix blocks are equal exactly when the hash ids are.
+
+    One Mooncake id = 512 tokens = 8 router/prefix blocks of 256 characters;
+    the id's text opens with a tag naming it, and block hashes are chained, so
+    two prompts' block hashes agree up to the first differing id.
+    """
+    parts = [src.text(f"mc{h}", MOONCAKE_BLOCK_TOKENS) for h in hash_ids]
+    text = "".join(parts)
+    n = prompt_tokens * CHARS_PER_TOKEN
+    if len(text) < n:  # a trace row with fewer ids than its length needs
+        text += src.text(f"mc-tail-{len(hash_ids)}-{prompt_tokens}", prompt_tokens)
+    return text[:n]
+
+
+def replay(
+    name: str,
+    rows: tuple[TraceRow, ...],
+    seed: int,
+    requests: int | None,
+    rate: float | None,
+    speed: float,
+    domain: str | None,
+) -> Iterator[Conversation]:
+    """Trace rows as single-turn conversations, cycling the trace if asked for more.
+
+    Each further pass starts one mean gap after the previous one ends, and
+    offsets Mooncake ids so a pass does not hit on the previous pass's blocks
+    (the trace's own hit ratio is kept).
+    """
+    if not rows:
+        return
+    rng = random.Random(f"{name}:{seed}")
+    src = text_source(seed)
+    span = rows[-1].t_s - rows[0].t_s
+    gap = span / max(len(rows) - 1, 1)
+    id_stride = max((max(r.hash_ids) for r in rows if r.hash_ids), default=-1) + 1
+    total = len(rows) if requests is None else requests
+    arrivals = poisson_arrivals(rng, rate) if rate is not None else None
+    for i in range(total):
+        k, j = divmod(i, len(rows))
+        row = rows[j]
+        cid = f"{name}-s{seed}-{i}"
+        if row.hash_ids:
+            ids = tuple(h + k * id_stride for h in row.hash_ids)
+            text = mooncake_prompt(src, ids, row.prompt_tokens)
+        else:
+            text = src.text(cid, row.prompt_tokens)
+        t = next(arrivals) if arrivals is not None else (k * (span + gap) + row.t_s) / speed
+        turn = Turn(text, row.prompt_tokens, max(1, row.output_tokens))
+        yield Conversation(cid, t, (turn,), domain=domain)
+
+
+def read_trace(path: Path) -> tuple[TraceRow, ...]:
+    """A trace file by its suffix: Azure ``.csv`` or Mooncake ``.jsonl``."""
+    if path.suffix == ".csv":
+        return read_azure(path)
+    if path.suffix in (".jsonl", ".json"):
+        return read_mooncake(path)
+    raise ValueError(
+        f"unknown trace format {path.suffix!r}: expected Azure .csv or Mooncake .jsonl"
+    )

@@ -1,7 +1,7 @@
 """``dp-router simulate``: routing policies side by side on a virtual clock.
 
 Every ``--policy`` runs on the same workload, seed and fleet, through the
-same policy objects and load accounting as the gateway (loadtest/sim_core.py),
+same routing pipeline and load accounting as the gateway (loadtest/sim/core.py),
 and one table compares them: TTFT and end-to-end mean/p50/p99, per-replica
 share, imbalance, cache hit rate. A policy whose queue grows without bound is
 reported as ``unstable``, not as a latency.
@@ -11,9 +11,9 @@ Examples::
     dp-router simulate --policy round_robin --policy p2c --policy queue_depth \\
         --replicas 8 --load 0.8 --workload azure-conv --service lognormal
     dp-router simulate --policy p2c:d=3,replacement=true --replicas 1000 --requests 1000000
-    dp-router simulate --theory-checks          # SIMULATOR-CHECKS 1-8, full size
+    dp-router simulate --theory-checks          # against queueing theory, full size
     dp-router simulate --bench-decisions        # microseconds per pick
-    dp-router simulate --quality-checks         # SIMULATOR-CHECKS 12-13, engine model
+    dp-router simulate --quality-checks         # SGLang and llm-d prefix benchmarks
 
 ``--load RHO`` is the offered load as a fraction of the fleet's saturation
 throughput, slow replicas included: for ``exp`` sum(slots x mu / slowdown);
@@ -34,9 +34,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from loadtest import sim_core
-from loadtest.sim_service import QueueService, make_queue_service
-from loadtest.sim_workload import BUILTIN, SimArrival, open_workload
+from loadtest.sim import core
+from loadtest.sim.queue_model import QueueModel, make_queue_model
+from loadtest.sim.workload import BUILTIN, SimArrival, open_workload
 from policies import registry
 
 # Requests read to estimate a workload's mean lengths and turns: the whole
@@ -172,13 +172,13 @@ def engine_layout(args: argparse.Namespace) -> dict[str, Any]:
 
 def _tpot(res: Any, mean_output: float) -> float:
     """Mean time per output token after the first: (E2E - TTFT) / (output - 1)."""
-    t, e = sim_core.summary(res.ttft), sim_core.summary(res.e2e)
+    t, e = core.summary(res.ttft), core.summary(res.e2e)
     if mean_output <= 1 or math.isnan(t["mean"]) or math.isnan(e["mean"]):
         return math.nan
     return (e["mean"] - t["mean"]) / (mean_output - 1)
 
 
-def fleet_capacity(args: argparse.Namespace, service: QueueService | None) -> float:
+def fleet_capacity(args: argparse.Namespace, service: QueueModel | None) -> float:
     """Saturation throughput of the fleet in requests per second."""
     slow = [args.slow_replica if i < 1 else 1.0 for i in range(args.replicas)]
     if args.service == "engine":
@@ -202,7 +202,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     service = (
         None
         if args.service == "engine"
-        else make_queue_service(args.service, slots=args.slots, mu=args.mu)
+        else make_queue_model(args.service, slots=args.slots, mu=args.mu)
     )
     mean_p, mean_o, turns = workload_means(args.workload, args.seed, args.requests)
     capacity = fleet_capacity(args, service)
@@ -213,7 +213,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         cache_blocks = 0 if args.service == "exp" else 4096
     out = []
     for name, params in specs:
-        cfg = sim_core.SimConfig(
+        cfg = core.SimConfig(
             replicas=args.replicas,
             service=args.service,
             mu=args.mu,
@@ -232,7 +232,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             args.workload, seed=args.seed, requests=args.requests, rate=conv_rate
         )
         gateways = [registry.create(name, params, seed=args.seed + g) for g in range(args.gateways)]
-        res = sim_core.run(gateways, conv, args.requests, cfg, service)
+        res = core.run(gateways, conv, args.requests, cfg, service)
         total = sum(res.per_replica) or 1
         shares = [c / total for c in res.per_replica]
         mean_share = 1.0 / args.replicas
@@ -258,8 +258,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             if args.service == "engine"
             else None,
             "tpot_mean_s": _tpot(res, mean_o),
-            "ttft": sim_core.summary(res.ttft),
-            "e2e": sim_core.summary(res.e2e),
+            "ttft": core.summary(res.ttft),
+            "e2e": core.summary(res.e2e),
             "share": shares,
             "imbalance": max(shares) / mean_share if shares else math.nan,
             "replica_e2e_mean": res.per_replica_e2e,
@@ -426,12 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--theory-checks",
         action="store_true",
-        help="run SIMULATOR-CHECKS 1-8 at full size (minutes)",
+        help="check the simulator against queueing theory at full size (minutes)",
     )
     p.add_argument("--quick", action="store_true", help="with --theory-checks: CI sizes")
     p.add_argument("--bench-decisions", action="store_true", help="microseconds per pick")
     p.add_argument(
-        "--quality-checks", action="store_true", help="SIMULATOR-CHECKS 12-13 with the engine model"
+        "--quality-checks",
+        action="store_true",
+        help="SGLang's and llm-d's prefix-routing benchmarks with the engine model",
     )
     return p
 
@@ -440,24 +442,24 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.theory_checks:
-            from loadtest import sim_theory
+            from loadtest.sim import theory
 
             results = []
-            for c in sim_theory.checks(
+            for c in theory.checks(
                 "ci" if args.quick else "full", progress=lambda s: print(s, file=sys.stderr)
             ):
                 results.append(c)
-            print(sim_theory.format_checks(results))
+            print(theory.format_checks(results))
             return 0 if all(c.ok for c in results) else 1
         if args.bench_decisions:
-            from loadtest import sim_bench
+            from loadtest.sim import decisions
 
-            print(sim_bench.format_bench(sim_bench.bench(args.seed)))
+            print(decisions.format_bench(decisions.bench(args.seed)))
             return 0
         if args.quality_checks:
-            from loadtest import sim_quality
+            from loadtest.sim import quality
 
-            return sim_quality.main(args)
+            return quality.main(args)
         if args.replicas < 1 or args.requests < 1 or args.gateways < 1:
             raise ValueError("--replicas, --requests and --gateways must be >= 1")
         recs = run_all(args)

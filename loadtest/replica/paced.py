@@ -1,15 +1,10 @@
-"""The simulated replica's generation model, behind one small protocol.
+"""The paced replica model: a fixed time to first token, then a fixed pace.
 
-The HTTP side of the simulated replica (``loadtest/replica.py``) knows nothing
-about how tokens are timed: it asks a :class:`GenerationBackend` for a stream
-of "new tokens at this engine step" and reads its load for ``/metrics``. That
-split lets the same server run a trivially paced model (fault tests, the
-overhead benchmark) or the engine model of ``loadtest/engine_backend.py``
-(continuous batching, KV cache, prefix reuse, MoE experts) for policy work.
-
-:class:`PacedBackend` is the simple model: sleep ``ttft_s``, then one token
-every ``token_interval_s``; with ``max_running`` the extra jobs queue in FIFO
-order and are reported as ``waiting``, like an engine whose batch is full.
+Sleep the time to first token, then one token every ``token_interval_s``;
+with ``max_running`` the extra jobs queue in FIFO order and are reported as
+``waiting``, like an engine whose batch is full. Cheap and exact, so fault
+tests and the overhead benchmark use it; policy work wants the engine model
+(loadtest/replica/engine_model.py).
 """
 
 from __future__ import annotations
@@ -18,9 +13,8 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
+from loadtest.replica.model import Job, ModelLoad
 from policies.prefix import BLOCK_TOKENS
 
 # With token_interval_s == 0 nothing sleeps, so a long generation would never
@@ -29,64 +23,13 @@ from policies.prefix import BLOCK_TOKENS
 # every this many tokens keeps the loop responsive at a negligible cost.
 _YIELD_EVERY_TOKENS = 32
 
-# Blocks remembered by PacedBackend's toy prefix cache (LRU). 4096 blocks of
+# Blocks remembered by PacedModel's toy prefix cache (LRU). 4096 blocks of
 # 64 tokens is ~256k tokens: enough for tests and demos to see hits, small
 # enough that the memory stays flat in a long soak.
 _PREFIX_CACHE_BLOCKS = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One generation request, as the backend sees it (already parsed)."""
-
-    request_id: str
-    prompt_text: str
-    prompt_tokens: int
-    block_hashes: tuple[int, ...]
-    max_tokens: int
-    domain: str | None = None
-
-
-@dataclass(slots=True)
-class BackendLoad:
-    """A backend's load, in the units real engines report.
-
-    ``running``/``waiting``/``kv_usage`` are gauges; the rest are counters
-    (monotonic since start), as in vLLM's Prometheus metrics.
-    """
-
-    running: int
-    waiting: int
-    kv_usage: float  # fraction of KV cache in use, in [0, 1]
-    prefix_queries: int = 0  # tokens looked up in the prefix cache
-    prefix_hits: int = 0  # of which found cached
-    expert_tokens: list[int] = field(default_factory=list)  # routed tokens per expert
-    expert_overflow: list[int] = field(default_factory=list)  # dropped tokens per expert
-    preemptions: int = 0
-
-
-@runtime_checkable
-class GenerationBackend(Protocol):
-    """What the replica server needs from a generation model."""
-
-    def generate(self, job: Job) -> AsyncIterator[int]:
-        """Yield the number of NEW output tokens at each engine step.
-
-        The first yield is the first token (its timing is the TTFT);
-        exhaustion means finished. Closing the iterator early (``aclose()``,
-        or cancelling the task iterating it) means the request was aborted,
-        and the backend must free what the job held.
-        """
-        ...
-
-    def load(self) -> BackendLoad: ...
-
-    def set_speed(self, factor: float) -> None:
-        """Slow the model down at runtime: 1.0 is normal, 10 is 10x slower."""
-        ...
-
-
-class PacedBackend:
+class PacedModel:
     """TTFT, then one token per ``token_interval_s``; optional FIFO queue.
 
     - TTFT is ``ttft_s`` plus, with ``prefill_tokens_per_s`` > 0, the prompt
@@ -133,9 +76,9 @@ class PacedBackend:
             raise ValueError("speed factor must be > 0")
         self._speed = factor
 
-    def load(self) -> BackendLoad:
+    def load(self) -> ModelLoad:
         kv = self._running / self.max_running if self.max_running else 0.0
-        return BackendLoad(
+        return ModelLoad(
             running=self._running,
             waiting=len(self._waiters),
             kv_usage=min(1.0, kv),

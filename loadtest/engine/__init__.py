@@ -1,0 +1,14 @@
+"""The engine model: one continuous-batching LLM engine, pure and discrete.
+
+- ``engine``: batching, paged KV cache with prefix caching, preemption, step times;
+- ``moe``: mixture-of-experts routing, its skew and its cost;
+- ``profiles``: iteration-time profiles from Vidur's measured H100 tables (data/).
+
+The policy simulator steps it on a virtual clock (loadtest/sim/core.py); the
+simulated replica steps it in real time (loadtest/replica/engine_model.py).
+"""
+
+from loadtest.engine.engine import Engine, EngineConfig, EngineRequest, StepResult, preset
+from loadtest.engine.moe import MoEConfig
+
+__all__ = ["Engine", "EngineConfig", "EngineRequest", "MoEConfig", "StepResult", "preset"]
