@@ -1,15 +1,19 @@
 """The discrete-event core of the policy simulator: virtual clock, heapq, no I/O.
 
-It drives the SAME objects as the gateway: a policy from policies.registry
-(``choose`` / ``on_dispatch`` / ``on_complete``, and ``observe`` where the
-policy has it), :class:`router.load.ReplicaLoad` per replica, and
-``router.load.dispatch`` / ``Ticket.close`` for the load accounting; it feeds
-the TTFT / TPOT EWMAs as the gateway does. Only the replicas are modelled
+It drives the SAME code as the gateway: each simulated gateway has a
+``router.replicas.Registry`` of the simulated replicas (``sim://r0`` ...)
+and a ``router.routing.Router`` around its policy object from
+policies.registry, and every request is routed by ``Router.decide`` on the
+registry's snapshot (filter -> pool -> affinity -> policy), dispatched with
+``router.load.dispatch`` and settled with ``Ticket.close``; the policy's
+``on_dispatch`` / ``on_complete`` / ``observe`` hooks and the TTFT / TPOT
+EWMAs are fed as the gateway feeds them. Only the replicas are modelled
 (loadtest/sim/queue_model.py, or the engine model of loadtest/engine/).
 
-Cost per request: a few heap operations and one ``choose``, so sampling
-policies run 10^6 requests over 1,000 replicas in well under a minute;
-full-scan policies cost O(N) per pick on top.
+Cost per request: a few heap operations and one decision. The decision
+filters the fleet (O(N) whatever the policy: ~0.3 ms at 1,000 replicas,
+``dp-router simulate --bench-decisions``), and full-scan policies add their
+scan.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from loadtest.sim.queue_model import PrefixCache, QueueModel
 from loadtest.sim.workload import SimArrival, SimTurn
-from policies.base import BasePolicy, Policy, RouteRequest
+from policies.base import BasePolicy, RouteRequest
 from policies.load import Outcome
 from policies.prefix import BLOCK_TOKENS
-from router.load import ReplicaLoad, Ticket, dispatch
+from router.config import ReplicaConfig
+from router.load import Ticket, dispatch
+from router.replicas import Registry
+from router.routing import NoRoute, Router
 
 # Event kinds, ordered so that at equal times completions free capacity
 # before new arrivals look at the load.
@@ -166,9 +173,9 @@ def run(
     ``total_requests`` is the number of requests (turns) the workload will
     produce, for the warm-up cut and the stability probes. A sequence of
     policies means that many gateways, each with its own policy object and
-    its own ReplicaLoad view (in-flight, local correction, EWMAs), taking
-    requests in turn and sharing only the replicas' load reports: the
-    multi-gateway herding case.
+    its own registry, hence its own ReplicaLoad view (in-flight, local
+    correction, EWMAs), taking requests in turn and sharing only the
+    replicas' load reports: the multi-gateway herding case.
     """
     wall0 = time.perf_counter()
     n = cfg.replicas
@@ -176,9 +183,14 @@ def run(
     names = [f"r{i}" for i in range(n)]
     pols = list(policy) if isinstance(policy, Sequence) else [policy]
     gws = len(pols)
-    views = [[ReplicaLoad(name) for name in names] for _ in range(gws)]
+    configs = tuple(
+        ReplicaConfig(url=f"sim://{name}", name=name, models=(MODEL,)) for name in names
+    )
+    registries = [Registry(configs) for _ in range(gws)]
+    routers = [Router(p) for p in pols]
+    # Per gateway, replica i's live load (shared by every snapshot of the registry).
+    views = [[reg.snapshot.replicas[name].load for name in names] for reg in registries]
     index = {name: i for i, name in enumerate(names)}
-    cands = [list(v) for v in views]
     slow = [cfg.slow_factor if i < cfg.slow_count else 1.0 for i in range(n)]
     engine_mode = cfg.service == "engine"
     qreps: list[_QReplica] = []
@@ -197,8 +209,6 @@ def run(
         assert service is not None
         qreps = [_QReplica(slow[i], cfg.cache_blocks) for i in range(n)]
     observes = [getattr(p, "observe", None) for p in pols]
-    # BasePolicy does not declare choose(); every registered policy has it.
-    chooses = [cast(Policy, p).choose for p in pols]
     on_dispatches = [p.on_dispatch for p in pols]
     on_completes = [p.on_complete for p in pols]
     oracle = cfg.expected_output == "oracle"
@@ -308,17 +318,19 @@ def run(
             request_id=arr.id,
         )
         g = dispatched % gws
-        d = chooses[g](req, cands[g], t)
-        reasons[d.reason] = reasons.get(d.reason, 0) + 1
-        if d.replica is None:
-            raise RuntimeError("policy chose no replica although every replica is a candidate")
-        i = index[d.replica]
+        routed = routers[g].decide(req, None, registries[g].snapshot, t)
+        if isinstance(routed, NoRoute):
+            raise RuntimeError(f"no route ({routed}) although every replica is routable")
+        reason = routed.decision.reason
+        reasons[reason] = reasons.get(reason, 0) + 1
+        name = routed.replica.name
+        i = index[name]
         job = _Job()
         job.arrival, job.turn, job.req, job.rep, job.t_arr, job.g = arr, turn, req, i, t, g
         job.idx = dispatched
         dispatched += 1
-        job.ticket = dispatch(views[g][i], req.cost_tokens)
-        on_dispatches[g](req, d.replica, t)
+        job.ticket = dispatch(routed.replica.load, req.cost_tokens)
+        on_dispatches[g](req, name, t)
         in_system += 1
         rep_in[i] += 1
         if dispatched in tenth:

@@ -1,8 +1,8 @@
 """The simulator checked against queueing theory.
 
 Each group of checks runs the SAME policy objects through the simulator's
-core (loadtest/sim/core.py, or the routing pipeline alone for balls into
-bins) and compares a measured number with a closed form or a reference
+core (loadtest/sim/core.py: the gateway's routing pipeline), or the policy
+alone for balls into bins, and compares a measured number with a closed form or a reference
 value, with a tolerance:
 
 - ``mm1``: one server, M/M/1 sojourn 1 / (mu - lambda);
@@ -43,7 +43,9 @@ from policies.base import Policy, RouteRequest
 from policies.hashring import BoundedLoadRing
 from policies.load import load_bound
 from policies.peak_ewma import PENALTY, PeakEwma, peak_load
-from router.load import ReplicaLoad
+from router.config import ReplicaConfig
+from router.load import dispatch
+from router.replicas import Registry
 
 
 @dataclass(frozen=True)
@@ -142,17 +144,26 @@ def mean_sojourn(
 
 
 def balls_into_bins(n: int, d: int, seed: int) -> list[int]:
-    """Place n balls into n bins with p2c (d samples with replacement); bin loads."""
-    loads = [ReplicaLoad(f"b{i}") for i in range(n)]
+    """Place n balls into n bins with p2c (d samples with replacement); bin loads.
+
+    The policy alone, on a fleet snapshot: the routing pipeline's O(N) filter
+    per ball would make n = 10^5 take hours, and there is nothing to filter.
+    A ball stays (its ticket is never closed).
+    """
+    configs = tuple(ReplicaConfig(url=f"sim://b{i}", name=f"b{i}", models=("m",)) for i in range(n))
+    fleet = Registry(configs).snapshot
+    loads = [status.load for status in fleet]
+    index = {load.name: load for load in loads}
     policy = cast(
         Policy,
         registry.create("p2c", {"d": d, "replacement": True, "signal": "in_flight"}, seed=seed),
     )
     req = RouteRequest("m")
-    index = {c.name: c for c in loads}
     for _ in range(n):
-        index[policy.choose(req, loads, 0.0).replica].in_flight += 1  # type: ignore[index]
-    return [c.in_flight for c in loads]
+        chosen = policy.choose(req, loads, fleet, 0.0).replica
+        assert chosen is not None
+        dispatch(index[chosen], 0)
+    return [load.in_flight for load in loads]
 
 
 def fraction_at_least(bins: list[int], i: int) -> float:
