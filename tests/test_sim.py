@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loadtest.sim import cli as simulate
-from loadtest.sim import core as sim_core
+from loadtest.sim import core
 from loadtest.sim.queue_model import ExpQueue, LognormalQueue
 from loadtest.sim.workload import open_workload
 from policies import registry
@@ -15,10 +15,10 @@ from policies import registry
 
 def run_exp(
     policy: str, n: int, rate: float, requests: int, *, slow: float = 1.0, seed: int = 1
-) -> sim_core.SimResult:
-    cfg = sim_core.SimConfig(replicas=n, service="exp", slow_factor=slow, seed=seed)
+) -> core.SimResult:
+    cfg = core.SimConfig(replicas=n, service="exp", slow_factor=slow, seed=seed)
     arrivals = open_workload("exp", seed=seed, requests=requests, rate=rate)
-    return sim_core.run(registry.create(policy, seed=seed), arrivals, requests, cfg, ExpQueue())
+    return core.run(registry.create(policy, seed=seed), arrivals, requests, cfg, ExpQueue())
 
 
 def test_same_seed_same_result_and_every_request_settles() -> None:
@@ -55,18 +55,16 @@ def test_multi_turn_sessions_follow_their_answers_and_prefix_affinity_hits() -> 
     """chat: later turns arrive after the previous answer and reuse its prefix."""
     hits = {}
     for policy in ("round_robin", "prefix_affinity"):
-        cfg = sim_core.SimConfig(replicas=4, service="lognormal", cache_blocks=4096, seed=2)
+        cfg = core.SimConfig(replicas=4, service="lognormal", cache_blocks=4096, seed=2)
         arrivals = open_workload("chat", seed=2, requests=600, rate=2.0)
-        res = sim_core.run(
-            registry.create(policy, seed=2), arrivals, 600, cfg, LognormalQueue(slots=4)
-        )
+        res = core.run(registry.create(policy, seed=2), arrivals, 600, cfg, LognormalQueue(slots=4))
         assert res.arrivals == 600
         hits[policy] = res.cache_hit or 0.0
     assert hits["prefix_affinity"] > hits["round_robin"] + 0.1, hits
 
 
 def test_engine_model_runs_and_reports_kv() -> None:
-    cfg = sim_core.SimConfig(
+    cfg = core.SimConfig(
         replicas=3,
         service="engine",
         report_interval=0.5,
@@ -74,7 +72,7 @@ def test_engine_model_runs_and_reports_kv() -> None:
         engine_overrides={"kv_capacity_tokens": 60_000},
     )
     arrivals = open_workload("sglang-shared-prefix", seed=3, requests=120, rate=20.0)
-    res = sim_core.run(registry.create("scored", seed=3), arrivals, 120, cfg)
+    res = core.run(registry.create("scored", seed=3), arrivals, 120, cfg)
     assert res.arrivals == 120 and res.measured == 108
     assert res.cache_hit is not None and res.cache_hit > 0.3
     assert all(t > 0 for t in res.ttft)
@@ -112,10 +110,10 @@ def test_cli_table_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_several_gateways_each_keep_their_own_view() -> None:
     """Four gateways, one policy object and one ReplicaLoad view each, shared reports."""
-    cfg = sim_core.SimConfig(replicas=8, service="exp", report_interval=1.0, seed=4)
+    cfg = core.SimConfig(replicas=8, service="exp", report_interval=1.0, seed=4)
     gateways = [registry.create("queue_depth", seed=g) for g in range(4)]
     arrivals = open_workload("exp", seed=4, requests=8000, rate=7.2)
-    res = sim_core.run(gateways, arrivals, 8000, cfg, ExpQueue())
+    res = core.run(gateways, arrivals, 8000, cfg, ExpQueue())
     assert res.arrivals == 8000 and not res.unstable
     assert res.reasons == {"queue_depth": 8000}
     # Between JSQ with one gateway (2.1) and random (10): local correction holds.
@@ -147,11 +145,11 @@ def test_quality_check_runner_smoke() -> None:
 @pytest.mark.parametrize("policy", ["prefix_affinity", "scored"])
 def test_every_request_sharing_one_system_prompt_spreads_and_still_hits(policy: str) -> None:
     """The collapse trap with 100% sharing: shares stay near 1/N, the prompt stays cached."""
-    cfg = sim_core.SimConfig(replicas=8, service="lognormal", cache_blocks=4096, seed=6)
+    cfg = core.SimConfig(replicas=8, service="lognormal", cache_blocks=4096, seed=6)
     svc = LognormalQueue(slots=4)
     rate = 0.7 * 8 * 4 / svc.mean(2225, 175)
     arrivals = open_workload("system-prompt", seed=6, requests=6000, rate=rate)
-    res = sim_core.run(registry.create(policy, seed=6), arrivals, 6000, cfg, svc)
+    res = core.run(registry.create(policy, seed=6), arrivals, 6000, cfg, svc)
     shares = [c / sum(res.per_replica) for c in res.per_replica]
     assert max(shares) < 1.5 / 8, shares
     assert res.cache_hit is not None and res.cache_hit > 0.8  # 31 of ~34 blocks are shared

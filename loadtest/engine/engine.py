@@ -132,7 +132,7 @@ def preset(
 ) -> EngineConfig:
     """An EngineConfig for a profiled model on H100s with TP x PP GPUs.
 
-    ``name`` is a model in ``loadtest.profiles.MODELS`` ("llama2-7b",
+    ``name`` is a model in ``loadtest.engine.profiles.MODELS`` ("llama2-7b",
     "llama2-70b"), optionally suffixed "+moe" (a Mixtral-like top-2 of 8
     experts on that compute profile) or "+moe256" (DeepSeek-V3-like top-8 of
     256 over 8 EP ranks). Per-GPU weights shrink with tp * pp, so the KV
