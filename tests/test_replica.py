@@ -11,9 +11,7 @@ import asyncio
 import gzip
 import hashlib
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest import procs
 from loadtest.replica import SimReplicaConfig, SimReplicaState, run_replica
 from loadtest.replica.cli import main
 from loadtest.replica.faults import FaultError, parse_fault
@@ -642,33 +641,18 @@ async def test_paced_model_fifo_queue_and_cancel() -> None:
 # -- the CLI, as a process ------------------------------------------------------------
 
 
-async def start_cli(*args: str) -> tuple[asyncio.subprocess.Process, list[str]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "replica",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+async def start_cli(*args: str) -> tuple[procs.Child, list[int]]:
+    """``dp-router replica ARGS`` as a process; its ports, from its ready lines."""
+    child = await procs.spawn(
+        "replica", procs.dp_router("replica", *args), stdout_pipe=True, cwd=ROOT
     )
-    assert proc.stdout is not None
-    n_ports = args.count("--port")
-    lines = []
-    async with asyncio.timeout(10):  # interpreter start-up on a busy 2-core box
-        while len(lines) < n_ports:
-            line = (await proc.stdout.readline()).decode()
-            assert line, "replica exited before it was ready"
-            if line.startswith("ready "):
-                lines.append(line)
-    return proc, lines
+    # Interpreter start-up on a busy 2-core machine.
+    return child, await child.ready_ports(args.count("--port"), timeout=10)
 
 
 async def test_cli_serves_several_ports_in_one_process(http: aiohttp.ClientSession) -> None:
-    proc, lines = await start_cli("--port", "0", "--port", "0", "--metrics", "sglang")
+    child, ports = await start_cli("--port", "0", "--port", "0", "--metrics", "sglang")
     try:
-        ports = [int(line.split()[1]) for line in lines]
         assert len(set(ports)) == 2
         for port in ports:
             async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT) as r:
@@ -689,19 +673,19 @@ async def test_cli_serves_several_ports_in_one_process(http: aiohttp.ClientSessi
 
         await eventually(hanging_arrived, timeout=5)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        child.send(signal.SIGTERM)
         # 2 x SHUTDOWN_TIMEOUT_S (0.5 s) for the hanging handler, plus slack.
         async with asyncio.timeout(5):
-            rc = await proc.wait()
+            rc = await child.proc.wait()
+        await child.stop()
     assert rc == 0
     with pytest.raises(aiohttp.ClientError):
         await hanging
 
 
 async def test_cli_die_exits_the_process(http: aiohttp.ClientSession) -> None:
-    proc, lines = await start_cli("--port", "0", "--token-interval", "0.001")
+    child, (port,) = await start_cli("--port", "0", "--token-interval", "0.001")
     try:
-        port = int(lines[0].split()[1])
         hdr = {"x-sim-fault": "chunks=5;after=die"}
         body = {**CHAT, "stream": True, "max_tokens": 20}
         got = []
@@ -714,11 +698,9 @@ async def test_cli_die_exits_the_process(http: aiohttp.ClientSession) -> None:
                         got.append(line)
         assert len(got) == 5
         async with asyncio.timeout(5):
-            assert await proc.wait() == 1
+            assert await child.proc.wait() == 1
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await child.stop()
 
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
