@@ -83,10 +83,12 @@ class Ramp:
         return now - self.start < self.duration
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ReplicaStatus:
     """One replica in one fleet version. Immutable, except ``load``: the live
-    counters every version of this replica shares."""
+    counters every version of this replica shares. Compared by identity: a
+    status belongs to one version (and routing's membership checks stay
+    C-speed)."""
 
     name: str
     url: str
@@ -152,6 +154,17 @@ class FleetSnapshot:
     names: frozenset[str]
     by_model: Mapping[str, tuple[ReplicaStatus, ...]]
     models_pending: bool  # some replica's models are not known yet
+    # Precomputed once per version so that routing at 1,000 replicas does
+    # not call a method per replica per request:
+    # per model, the replicas that are healthy and active (the clock may
+    # still have them ejected: see ejected_until_max) ...
+    healthy_by_model: Mapping[str, tuple[ReplicaStatus, ...]]
+    # ... the latest end of any ejection (before it, check each replica) ...
+    ejected_until_max: float
+    # ... the latest end of any slow-start ramp ...
+    ramps_until: float
+    # ... and whether any replica has a concurrency limit.
+    capacity_limited: bool
 
     def __iter__(self) -> Iterator[ReplicaStatus]:
         return iter(self.replicas.values())
@@ -174,12 +187,25 @@ class FleetSnapshot:
         for status in replicas.values():
             for model in sorted(status.models or ()):
                 by_model.setdefault(model, []).append(status)
+        statuses = list(replicas.values())
         return FleetSnapshot(
             version=version,
             replicas=dict(replicas),
             names=frozenset(replicas),
             by_model={m: tuple(rs) for m, rs in by_model.items()},
-            models_pending=any(s.models is None for s in replicas.values()),
+            models_pending=any(s.models is None for s in statuses),
+            healthy_by_model={
+                m: tuple(
+                    r for r in rs if r.health is Health.HEALTHY and r.admin is AdminState.ACTIVE
+                )
+                for m, rs in by_model.items()
+            },
+            ejected_until_max=max((s.ejected_until for s in statuses), default=0.0),
+            ramps_until=max(
+                (s.ramp.start + s.ramp.duration for s in statuses if s.ramp is not None),
+                default=float("-inf"),
+            ),
+            capacity_limited=any(s.load.max_concurrency is not None for s in statuses),
         )
 
 

@@ -22,7 +22,7 @@ a session's pin before, storing it after dispatch) belongs to the caller.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -93,21 +93,26 @@ class Router:
         serving = snapshot.serving(request.model)
         if not serving:
             return NoRoute.MODELS_PENDING if snapshot.models_pending else NoRoute.UNKNOWN_MODEL
-        routable = [r for r in serving if r.routable(now)]
-        if not routable:
+        candidates: Sequence[ReplicaStatus] = snapshot.healthy_by_model[request.model]
+        if now < snapshot.ejected_until_max:
+            candidates = [r for r in candidates if r.ejected_until <= now]
+        if not candidates:
             if not panic:
                 return NoRoute.NONE_ROUTABLE
             # Panic (Envoy): with nothing healthy, try every active replica
             # serving the model; a drain is an operator's word and holds.
-            routable = [r for r in serving if r.admin is AdminState.ACTIVE]
-            if not routable:
+            candidates = [r for r in serving if r.admin is AdminState.ACTIVE]
+            if not candidates:
                 return NoRoute.NONE_ROUTABLE
         if exclude:
-            routable = [r for r in routable if r.name not in exclude]
-            if not routable:
+            candidates = [r for r in candidates if r.name not in exclude]
+            if not candidates:
                 return NoRoute.ALL_TRIED
-        candidates = [r for r in routable if r.load.has_capacity()]
-        ramping = [r for r in candidates if r.ramp is not None and r.ramp.active(now)]
+        if snapshot.capacity_limited:
+            candidates = [r for r in candidates if r.load.has_capacity()]
+        ramping = now < snapshot.ramps_until and any(
+            r.ramp is not None and r.ramp.active(now) for r in candidates
+        )
         if ramping:
             candidates = _slow_start_filter(candidates, now)
         if not candidates:
@@ -125,26 +130,30 @@ class Router:
                 if repin is Repin.OVERLOADED and len(candidates) > 1:
                     candidates = [r for r in candidates if r.name != pin]
 
-        loads: list[LoadView] = [r.load for r in candidates]
+        loads: list[LoadView]
         if ramping:
             loads = [
                 _Ramped(r.load, r.ramp_factor(now)) if r.ramp is not None else r.load
                 for r in candidates
             ]
+        else:
+            loads = [r.load for r in candidates]
         decision = self.policy.choose(request, loads, snapshot, now)
         if decision.replica is None:
             return NoRoute.NONE_ROUTABLE
-        for replica in candidates:
-            if replica.name == decision.replica:
-                return Routed(replica, decision, repin)
-        raise RuntimeError(f"policy {self.policy.name} chose {decision.replica!r}, not a candidate")
+        chosen = snapshot.replicas.get(decision.replica)
+        if chosen is None or chosen not in candidates:  # identity: a C-speed scan
+            raise RuntimeError(
+                f"policy {self.policy.name} chose {decision.replica!r}, not a candidate"
+            )
+        return Routed(chosen, decision, repin)
 
     def _pin_breaks(
         self,
         request: RouteRequest,
         pin: str,
         snapshot: FleetSnapshot,
-        candidates: list[ReplicaStatus],
+        candidates: Sequence[ReplicaStatus],
         now: float,
         exclude: Collection[str],
     ) -> Repin | None:
@@ -212,7 +221,7 @@ class _Ramped:
         return self._load.has_capacity()
 
 
-def _slow_start_filter(candidates: list[ReplicaStatus], now: float) -> list[ReplicaStatus]:
+def _slow_start_filter(candidates: Sequence[ReplicaStatus], now: float) -> list[ReplicaStatus]:
     """A warming replica holds at most its factor's share of a fair load.
 
     Weight alone does not slow a least-loaded policy down: an idle replica of
@@ -228,4 +237,4 @@ def _slow_start_filter(candidates: list[ReplicaStatus], now: float) -> list[Repl
         factor = r.ramp_factor(now)
         if factor >= 1.0 or r.load.in_flight < max(1, math.floor(factor * fair)):
             kept.append(r)
-    return kept or candidates
+    return kept or list(candidates)
