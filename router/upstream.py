@@ -1,0 +1,923 @@
+"""Pooled HTTP/1.1 connections to the replicas: asyncio protocols around llhttp.
+
+What the data path needs from an upstream client, and nothing more: write a
+request in one ``transport.write``, read the answer with a C parser, and hand
+body bytes to the client's :class:`~router.http_server.Exchange` from
+``data_received`` as they arrive, so a streamed chunk costs about one read
+and one write (docs/ARCHITECTURE.md, the request path).
+
+Rules, each with its reason:
+
+- Keep-alive reuse only after a clean, complete response that allows it
+  (RFC 9112 §9.3). After an error, a timeout, a cancel or an unfinished body
+  the connection is closed, never pooled: closing is how the engine learns
+  the client is gone and stops generating (M12, M13).
+- Idle connections are kept per (host, port), last in first out (the
+  freshest socket is the least likely to have been closed by the server),
+  at most ``max_idle_per_host``, for ``keepalive_timeout_s``.
+- A reused connection that dies before a single response byte arrived is
+  retried once on a fresh connection. That is the race every HTTP/1.1
+  client meets: the server closed an idle connection (its keep-alive
+  timeout) while our request was on the way, so the server never read it.
+  It is the only automatic retry; anything else is the caller's decision
+  (docs/reliability.md M1, retries on another replica within a budget).
+- Framing follows RFC 9112 §6.3: Content-Length, chunked, or until close;
+  1xx interim responses (100, 103) are skipped; 204, 304 and answers to HEAD
+  have no body. A response that ends before its framing says (a close
+  mid-body) is a reset, not a short success (M2).
+- No decompression: bytes and Content-Encoding pass through unchanged (M37).
+- Errors are named: :class:`ConnectError` (nothing was sent),
+  :class:`UpstreamReset` (closed before or during the response),
+  :class:`BadResponse` (not valid HTTP: a garbage status line, a truncated or
+  oversized head, a transfer coding we cannot frame), and ``TimeoutError``
+  from a deadline. Each carries a short ``reason`` safe to log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import deque
+from collections.abc import Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import httptools
+
+if TYPE_CHECKING:
+    from router.http_server import Exchange
+
+# Up to this size the request head and body are joined and written at once;
+# beyond it the body goes out in slices that wait for the socket to drain,
+# so a large prompt is never copied whole into the transport's buffer.
+SINGLE_WRITE_MAX = 1024 * 1024
+_SLICE = 256 * 1024
+# Bytes received before the caller takes them (between head() and relay()):
+# above this, reading pauses. read_all() lifts it up to its own max_bytes.
+_BUFFER_HIGH = 64 * 1024
+# Methods whose requests carry no body unless one is given.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+
+
+class UpstreamError(Exception):
+    """Base of the upstream failures; ``reason`` is short and safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConnectError(UpstreamError):
+    """Could not connect (refused, unreachable, timed out): nothing was sent."""
+
+
+class UpstreamReset(UpstreamError):
+    """The connection closed before the response was complete."""
+
+
+class BadResponse(UpstreamError):
+    """The answer is not valid HTTP/1.1, or exceeds a limit."""
+
+
+class RelayResult(StrEnum):
+    """How a relayed body ended."""
+
+    COMPLETE = "complete"
+    UPSTREAM_RESET = "upstream_reset"  # the replica closed mid-body
+    IDLE_TIMEOUT = "idle_timeout"  # the replica sent nothing for idle_timeout_s
+    CLIENT_GONE = "client_gone"  # the client disconnected
+    # The client stopped reading: its buffer stayed full for the stall
+    # timeout. The client connection has been aborted.
+    CLIENT_STALLED = "client_stalled"
+    BAD_RESPONSE = "bad_response"  # invalid framing mid-body
+
+
+class _Limits:
+    __slots__ = ("max_head_bytes", "max_headers", "max_line_bytes")
+
+    def __init__(self, max_head_bytes: int, max_headers: int, max_line_bytes: int) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.max_line_bytes = max_line_bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One socket to a replica; carries one response at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.response: UpstreamResponse | None = None
+        self.lost = False
+        self.idle_since = 0.0
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:
+            # Bytes on an idle connection: the server broke framing (or is
+            # not HTTP). Nothing sane can follow on this socket.
+            self.close()
+            return
+        response.feed(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # HTTP/1.1 has no half-close: close, and connection_lost decides
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        response = self.response
+        if response is not None:
+            response.lost(exc)
+        else:
+            self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.lost:
+            drain = self._drain
+            if drain is None or drain.done():
+                drain = self._drain = asyncio.get_running_loop().create_future()
+            await drain
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            # abort, not close: nothing queued for this socket matters any
+            # more, and the engine must see the disconnect now.
+            self.transport.abort()
+
+
+class UpstreamResponse:
+    """One request's answer from a replica.
+
+    ``await head(deadline)`` first: status and headers, plus the first body
+    bytes or the end. Then either ``read_all`` (the whole body) or ``relay``
+    (the body to a client exchange as it arrives). Both settle the
+    connection (pooled after a clean end, closed otherwise); ``release()``
+    and ``close()`` are idempotent and safe in a ``finally``.
+    """
+
+    __slots__ = (
+        "_accumulate",
+        "_buffer",
+        "_buffered",
+        "_chunked",
+        "_client_paused",
+        "_complete",
+        "_conn",
+        "_connect_timeout_s",
+        "_error",
+        "_got_bytes",
+        "_head_bytes",
+        "_head_done",
+        "_head_request",
+        "_idle_s",
+        "_interim",
+        "_last",
+        "_limit_bytes",
+        "_limits",
+        "_loop",
+        "_nfields",
+        "_on_chunk",
+        "_parser",
+        "_paused_since",
+        "_pool",
+        "_reading_paused",
+        "_relay",
+        "_request_body",
+        "_request_head",
+        "_result",
+        "_retried",
+        "_reused",
+        "_settled",
+        "_sink",
+        "_stall_s",
+        "_timer",
+        "_trailing",
+        "_waiter",
+        "content_length",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "status",
+    )
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        conn: _Connection,
+        *,
+        reused: bool,
+        head_request: bool,
+        request_head: bytes,
+        request_body: bytes,
+        connect_timeout_s: float,
+    ) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self._limits = pool.limits
+        self._conn = conn
+        self._reused = reused
+        self._head_request = head_request
+        self._request_head = request_head
+        self._request_body = request_body
+        self._connect_timeout_s = connect_timeout_s
+        self._retried = False
+        self._settled = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._relay: asyncio.Future[RelayResult] | None = None
+        self._result = RelayResult.COMPLETE
+        self._sink: Exchange | None = None
+        self._on_chunk: Callable[[bytes], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_s = 0.0
+        self._stall_s = 0.0
+        self._last = 0.0
+        self._paused_since = 0.0
+        self._client_paused = False
+        self._reading_paused = False
+        self._accumulate = False
+        self._limit_bytes = 0
+        self._reset_parse()
+
+    def _reset_parse(self) -> None:
+        """Fresh parse state, for the first attempt and for the one retry."""
+        self._parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.http_version = ""
+        self.keep_alive = False
+        self._chunked = False
+        self._interim = False
+        self._head_done = False
+        self._complete = False
+        self._trailing = False
+        self._error: UpstreamError | None = None
+        self._got_bytes = False
+        self._head_bytes = 0
+        self._nfields = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+
+    # -- what the caller reads ----------------------------------------------
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def chunked(self) -> bool:
+        return self._chunked
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    async def head(self, deadline: float | None = None) -> None:
+        """Wait for status and headers, and the first body bytes or the end.
+
+        ``deadline`` is a ``loop.time()``; past it, ``TimeoutError`` (the
+        response stays open: the caller closes it, and may still read
+        ``status`` if the head had arrived). Other failures close the
+        connection and raise :class:`UpstreamError`.
+        """
+        while True:
+            if self._error is not None:
+                if self._reused and not self._got_bytes and not self._retried:
+                    await self._retry(deadline)
+                    continue
+                self.close()
+                raise self._error
+            if self._head_done and (self._buffer or self._complete):
+                return
+            await self._wait(deadline)
+
+    async def read_all(self, max_bytes: int, deadline: float | None = None) -> bytes:
+        """The whole body (after ``head``); more than ``max_bytes`` is a
+        :class:`BadResponse`. The connection is pooled or closed on return."""
+        self._accumulate = True
+        self._limit_bytes = max_bytes
+        self._resume_reading()
+        while not self._complete:
+            if self._error is not None:
+                self.close()
+                raise self._error
+            if self._buffered > max_bytes:
+                self.close()
+                raise BadResponse(f"response body exceeds {max_bytes} bytes")
+            await self._wait(deadline)
+        if self._buffered > max_bytes:
+            self.close()
+            raise BadResponse(f"response body exceeds {max_bytes} bytes")
+        parts = self._buffer
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._buffer = []
+        self._buffered = 0
+        self.release()
+        return body
+
+    async def relay(
+        self,
+        exchange: Exchange,
+        *,
+        idle_timeout_s: float,
+        on_chunk: Callable[[bytes], None] | None = None,
+        stall_timeout_s: float | None = None,
+    ) -> RelayResult:
+        """Pass the body to ``exchange`` as it arrives, after ``head`` and
+        after ``exchange.start``.
+
+        Every chunk is written from ``data_received``: no task switch, no
+        per-chunk timer. Flow control both ways: while the client's buffer is
+        full the upstream socket is not read (TCP then slows the replica);
+        it resumes when the client drains. ``idle_timeout_s`` bounds the
+        replica's silence (M6), ``stall_timeout_s`` (default: the same)
+        the client's (M45). ``on_chunk`` sees each chunk after it is written.
+
+        On COMPLETE the exchange is ended and the connection pooled. On
+        anything else the connection is closed and the exchange left for
+        the caller to finish (an in-band SSE error, or ``abort``), except
+        CLIENT_STALLED, where it has been aborted. A cancel closes the
+        connection and propagates.
+        """
+        if not self._head_done:
+            raise RuntimeError("relay() before head()")
+        loop = self._loop
+        try:
+            if exchange.closed:
+                return self._finish_relay(RelayResult.CLIENT_GONE)
+            for chunk in self._buffer:
+                exchange.write(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
+            self._buffer = []
+            self._buffered = 0
+            if self._complete:
+                exchange.end()
+                return self._finish_relay(RelayResult.COMPLETE)
+            if self._error is not None:
+                kind = (
+                    RelayResult.BAD_RESPONSE
+                    if isinstance(self._error, BadResponse)
+                    else RelayResult.UPSTREAM_RESET
+                )
+                return self._finish_relay(kind)
+            self._sink = exchange
+            self._on_chunk = on_chunk
+            self._idle_s = idle_timeout_s
+            self._stall_s = idle_timeout_s if stall_timeout_s is None else stall_timeout_s
+            self._last = loop.time()
+            relay = self._relay = loop.create_future()
+            # One timer, re-armed only when it fires: chunks just stamp
+            # ``_last``, which costs nothing like a timeout per chunk.
+            self._timer = loop.call_at(self._last + min(self._idle_s, self._stall_s), self._tick)
+            exchange.set_flow_listener(self)
+            if not exchange.paused:
+                self._resume_reading()
+            result = await relay
+            if result is RelayResult.CLIENT_STALLED:
+                exchange.abort()
+            return self._finish_relay(result)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._sink = None
+            self._on_chunk = None
+            self._relay = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            exchange.set_flow_listener(None)
+
+    def release(self) -> None:
+        """Give the connection back to the pool if the response ended cleanly
+        and allows keep-alive; otherwise close it."""
+        if self._settled:
+            return
+        if self._complete and self.keep_alive and self._error is None and not self._trailing:
+            self._settled = True
+            self._resume_reading()  # an idle socket must still see the server's close
+            conn = self._conn
+            conn.response = None
+            self._pool.release(conn)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Discard the connection (an error, a cancel, an unfinished body):
+        the replica sees the disconnect and can stop the work."""
+        if self._settled:
+            return
+        self._settled = True
+        conn = self._conn
+        conn.response = None
+        conn.close()
+        self._pool.forget(conn)
+
+    # -- internals ----------------------------------------------------------
+
+    def _finish_relay(self, result: RelayResult) -> RelayResult:
+        if result is RelayResult.COMPLETE:
+            self.release()
+        else:
+            self.close()
+        return result
+
+    async def _wait(self, deadline: float | None) -> None:
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _retry(self, deadline: float | None) -> None:
+        """The stale keep-alive case: one more try on a fresh connection."""
+        self._retried = True
+        old = self._conn
+        old.response = None
+        old.close()
+        self._pool.forget(old)
+        timeout = self._connect_timeout_s
+        if deadline is not None:
+            timeout = min(timeout, deadline - self._loop.time())
+            if timeout <= 0:
+                raise TimeoutError
+        conn = await self._pool.connect(self._conn.key, timeout)
+        self._conn = conn
+        self._reused = False
+        self._reset_parse()
+        conn.response = self
+        await self._pool.send(conn, self._request_head, self._request_body)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is not None or self._complete:
+            return
+        self._error = error
+        self._conn.close()
+        relay = self._relay
+        if relay is not None and not relay.done():
+            relay.set_result(
+                RelayResult.BAD_RESPONSE
+                if isinstance(error, BadResponse)
+                else RelayResult.UPSTREAM_RESET
+            )
+        self._wake()
+
+    def _done(self) -> None:
+        """The body ended by its framing (or by the close that frames it)."""
+        self._complete = True
+        sink = self._sink
+        if sink is not None:
+            sink.end()  # the terminator leaves now, not after a task switch
+            relay = self._relay
+            if relay is not None and not relay.done():
+                relay.set_result(RelayResult.COMPLETE)
+        self._wake()
+
+    def _pause_reading(self) -> None:
+        transport = self._conn.transport
+        if not self._reading_paused and transport is not None and not self._conn.lost:
+            self._reading_paused = True
+            transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        transport = self._conn.transport
+        if self._reading_paused and transport is not None and not self._conn.lost:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _tick(self) -> None:
+        """The relay's one timer: replica silence, or client stall."""
+        self._timer = None
+        relay = self._relay
+        if relay is None or relay.done():
+            return
+        now = self._loop.time()
+        if self._client_paused:
+            due = self._paused_since + self._stall_s
+            if now >= due:
+                relay.set_result(RelayResult.CLIENT_STALLED)
+                return
+        else:
+            due = self._last + self._idle_s
+            if now >= due:
+                relay.set_result(RelayResult.IDLE_TIMEOUT)
+                return
+        self._timer = self._loop.call_at(due, self._tick)
+
+    # -- FlowListener (the client side of a relay) ---------------------------
+
+    def client_paused(self) -> None:
+        if not self._client_paused:
+            self._client_paused = True
+            self._paused_since = now = self._loop.time()
+            self._pause_reading()
+            self._rearm(now + self._stall_s)
+
+    def client_resumed(self) -> None:
+        if self._client_paused:
+            self._client_paused = False
+            self._last = now = self._loop.time()  # replica silence counts from now
+            self._resume_reading()
+            self._rearm(now + self._idle_s)
+
+    def _rearm(self, due: float) -> None:
+        """Bring the relay timer forward if the new deadline is earlier (only
+        on a pause or resume, never per chunk)."""
+        timer = self._timer
+        if timer is not None and timer.when() > due:
+            timer.cancel()
+            self._timer = self._loop.call_at(due, self._tick)
+
+    def client_lost(self) -> None:
+        relay = self._relay
+        if relay is not None and not relay.done():
+            relay.set_result(RelayResult.CLIENT_GONE)
+
+    # -- from the connection --------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._got_bytes = True
+        if not self._head_done:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(BadResponse("upgrade response to a request that asked for none"))
+            return
+        except httptools.HttpParserError as exc:
+            if self._complete:
+                # Bytes after a complete response: harmless to this one,
+                # but the connection cannot be reused.
+                self._trailing = True
+                return
+            cause = exc.__context__
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            else:
+                self._fail(BadResponse(f"invalid HTTP response: {exc}"))
+            return
+        if not self._head_done and self._head_bytes > self._limits.max_head_bytes:
+            self._fail(BadResponse(f"response head exceeds {self._limits.max_head_bytes} bytes"))
+
+    def lost(self, exc: Exception | None) -> None:
+        if self._complete or self._error is not None:
+            return
+        if self._head_done and exc is None and self._close_delimited():
+            self._done()  # RFC 9112 §6.3 item 8: the body ends at close
+            return
+        if not self._got_bytes:
+            self._fail(UpstreamReset("connection closed before the response"))
+        elif not self._head_done:
+            self._fail(BadResponse("connection closed inside the response head"))
+        else:
+            self._fail(UpstreamReset("connection closed mid-body"))
+
+    def _close_delimited(self) -> bool:
+        return (
+            self.content_length is None
+            and not self._chunked
+            and not self._head_request
+            and self.status not in (204, 304)
+        )
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _Trailing
+        self.headers = []
+        self._nfields = 0
+        self.content_length = None
+        self._chunked = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self._limits
+        self._nfields += 1
+        if self._nfields > limits.max_headers:
+            raise BadResponse(f"more than {limits.max_headers} response header fields")
+        if len(name) + len(value) > limits.max_line_bytes:
+            raise BadResponse(f"a response header field exceeds {limits.max_line_bytes} bytes")
+        if self._head_done:
+            return  # a trailer field: dropped (RFC 9110 §6.5.1)
+        name = name.lower()
+        if name == b"content-length":
+            self.content_length = int(value)  # llhttp checked: digits, once
+        elif name == b"transfer-encoding":
+            # llhttp would read "gzip" as close-delimited and hand us coded
+            # bytes; we decode no transfer coding, so we cannot relay them.
+            if value.strip(b" \t").lower() != b"chunked":
+                raise BadResponse("unsupported transfer coding in the response")
+            self._chunked = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise BadResponse("101 Switching Protocols to a request that asked for none")
+            self._interim = True  # 100 Continue, 103 Early Hints: skip it
+            return
+        self.status = status
+        self.http_version = parser.get_http_version()
+        self._head_done = True
+        if self._head_request:
+            # llhttp cannot be told this answers a HEAD, and would wait for
+            # the body its Content-Length announces: the message ends here,
+            # and the connection is not reused.
+            self._trailing = True
+            self._done()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.write(body)
+            self._last = self._loop.time()
+            if self._on_chunk is not None:
+                self._on_chunk(body)
+            return
+        self._buffer.append(body)
+        self._buffered += len(body)
+        if self._accumulate:
+            if self._buffered > self._limit_bytes:
+                self._wake()  # read_all gives up; otherwise it waits for the end
+            return
+        if self._buffered > _BUFFER_HIGH:
+            self._pause_reading()  # nobody is taking the bytes yet
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._complete:
+            return
+        self.keep_alive = self._parser.should_keep_alive()
+        self._done()
+
+
+class _Trailing(Exception):
+    """A second message began on a connection whose response is complete."""
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class UpstreamPool:
+    """Keep-alive connections to the replicas, per (host, port).
+
+    The pool bounds idle sockets, not concurrency: the number of requests
+    in flight is admission control's job, where it is visible and has a
+    deadline (M16).
+    """
+
+    def __init__(
+        self,
+        *,
+        keepalive_timeout_s: float = 30.0,
+        max_idle_per_host: int = 64,
+        max_head_bytes: int = 64 * 1024,
+        max_headers: int = 128,
+        max_line_bytes: int = 8190,
+    ) -> None:
+        if keepalive_timeout_s <= 0 or max_idle_per_host < 0:
+            raise ValueError("keepalive_timeout_s must be positive, max_idle_per_host >= 0")
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.max_idle_per_host = max_idle_per_host
+        # aiohttp's client limits (8190 per field); the head bound keeps a
+        # broken replica from growing a head without end.
+        self.limits = _Limits(max_head_bytes, max_headers, max_line_bytes)
+        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
+        self._conns: set[_Connection] = set()
+        self._host_headers: dict[tuple[str, int], bytes] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def idle_count(self, host: str, port: int) -> int:
+        return len(self._idle.get((host, port), ()))
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    async def request(
+        self,
+        url_host: str,
+        port: int,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        connect_timeout_s: float,
+    ) -> UpstreamResponse:
+        """Send one request; ``await response.head(deadline)`` next.
+
+        ``headers`` are end-to-end fields only (names as they should go out):
+        the pool writes Host and Content-Length itself. Raises
+        :class:`ConnectError` if no connection could be made.
+        """
+        if self._closed:
+            raise ConnectError("upstream pool is closed")
+        key = (url_host, port)
+        block = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+        n = len(headers)
+        if block.count(b"\n") != n or block.count(b"\r") != n:
+            # Request smuggling towards the replica through a header value.
+            raise ValueError("CR or LF inside a request header")
+        host = self._host_headers.get(key)
+        if host is None:
+            host = self._host_headers[key] = _host_header(url_host, port)
+        length = (
+            b"content-length: %d\r\n" % len(body) if body or method not in _NO_BODY_METHODS else b""
+        )
+        head = b"%b %b HTTP/1.1\r\nhost: %b\r\n%b%b\r\n" % (
+            method.encode("ascii"),
+            target.encode("latin-1"),
+            host,
+            block,
+            length,
+        )
+        conn = self._acquire(key)
+        reused = conn is not None
+        if conn is None:
+            conn = await self.connect(key, connect_timeout_s)
+        response = UpstreamResponse(
+            self,
+            conn,
+            reused=reused,
+            head_request=method == "HEAD",
+            request_head=head,
+            request_body=body,
+            connect_timeout_s=connect_timeout_s,
+        )
+        conn.response = response
+        try:
+            await self.send(conn, head, body)
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+    async def connect(self, key: tuple[str, int], timeout_s: float) -> _Connection:
+        loop = self.loop
+        host, port = key
+        try:
+            async with asyncio.timeout(timeout_s):
+                _transport, conn = await loop.create_connection(
+                    lambda: _Connection(self, key), host, port
+                )
+        except TimeoutError:
+            raise ConnectError(
+                f"connect to {host}:{port} timed out after {timeout_s:g} s"
+            ) from None
+        except OSError as exc:
+            raise ConnectError(
+                f"connect to {host}:{port} failed: {exc.strerror or type(exc).__name__}"
+            ) from None
+        self._conns.add(conn)
+        return conn
+
+    async def send(self, conn: _Connection, head: bytes, body: bytes) -> None:
+        """Head and body in one write; a large body in slices, with drain."""
+        transport = conn.transport
+        assert transport is not None
+        if conn.lost:
+            return  # head() reports it (and may retry)
+        if len(body) <= SINGLE_WRITE_MAX:
+            transport.write(head + body if body else head)
+            return
+        transport.write(head)
+        view = memoryview(body)
+        for start in range(0, len(body), _SLICE):
+            await conn.drain()
+            if conn.lost or conn.response is None or conn.response._complete:
+                return  # the replica answered (or closed) early: stop sending
+            transport.write(view[start : start + _SLICE])
+
+    def _acquire(self, key: tuple[str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        horizon = self.loop.time() - self.keepalive_timeout_s
+        while idle:
+            conn = idle.pop()
+            if conn.lost:
+                self._conns.discard(conn)
+                continue
+            if conn.idle_since <= horizon:
+                # The freshest is too old: so is everything under it.
+                conn.close()
+                self._conns.discard(conn)
+                while idle:
+                    old = idle.pop()
+                    old.close()
+                    self._conns.discard(old)
+                return None
+            return conn
+        return None
+
+    def release(self, conn: _Connection) -> None:
+        if self._closed or conn.lost or self.max_idle_per_host == 0:
+            conn.close()
+            self._conns.discard(conn)
+            return
+        conn.idle_since = self.loop.time()
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = deque()
+        idle.append(conn)
+        if len(idle) > self.max_idle_per_host:
+            old = idle.popleft()
+            old.close()
+            self._conns.discard(old)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.keepalive_timeout_s, self._sweep)
+
+    def forget(self, conn: _Connection) -> None:
+        """A connection closed: it is in no idle list any more."""
+        self._conns.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle:
+            with contextlib.suppress(ValueError):
+                idle.remove(conn)
+
+    def _sweep(self) -> None:
+        """Close sockets idle past the keep-alive timeout (oldest first)."""
+        self._sweeper = None
+        horizon = self.loop.time() - self.keepalive_timeout_s
+        any_left = False
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since <= horizon:
+                old = idle.popleft()
+                old.close()
+                self._conns.discard(old)
+            any_left = any_left or bool(idle)
+        if any_left and not self._closed:
+            self._sweeper = self.loop.call_later(self.keepalive_timeout_s / 2, self._sweep)
+
+    async def close(self) -> None:
+        """Close every connection, idle or busy."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._conns):
+            conn.close()
+        self._conns.clear()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let connection_lost callbacks run
+
+
+def _host_header(host: str, port: int) -> bytes:
+    name = f"[{host}]" if ":" in host else host
+    return (name if port == 80 else f"{name}:{port}").encode(
+        "idna" if not name.isascii() else "ascii"
+    )
