@@ -13,7 +13,7 @@ Balancing" (IEEE TPDS 2001) and Vvedenskaya et al. 1996; tower's
 ``p2c::Balance``, Finagle's P2C, Envoy's LEAST_REQUEST with choice_count.
 Theory: in the supermarket model the mean sojourn falls from 1 / (1 - lambda)
 (random) to sum_i lambda^((d^i - d) / (d - 1)), e.g. 10 -> 2.61 at
-lambda = 0.9, d = 2 (loadtest/sim_theory.py checks the simulator against
+lambda = 0.9, d = 2 (loadtest/sim/theory.py checks the simulator against
 this formula at N = 100). With one busy replica out of
 three, distinct sampling never picks it; with replacement it does 1/9 of
 the time (both draws land on it). How it fails: it only ever avoids the

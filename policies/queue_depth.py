@@ -14,7 +14,7 @@ outstanding tokens per weight (the cheaper backlog), then at random.
 Source: join-the-shortest-queue (Winston 1977: optimal for identical
 exponential servers among policies that see queue lengths only; at N = 8,
 load 0.9 its mean sojourn, 2.12 service times, lies between the pooled
-M/M/N bound's 1.88 and P2C's 3.10, as loadtest/sim_theory.py checks),
+M/M/N bound's 1.88 and P2C's 3.10, as loadtest/sim/theory.py checks),
 SGLang's and llm-d's queue scorers, vLLM production-stack's "least loaded".
 With ``d`` > 0 it
 samples d candidates first (power of d choices on the same signal) instead

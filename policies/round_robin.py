@@ -21,7 +21,7 @@ name a replica which left the fleet are dropped when the membership changes.
 Source: Envoy ``edf_scheduler.h`` and nginx's smooth WRR, which produce the
 same interleaving. Theory: with equal weights each of N replicas sees
 Erlang-N inter-arrivals, an E_N/M/1 queue, roughly halving random's mean
-sojourn (5.78 vs 10 service times at N = 8, load 0.9; loadtest/sim_theory.py
+sojourn (5.78 vs 10 service times at N = 8, load 0.9; loadtest/sim/theory.py
 checks the simulator against it). Fails when requests differ in cost (LLM requests
 do, by 100x): it keeps feeding a replica stuck on long generations, and a
 slow replica gets its full share whatever its queue (unstable at 1.5x

@@ -62,7 +62,7 @@ def test_mooncake_text_shares_prefix_blocks_exactly_when_ids_do() -> None:
             (k for k, (x, y) in enumerate(zip(ha, hb, strict=False)) if x != y),
             min(len(ha), len(hb)),
         )
-        # 512 tokens per id = 8 router/prefix blocks of 64 tokens.
+        # 512 tokens per id = 8 policies/prefix blocks of 64 tokens.
         assert same_blocks == min(8 * same_ids, len(ha), len(hb))
         checked += 1
     assert checked == 400 * 399 // 2

@@ -145,7 +145,7 @@ def _median(sorted_xs: list[int]) -> float:
 def mooncake_prompt(src: TextSource, hash_ids: tuple[int, ...], prompt_tokens: int) -> str:
     """Prompt text whose prefix blocks are equal exactly when the hash ids are.
 
-    One Mooncake id = 512 tokens = 8 router/prefix blocks of 256 characters;
+    One Mooncake id = 512 tokens = 8 policies/prefix blocks of 256 characters;
     the id's text opens with a tag naming it, and block hashes are chained, so
     two prompts' block hashes agree up to the first differing id.
     """
