@@ -144,6 +144,7 @@ class Gateway:
         self.admin_app = create_admin_app(self.proxy, config.admin.token)
         self._stack = contextlib.AsyncExitStack()
         self.data_runner: web.AppRunner | None = None
+        self.admin_runner: web.AppRunner | None = None
         self.data_port = 0
         self.admin_port = 0
 
@@ -202,10 +203,10 @@ class Gateway:
                     random.Random(self.rng.random()),
                 )
             )
-        admin = await stack.enter_async_context(
+        self.admin_runner = await stack.enter_async_context(
             listener(self.admin_app, cfg.admin.host, cfg.admin.port, cfg.server.shutdown_timeout_s)
         )
-        self.admin_port = bound_port(admin, cfg.admin.port)
+        self.admin_port = bound_port(self.admin_runner, cfg.admin.port)
         self.data_runner = await stack.enter_async_context(
             listener(self.data_app, cfg.server.host, cfg.server.port, cfg.server.shutdown_timeout_s)
         )
