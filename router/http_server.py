@@ -324,7 +324,6 @@ class Exchange:
             raise RuntimeError("response already started")
         if not 200 <= status <= 599:
             raise ValueError(f"status {status} cannot start a response")
-        self.status = status
         # Response splitting: a CR or LF inside a name or value would start
         # a header (or a body) of the caller's choosing. One count per byte
         # kind on the joined block is cheaper than a check per field.
@@ -332,6 +331,7 @@ class Exchange:
         n = len(headers)
         if block.count(b"\n") != n or block.count(b"\r") != n:
             raise ValueError("CR or LF inside a response header")
+        self.status = status
         conn = self._conn
         # The last response before a close says so; queued (pipelined)
         # requests are still answered first.
@@ -627,9 +627,14 @@ class _Connection(asyncio.Protocol):
         if name == b"content-length":
             self._content_length = int(value)  # llhttp checked: digits, once
         elif name == b"transfer-encoding":
-            # llhttp lets "gzip, chunked" through; we decode no transfer
-            # coding but chunked, so anything else is refused (RFC 9112 §6.1).
-            if value.strip(b" \t").lower() != b"chunked":
+            coding = value.strip(b" \t").lower()
+            if coding != b"chunked":
+                if not coding.endswith(b"chunked") or coding[-8:-7] not in (b",", b" ", b"\t"):
+                    # Chunked not last (or an obfuscated name): the length
+                    # cannot be determined (RFC 9112 §6.3 item 4).
+                    raise _bad("invalid Transfer-Encoding")
+                # "gzip, chunked", which llhttp lets through: we decode no
+                # coding but chunked (RFC 9112 §6.1 answers 501).
                 raise _Reject(501, "not_implemented", "only chunked transfer coding is supported")
             self._chunked = True
         elif name == b"host":
@@ -913,6 +918,7 @@ class HttpServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._port = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -931,6 +937,7 @@ class HttpServer:
             reuse_port=reuse_port or None,
             backlog=backlog,
         )
+        self._port = int(self._server.sockets[0].getsockname()[1])
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -939,7 +946,7 @@ class HttpServer:
     @property
     def port(self) -> int:
         """The bound port (the OS's pick when started with port 0)."""
-        return int(self.sockets[0].getsockname()[1])
+        return self._port
 
     def track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
