@@ -821,3 +821,37 @@ async def test_shutdown_lets_in_flight_finish_and_closes_idle() -> None:
     await stopping
     with pytest.raises(OSError):
         await connect(server)
+
+
+# -- the same paths on uvloop, the production loop --------------------------------
+
+UVLOOP_CASES: list[Callable[[], Awaitable[None]]] = [
+    test_content_length_body_and_keep_alive_reuse,
+    test_pipelined_requests_run_one_at_a_time_in_order,
+    test_bad_request_behind_a_good_one_is_answered_in_order,
+    test_oversized_header_field_is_431,
+    test_slowloris_head_gets_408_within_the_deadline,
+    test_client_disconnect_mid_stream_cancels_the_handler,
+    test_slow_reader_pauses_writes_and_drain_waits,
+    test_shutdown_lets_in_flight_finish_and_closes_idle,
+]
+
+
+@pytest.mark.parametrize("case", UVLOOP_CASES, ids=lambda case: case.__name__[5:])
+def test_on_uvloop(case: Callable[[], Awaitable[None]]) -> None:
+    """uvloop's transports pause, resume, half-close and report closes
+    their own way; the gateway runs on it."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> None:
+        try:
+            await case()
+        finally:
+            while _CLIENTS:
+                writer = _CLIENTS.pop()
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
