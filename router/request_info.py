@@ -59,18 +59,58 @@ class RequestSummary:
         self.prompt_tokens = prompt_tokens
 
 
-def summarize(endpoint: str, data: dict[str, Any]) -> RequestSummary:
-    """``endpoint`` is "chat", "completions" or "embeddings"."""
+# The OpenAI-compatible routes the data listener forwards, by path, and the
+# kind of body each carries. vLLM serves all of them; SGLang most. A path
+# not here is a 404 at the gateway (the upstream path never comes from a
+# request's body or headers).
+ENDPOINTS: dict[str, str] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+    "/v1/rerank": "rerank",
+    "/v2/rerank": "rerank",
+    "/rerank": "rerank",
+    "/v1/score": "score",
+    "/score": "score",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
+    "/v1/audio/transcriptions": "audio",
+    "/v1/audio/translations": "audio",
+}
+
+
+def _model(data: dict[str, Any]) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required and must be a non-empty string")
     if len(model) > MAX_MODEL_CHARS:
         raise _bad(f"'model' is longer than {MAX_MODEL_CHARS} characters")
+    return model
+
+
+def _stream(data: dict[str, Any]) -> bool:
     stream = data.get("stream", False)
     if stream is None:
-        stream = False
+        return False
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean")
+    return stream
+
+
+def _texts(value: Any, field: str) -> str:
+    """A string or a list of strings (the score and rerank fields)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return prefix.completion_prompt_text(value)
+    raise _bad(f"'{field}' is required and must be a string or an array")
+
+
+def summarize(endpoint: str, data: dict[str, Any]) -> RequestSummary:
+    """The routing fields of a JSON body; ``endpoint`` is a kind from ENDPOINTS."""
+    model = _model(data)
+    stream = _stream(data)
     max_tokens = _optional_int(data, "max_tokens")
     if max_tokens is None:
         max_tokens = _optional_int(data, "max_completion_tokens")
@@ -87,10 +127,86 @@ def summarize(endpoint: str, data: dict[str, Any]) -> RequestSummary:
         if not isinstance(prompt, str | list):
             raise _bad("'prompt' is required and must be a string or an array")
         text = prefix.completion_prompt_text(prompt)
-    else:
+    elif endpoint == "embeddings":
         inp = data.get("input")
         if not isinstance(inp, str | list):
             raise _bad("'input' is required and must be a string or an array")
         text = prefix.completion_prompt_text(inp)
         stream = False
+    elif endpoint == "responses":
+        inp = data.get("input")
+        if not isinstance(inp, str | list):
+            raise _bad("'input' is required and must be a string or an array")
+        instructions = data.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise _bad("'instructions' must be a string")
+        if max_tokens is None:
+            max_tokens = _optional_int(data, "max_output_tokens")
+        body = inp if isinstance(inp, str) else prefix.chat_prompt_text(inp)
+        text = (instructions or "") + body
+    elif endpoint == "rerank":
+        query = data.get("query")
+        if not isinstance(query, str):
+            raise _bad("'query' is required and must be a string")
+        documents = data.get("documents")
+        if not isinstance(documents, list):
+            raise _bad("'documents' is required and must be an array")
+        text = query + prefix.completion_prompt_text(documents)
+        stream = False
+    elif endpoint == "score":
+        text = _texts(data.get("text_1"), "text_1") + _texts(data.get("text_2"), "text_2")
+        stream = False
+    elif endpoint == "tokenize":
+        if isinstance(data.get("messages"), list):
+            text = prefix.chat_prompt_text(data["messages"])
+        else:
+            text = _texts(data.get("prompt"), "prompt")
+        stream = False
+    elif endpoint == "detokenize":
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list):
+            raise _bad("'tokens' is required and must be an array")
+        text = ""
+        stream = False
+    else:
+        raise ValueError(f"not a JSON endpoint: {endpoint!r}")
     return RequestSummary(model, stream, max_tokens, text, prefix.estimate_tokens(len(text)))
+
+
+# Form fields routing reads from a multipart body; everything else (the
+# audio file) is forwarded untouched and never parsed.
+_FORM_FIELDS = (b"model", b"stream")
+_MAX_FIELD_BYTES = 1024
+
+
+def summarize_form(body: bytes, content_type: str) -> RequestSummary:
+    """The routing fields of a multipart/form-data body (audio transcription).
+
+    Reads only the small ``model`` and ``stream`` fields, by scanning part
+    headers; the file part is skipped, whatever its size.
+    """
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        raise _bad("expected a multipart/form-data body")
+    boundary = ""
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary or len(boundary) > 200:
+        raise _bad("multipart body without a valid boundary")
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    fields: dict[bytes, bytes] = {}
+    for part in (b"\r\n" + body).split(delimiter)[1:]:
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        for name in _FORM_FIELDS:
+            if b'name="' + name + b'"' in head and len(value) <= _MAX_FIELD_BYTES + 2:
+                fields[name] = value.removesuffix(b"\r\n")
+    try:
+        model = fields[b"model"].decode("utf-8").strip()
+    except (KeyError, UnicodeDecodeError):
+        raise _bad("'model' is required as a form field") from None
+    stream = fields.get(b"stream", b"false").strip().lower() == b"true"
+    return RequestSummary(_model({"model": model}), stream, None, "", 0)
