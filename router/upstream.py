@@ -136,6 +136,10 @@ class _Connection(asyncio.Protocol):
         return None  # HTTP/1.1 has no half-close: close, and connection_lost decides
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost and exc is None:
+            # We closed it (close()): never mistake that for the replica's
+            # clean close that ends a close-delimited body.
+            exc = ConnectionAbortedError("closed by the gateway")
         self.lost = True
         drain = self._drain
         if drain is not None and not drain.done():

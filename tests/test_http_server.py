@@ -256,6 +256,29 @@ async def test_pipelined_requests_run_one_at_a_time_in_order() -> None:
         writer.close()
 
 
+async def test_pipelining_beyond_the_queue_closes_after_the_queued() -> None:
+    """Parsed requests wait at most 16 deep; the rest are dropped with the
+    connection, which a pipelining client must retry (RFC 9112 §9.3.2)."""
+    release = asyncio.Event()
+
+    async def held(request: Request, exchange: Exchange) -> None:
+        await release.wait()
+        exchange.respond(200, [], request.path.encode())
+
+    async with serve(held) as (server, seen, _):
+        reader, writer = await connect(server)
+        writer.write(b"".join(get(f"/{i}") for i in range(40)))
+        await asyncio.sleep(0.1)
+        release.set()
+        bodies = []
+        with contextlib.suppress(EOFError):
+            while True:
+                bodies.append((await read_response(reader)).body)
+        assert bodies == [b"/%d" % i for i in range(len(bodies))]
+        assert 16 <= len(bodies) <= 17  # the one in progress, plus the queue
+        assert len(seen) == len(bodies)
+
+
 async def test_absolute_form_target_becomes_origin_form() -> None:
     async with serve() as (server, seen, _):
         reader, writer = await connect(server)

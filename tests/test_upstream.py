@@ -493,6 +493,7 @@ async def gateway(
     *,
     idle_timeout_s: float = 2.0,
     stall_timeout_s: float | None = None,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> AsyncIterator[Relayed]:
     """The lead's proxy in miniature: forward, relay, end or abort."""
     relayed: Relayed
@@ -507,7 +508,10 @@ async def gateway(
             headers = [(k, v) for k, v in response.headers if k not in HOP]
             exchange.start(response.status, headers, content_length=response.content_length)
             result = await response.relay(
-                exchange, idle_timeout_s=idle_timeout_s, stall_timeout_s=stall_timeout_s
+                exchange,
+                idle_timeout_s=idle_timeout_s,
+                stall_timeout_s=stall_timeout_s,
+                on_chunk=on_chunk,
             )
             relayed.results.append(result)
             if not exchange.ended:
@@ -577,6 +581,31 @@ async def test_relay_passes_chunks_as_they_arrive(pool: UpstreamPool) -> None:
         go_on.set()
         await asyncio.wait_for(r.readuntil(b"0\r\n\r\n"), 2)
         assert fake.connections == 1
+
+
+async def test_relay_on_chunk_sees_every_byte_once(pool: UpstreamPool) -> None:
+    """The proxy counts SSE events and bytes here, the first (buffered)
+    chunk included."""
+    events = [b"data: %d\n\n" % i for i in range(5)]
+
+    async def stream(fake: FakeReplica, call: Call) -> bool:
+        call.writer.write(SSE_HEAD + chunk(events[0]))
+        for event in events[1:]:
+            await asyncio.sleep(0.01)
+            call.writer.write(chunk(event))
+        call.writer.write(b"0\r\n\r\n")
+        return True
+
+    seen: list[bytes] = []
+    async with (
+        replica(stream) as fake,
+        gateway(pool, fake, on_chunk=seen.append) as gw,
+        client(gw.server) as (r, w),
+    ):
+        w.write(REQUEST)
+        await asyncio.wait_for(r.readuntil(b"0\r\n\r\n"), 2)
+        assert b"".join(seen) == b"".join(events)
+        assert gw.results == [RelayResult.COMPLETE]
 
 
 async def test_relay_small_response_keeps_its_length(pool: UpstreamPool) -> None:
