@@ -83,6 +83,8 @@ _LINGER_S = 2.0
 # RFC 9110 §9.1 answers the ones a server does not implement with 501.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Header fields the server writes itself, dropped from a handler's list.
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 _LAST_CHUNK = b"0\r\n\r\n"
 
 # Parse phases of a connection.
@@ -318,17 +320,26 @@ class Exchange:
     ) -> None:
         """Prepare the response head; ``content_length=None`` frames the body
         as chunked (close-delimited for an HTTP/1.0 client, which has no
-        chunked coding). ``headers`` must not carry framing or hop-by-hop
-        fields; the server writes those."""
+        chunked coding). Framing fields in ``headers`` (Content-Length,
+        Transfer-Encoding, Connection, Keep-Alive) are dropped: the server
+        writes those. Other hop-by-hop fields are the caller's to strip."""
         if self.status:
             raise RuntimeError("response already started")
         if not 200 <= status <= 599:
             raise ValueError(f"status {status} cannot start a response")
+        # Framing is the server's alone: a second Content-Length or a
+        # Transfer-Encoding from the caller would make the message ambiguous
+        # to the client and to any proxy in between (response smuggling).
+        lines = [
+            name + b": " + value + b"\r\n"
+            for name, value in headers
+            if name.lower() not in _FRAMING_FIELDS
+        ]
+        block = b"".join(lines)
         # Response splitting: a CR or LF inside a name or value would start
         # a header (or a body) of the caller's choosing. One count per byte
         # kind on the joined block is cheaper than a check per field.
-        block = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
-        n = len(headers)
+        n = len(lines)
         if block.count(b"\n") != n or block.count(b"\r") != n:
             raise ValueError("CR or LF inside a response header")
         self.status = status

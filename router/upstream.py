@@ -56,6 +56,10 @@ _SLICE = 256 * 1024
 # Bytes received before the caller takes them (between head() and relay()):
 # above this, reading pauses. read_all() lifts it up to its own max_bytes.
 _BUFFER_HIGH = 64 * 1024
+# Request fields the pool writes itself, dropped from a caller's list.
+_OWN_FIELDS = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
+)
 # Methods whose requests carry no body unless one is given.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
@@ -764,15 +768,24 @@ class UpstreamPool:
     ) -> UpstreamResponse:
         """Send one request; ``await response.head(deadline)`` next.
 
-        ``headers`` are end-to-end fields only (names as they should go out):
-        the pool writes Host and Content-Length itself. Raises
+        ``headers`` go out as given (names as they should be written),
+        except Host, Content-Length, Transfer-Encoding, Connection and
+        Keep-Alive, which the pool writes itself; the caller strips the
+        other hop-by-hop fields. Raises
         :class:`ConnectError` if no connection could be made.
         """
         if self._closed:
             raise ConnectError("upstream pool is closed")
         key = (url_host, port)
-        block = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
-        n = len(headers)
+        # Host and framing are the pool's: a client's Content-Length or
+        # Transfer-Encoding next to ours would be request smuggling.
+        lines = [
+            name + b": " + value + b"\r\n"
+            for name, value in headers
+            if name.lower() not in _OWN_FIELDS
+        ]
+        block = b"".join(lines)
+        n = len(lines)
         if block.count(b"\n") != n or block.count(b"\r") != n:
             # Request smuggling towards the replica through a header value.
             raise ValueError("CR or LF inside a request header")

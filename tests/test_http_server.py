@@ -378,6 +378,22 @@ async def test_response_header_with_crlf_is_refused() -> None:
         writer.close()
 
 
+async def test_framing_fields_from_the_handler_are_dropped() -> None:
+    async def framing(request: Request, exchange: Exchange) -> None:
+        exchange.respond(
+            200,
+            [(b"Content-Length", b"999"), (b"transfer-encoding", b"chunked"), (b"x-a", b"1")],
+            b"ok",
+        )
+
+    async with serve(framing) as (server, _, _):
+        reader, writer = await connect(server)
+        writer.write(get())
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 2)
+        assert raw.lower().count(b"content-length") == 1 and b"content-length: 2" in raw
+        assert b"transfer-encoding" not in raw.lower() and b"x-a: 1" in raw
+
+
 async def test_short_content_length_body_closes_the_connection() -> None:
     async def short(request: Request, exchange: Exchange) -> None:
         exchange.start(200, [], content_length=10)

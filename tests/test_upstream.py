@@ -216,6 +216,30 @@ async def test_request_is_one_write_with_host_and_length(pool: UpstreamPool) -> 
         await server.wait_closed()
 
 
+async def test_callers_host_and_framing_fields_are_replaced(pool: UpstreamPool) -> None:
+    async with replica(answer(ok(b"x"))) as fake:
+        response = await pool.request(
+            HOST,
+            fake.port,
+            "POST",
+            "/",
+            [
+                (b"Host", b"client.example"),
+                (b"Content-Length", b"999"),
+                (b"Transfer-Encoding", b"chunked"),
+                (b"x-a", b"1"),
+            ],
+            b"{}",
+            connect_timeout_s=1.0,
+        )
+        await response.head(deadline())
+        response.release()
+        head = fake.calls[0].head.lower()
+        assert head.count(b"host:") == 1 and b"client.example" not in head
+        assert head.count(b"content-length") == 1 and b"content-length: 2" in head
+        assert b"transfer-encoding" not in head and b"x-a: 1" in head
+
+
 async def test_large_body_arrives_whole(pool: UpstreamPool) -> None:
     async def count(fake: FakeReplica, call: Call) -> bool:
         call.writer.write(ok(b"%d" % len(call.body)))
