@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
@@ -106,10 +107,14 @@ class _Limits:
         self.max_line_bytes = max_line_bytes
 
 
+# (host, port, TLS context or None): connections are pooled per key.
+_Key = tuple[str, int, ssl.SSLContext | None]
+
+
 class _Connection(asyncio.Protocol):
     """One socket to a replica; carries one response at a time."""
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: _Key) -> None:
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
@@ -735,9 +740,9 @@ class UpstreamPool:
         # aiohttp's client limits (8190 per field); the head bound keeps a
         # broken replica from growing a head without end.
         self.limits = _Limits(max_head_bytes, max_headers, max_line_bytes)
-        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
+        self._idle: dict[_Key, deque[_Connection]] = {}
         self._conns: set[_Connection] = set()
-        self._host_headers: dict[tuple[str, int], bytes] = {}
+        self._host_headers: dict[_Key, bytes] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -748,8 +753,8 @@ class UpstreamPool:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def idle_count(self, host: str, port: int) -> int:
-        return len(self._idle.get((host, port), ()))
+    def idle_count(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        return len(self._idle.get((host, port, tls), ()))
 
     @property
     def open_connections(self) -> int:
@@ -765,18 +770,20 @@ class UpstreamPool:
         body: bytes,
         *,
         connect_timeout_s: float,
+        tls: ssl.SSLContext | None = None,
     ) -> UpstreamResponse:
         """Send one request; ``await response.head(deadline)`` next.
 
         ``headers`` go out as given (names as they should be written),
         except Host, Content-Length, Transfer-Encoding, Connection and
         Keep-Alive, which the pool writes itself; the caller strips the
-        other hop-by-hop fields. Raises
+        other hop-by-hop fields. ``tls``: an https replica's context
+        (connections are pooled per context). Raises
         :class:`ConnectError` if no connection could be made.
         """
         if self._closed:
             raise ConnectError("upstream pool is closed")
-        key = (url_host, port)
+        key = (url_host, port, tls)
         # Host and framing are the pool's: a client's Content-Length or
         # Transfer-Encoding next to ours would be request smuggling.
         lines = [
@@ -791,7 +798,7 @@ class UpstreamPool:
             raise ValueError("CR or LF inside a request header")
         host = self._host_headers.get(key)
         if host is None:
-            host = self._host_headers[key] = _host_header(url_host, port)
+            host = self._host_headers[key] = _host_header(url_host, port, tls is not None)
         length = (
             b"content-length: %d\r\n" % len(body) if body or method not in _NO_BODY_METHODS else b""
         )
@@ -823,18 +830,24 @@ class UpstreamPool:
             raise
         return response
 
-    async def connect(self, key: tuple[str, int], timeout_s: float) -> _Connection:
+    async def connect(self, key: _Key, timeout_s: float) -> _Connection:
         loop = self.loop
-        host, port = key
+        host, port, tls = key
         try:
             async with asyncio.timeout(timeout_s):
                 _transport, conn = await loop.create_connection(
-                    lambda: _Connection(self, key), host, port
+                    lambda: _Connection(self, key),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls is not None else None,
                 )
         except TimeoutError:
             raise ConnectError(
                 f"connect to {host}:{port} timed out after {timeout_s:g} s"
             ) from None
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS handshake with {host}:{port} failed: {exc.reason}") from None
         except OSError as exc:
             raise ConnectError(
                 f"connect to {host}:{port} failed: {exc.strerror or type(exc).__name__}"
@@ -859,7 +872,7 @@ class UpstreamPool:
                 return  # the replica answered (or closed) early: stop sending
             transport.write(view[start : start + _SLICE])
 
-    def _acquire(self, key: tuple[str, int]) -> _Connection | None:
+    def _acquire(self, key: _Key) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
@@ -933,8 +946,9 @@ class UpstreamPool:
         await asyncio.sleep(0)  # let connection_lost callbacks run
 
 
-def _host_header(host: str, port: int) -> bytes:
-    name = f"[{host}]" if ":" in host else host
-    return (name if port == 80 else f"{name}:{port}").encode(
-        "idna" if not name.isascii() else "ascii"
-    )
+def _host_header(host: str, port: int, tls: bool) -> bytes:
+    if ":" in host:
+        name = f"[{host}]".encode("ascii")  # an IPv6 literal
+    else:
+        name = host.encode("ascii") if host.isascii() else host.encode("idna")
+    return name if port == (443 if tls else 80) else b"%b:%d" % (name, port)

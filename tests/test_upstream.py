@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -472,6 +476,54 @@ async def test_header_injection_towards_the_replica_is_refused(pool: UpstreamPoo
             b"",
             connect_timeout_s=1,
         )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+async def test_https_replica(pool: UpstreamPool, tmp_path: Path) -> None:
+    """https replicas (the config accepts them) are pooled per TLS context."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost"
+    args += " -addext subjectAltName=DNS:localhost"
+    subprocess.run(
+        ["openssl", *args.split(), "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(ok(head.split(b"\r\n")[1]))
+
+    server = await asyncio.start_server(handle, "localhost", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for _ in range(2):
+            response = await pool.request(
+                "localhost", port, "GET", "/", [], b"", connect_timeout_s=2.0, tls=client_ctx
+            )
+            await response.head(deadline())
+            assert await response.read_all(100) == b"host: localhost:%d" % port
+        assert pool.idle_count("localhost", port, client_ctx) == 1
+        with pytest.raises(ConnectError, match="TLS"):
+            await pool.request(
+                "localhost",
+                port,
+                "GET",
+                "/",
+                [],
+                b"",
+                connect_timeout_s=2.0,
+                tls=ssl.create_default_context(),  # does not trust the certificate
+            )
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_idle_connections_expire() -> None:
