@@ -324,7 +324,15 @@ class UpstreamResponse:
         while True:
             if self._error is not None:
                 if self._reused and not self._got_bytes and not self._retried:
-                    await self._retry(deadline)
+                    try:
+                        await self._retry(deadline)
+                    except ConnectError as exc:
+                        # The request did leave on the stale connection:
+                        # report that, not "nothing was sent".
+                        self.close()
+                        raise UpstreamReset(
+                            f"connection closed before the response; reconnect failed: {exc.reason}"
+                        ) from None
                     continue
                 self.close()
                 raise self._error

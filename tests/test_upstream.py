@@ -56,6 +56,7 @@ class FakeReplica:
     # loop.time() of each connection the gateway side closed
     peer_closed: list[float] = field(default_factory=list)
     sent: int = 0  # body bytes the scripts wrote (flow-control tests)
+    server: asyncio.Server | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -111,6 +112,7 @@ async def replica(script: Script, *, sndbuf: int | None = None) -> AsyncIterator
 
     server = await asyncio.start_server(handle, HOST, 0)
     fake.port = server.sockets[0].getsockname()[1]
+    fake.server = server
     try:
         yield fake
     finally:
@@ -411,6 +413,26 @@ async def test_reused_connection_failing_twice_is_a_reset(pool: UpstreamPool) ->
         with pytest.raises(UpstreamReset):
             await fetch(pool, fake)
         assert fake.connections == 2  # one retry, not more
+
+
+async def test_replica_gone_after_a_reused_connection_is_a_reset(pool: UpstreamPool) -> None:
+    """The retry's reconnect is refused: still a reset (the request had left
+    on the old connection), never a free connect error."""
+
+    async def answer_then_die(fake: FakeReplica, call: Call) -> bool:
+        if call.index == 0:
+            call.writer.write(ok(b"x"))
+            return True
+        assert fake.server is not None
+        fake.server.close()  # stop listening, then drop this connection
+        return False
+
+    async with replica(answer_then_die) as fake:
+        assert await fetch(pool, fake) == (200, b"x")
+        response = await send(pool, fake)
+        with pytest.raises(UpstreamReset, match="reconnect failed"):
+            await response.head(deadline())
+        assert fake.connections == 1
 
 
 async def test_refused_connection_is_connect_error(pool: UpstreamPool) -> None:
