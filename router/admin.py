@@ -34,13 +34,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: not shutting down, and at least one replica routable."""
-    proxy = request.app[PROXY_KEY]
-    if proxy.shutting_down:
-        return web.json_response({"status": "shutting_down"}, status=503)
-    now = asyncio.get_running_loop().time()
-    if not any(r.routable(now) and r.models for r in proxy.registry):
-        return web.json_response({"status": "no_routable_replica"}, status=503)
-    return web.json_response({"status": "ready"})
+    status, payload = request.app[PROXY_KEY].readiness()
+    return web.json_response(payload, status=status)
 
 
 def create_admin_app(proxy: Proxy, token: str) -> web.Application:

@@ -25,63 +25,20 @@ from aiohttp import web
 from policies import registry as policy_registry
 from router import config as config_mod
 from router import discovery
-from router.admin import PROXY_KEY, create_admin_app, healthz, readyz
+from router.admin import create_admin_app
 from router.admission import Admission
-from router.config import Config, UpstreamConfig
-from router.errors import ErrorKind, error_response
+from router.config import Config, ServerConfig, UpstreamConfig
 from router.health import health_checks
+from router.http_server import HttpServer, ServerLimits
 from router.metrics import Metrics, ReplicaSample
 from router.outlier import OutlierDetector
 from router.proxy import Proxy
 from router.replicas import FleetSnapshot, Health, Registry
 from router.retry_budget import RetryBudget
 from router.routing import Router
+from router.upstream import UpstreamPool
 
 log = logging.getLogger("dp_router")
-
-# aiohttp's own parser limits, stated so they are visible (docs/reliability.md, rule 12).
-MAX_LINE_SIZE = 8190
-MAX_FIELD_SIZE = 8190
-MAX_HEADERS = 128
-
-DATA_ROUTES = {
-    "/v1/chat/completions": "POST",
-    "/v1/completions": "POST",
-    "/v1/embeddings": "POST",
-    "/v1/models": "GET",
-    "/healthz": "GET",
-    "/readyz": "GET",
-}
-
-
-async def not_found(request: web.Request) -> web.Response:
-    """Every other path or method, in OpenAI's error shape.
-
-    A catch-all route rather than a middleware: a middleware wraps every
-    request, and on the data path that wrapper cost measurable CPU; the
-    proxy handlers answer their own errors (proxy.Proxy._handle).
-    """
-    allowed = DATA_ROUTES.get(request.path)
-    if allowed is not None:
-        return error_response(
-            ErrorKind.METHOD_NOT_ALLOWED,
-            f"{request.method} is not allowed on {request.path}; use {allowed}",
-            headers={"Allow": allowed},
-        )
-    return error_response(ErrorKind.NOT_FOUND, "no such endpoint")
-
-
-def create_data_app(proxy: Proxy, max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes)
-    app[PROXY_KEY] = proxy
-    app.router.add_post("/v1/chat/completions", proxy.chat)
-    app.router.add_post("/v1/completions", proxy.completions)
-    app.router.add_post("/v1/embeddings", proxy.embeddings)
-    app.router.add_get("/v1/models", proxy.models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_route("*", "/{tail:.*}", not_found)  # last: the catch-all
-    return app
 
 
 class Gateway:
@@ -140,13 +97,20 @@ class Gateway:
         self.metrics.watch_replicas(self._replica_samples)
         self.metrics.admission_queue.set_function(lambda: self.admission.waiting)
         self.metrics.retry_budget_balance.set_function(lambda: self.budget.balance)
-        self.data_app = create_data_app(self.proxy, config.server.max_body_bytes)
+        self.data_server = HttpServer(
+            self.proxy.handle, server_limits(config.server), on_reject=self._edge_rejected
+        )
         self.admin_app = create_admin_app(self.proxy, config.admin.token)
         self._stack = contextlib.AsyncExitStack()
-        self.data_runner: web.AppRunner | None = None
+        self.reuse_port = False  # worker processes share the data port
         self.admin_runner: web.AppRunner | None = None
         self.data_port = 0
         self.admin_port = 0
+
+    def _edge_rejected(self, status: int, code: str) -> None:
+        """A request the data listener refused before routing (bad framing,
+        oversized head or body, too slow): counted by its reason."""
+        self.metrics.errors.labels(code).inc()
 
     def _replica_samples(self) -> list[ReplicaSample]:
         try:
@@ -179,8 +143,8 @@ class Gateway:
         cfg = self.config
         up = cfg.upstream
         stack = self._stack
-        session = await stack.enter_async_context(upstream_session(cfg.upstream))
-        self.proxy.session = session
+        session = await stack.enter_async_context(control_session(cfg.upstream))
+        self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
         stack.enter_context(self._watch_fleet())
         await stack.enter_async_context(
             discovery.model_discovery(
@@ -207,10 +171,10 @@ class Gateway:
             listener(self.admin_app, cfg.admin.host, cfg.admin.port, cfg.server.shutdown_timeout_s)
         )
         self.admin_port = bound_port(self.admin_runner, cfg.admin.port)
-        self.data_runner = await stack.enter_async_context(
-            listener(self.data_app, cfg.server.host, cfg.server.port, cfg.server.shutdown_timeout_s)
+        await stack.enter_async_context(
+            data_listener(self.data_server, cfg.server, reuse_port=self.reuse_port)
         )
-        self.data_port = bound_port(self.data_runner, cfg.server.port)
+        self.data_port = self.data_server.port
 
     @contextlib.contextmanager
     def _watch_fleet(self) -> Iterator[None]:
@@ -257,33 +221,56 @@ class Gateway:
         await self.shutdown()
 
 
-@contextlib.asynccontextmanager
-async def upstream_session(up: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(
-        # No pool limit: a limit would silently queue streams behind others
-        # in aiohttp's connector; concurrency is bounded by admission
-        # control instead, where it is visible and has a deadline (docs/reliability.md, M16).
-        limit=0,
-        limit_per_host=0,
-        keepalive_timeout=up.keepalive_timeout_s,
+def server_limits(server: ServerConfig) -> ServerLimits:
+    return ServerLimits(
+        max_body_bytes=server.max_body_bytes,
+        header_timeout_s=server.header_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        keepalive_timeout_s=server.keepalive_timeout_s,
     )
+
+
+@contextlib.asynccontextmanager
+async def upstream_pool(up: UpstreamConfig) -> AsyncIterator[UpstreamPool]:
+    """The data path's keep-alive connections to the replicas. No concurrency
+    limit: admission control bounds that, visibly and with a deadline
+    (docs/reliability.md, M16); streams may run for many minutes, so there is
+    no total timeout either, only the proxy's first-byte, idle and response
+    timeouts (M6). Bytes and Content-Encoding pass through unchanged (M37)."""
+    pool = UpstreamPool(keepalive_timeout_s=up.keepalive_timeout_s)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def control_session(up: UpstreamConfig) -> AsyncIterator[aiohttp.ClientSession]:
+    """aiohttp for the control traffic (model discovery): a few requests a
+    minute, where convenience beats CPU."""
     session = aiohttp.ClientSession(
-        connector=connector,
-        # total=None: streams may run for many minutes; the proxy applies
-        # its own first-byte, idle and response timeouts (docs/reliability.md, M6).
         timeout=aiohttp.ClientTimeout(
             total=None, connect=up.connect_timeout_s, sock_connect=up.connect_timeout_s
         ),
-        # Bytes and Content-Encoding pass through unchanged (docs/reliability.md, M37).
-        auto_decompress=False,
-        # Forward what the client sent; invent no headers of our own.
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     try:
         yield session
     finally:
         await session.close()
+
+
+@contextlib.asynccontextmanager
+async def data_listener(
+    server: HttpServer, config: ServerConfig, *, reuse_port: bool
+) -> AsyncIterator[HttpServer]:
+    """Serve the data path. On exit: stop accepting, give in-flight requests
+    ``shutdown_timeout_s``, cancel the rest."""
+    await server.start(config.host, config.port, reuse_port=reuse_port)
+    try:
+        yield server
+    finally:
+        await server.shutdown(config.shutdown_timeout_s)
 
 
 @contextlib.asynccontextmanager
@@ -301,9 +288,6 @@ async def listener(
         handler_cancellation=True,
         auto_decompress=False,
         shutdown_timeout=shutdown_timeout_s,
-        max_line_size=MAX_LINE_SIZE,
-        max_field_size=MAX_FIELD_SIZE,
-        max_headers=MAX_HEADERS,
     )
     await runner.setup()
     try:

@@ -52,6 +52,13 @@ class ServerConfig:
     # Readiness goes false this long before the listener closes, so the load
     # balancer in front sees /readyz fail and stops sending first.
     shutdown_delay_s: float = 0.0
+    # Slowloris: a request head must arrive within this (408 otherwise),
+    # HAProxy's usual `timeout http-request`.
+    header_timeout_s: float = 10.0
+    # The whole body, once the head is in: 10 MiB at a slow 2 Mbit/s fits.
+    body_timeout_s: float = 60.0
+    # Idle time between requests on a client's keep-alive connection (nginx's 75 s).
+    keepalive_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +339,8 @@ def _validate(cfg: Config) -> None:
     _positive("server.max_body_bytes", cfg.server.max_body_bytes)
     _positive("server.shutdown_timeout_s", cfg.server.shutdown_timeout_s, allow_zero=True)
     _positive("server.shutdown_delay_s", cfg.server.shutdown_delay_s, allow_zero=True)
+    for key in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+        _positive(f"server.{key}", getattr(cfg.server, key))
     for i, cidr in enumerate(cfg.server.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)

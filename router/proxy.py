@@ -1,52 +1,61 @@
 """The data path: one request's life, in one straight line.
 
-1. parse: read the body once (size-limited), parse only what routing needs;
+1. parse: the server hands over a complete request (head and body, limits
+   enforced while reading); parse only what routing needs;
 2. wait for capacity: only when every candidate is full (``admission``);
 3. decide, once per attempt: ``Router.decide`` (pure) picks a replica;
 4. dispatch: ``load.dispatch`` returns the ticket, and the policy hears of
    it at once (``on_dispatch`` and ``on_complete`` always come in pairs);
-5. forward the ORIGINAL bytes; stream the answer back chunk by chunk;
+5. forward the ORIGINAL bytes through the upstream pool; relay the answer,
+   a stream chunk by chunk straight from the upstream socket to the client's;
 6. settle the ticket once in ``finally`` (success, error, cancel alike): the
    policy, outlier detection and waiting requests learn of it there.
 
 Failures before the first byte reached the client (connect refused, reset,
-502/503/504, a stream's first-byte timeout) are retried on a different
-replica while the retry policy allows. After the first byte nothing is
-retried: a stream gets an in-band SSE error event and never a fake [DONE].
-A client that goes away cancels the handler (aiohttp ``handler_cancellation``)
-or fails our write; either way the upstream response is closed, so the engine
-sees the disconnect and aborts the generation.
+an answer that is not HTTP, 502/503/504, a stream's first-byte timeout) are
+retried on a different replica while the retry policy allows. After the
+first byte nothing is retried: a stream gets an in-band SSE error event and
+never a fake [DONE]. A client that goes away cancels the handler (the
+server does it on connection loss); the upstream connection is then
+closed, so the engine sees the disconnect and aborts the generation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import random
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
+from typing import Any
+from urllib.parse import urlsplit
 
 from policies.base import RouteRequest
 from policies.load import Outcome
 from router import headers as hdr
 from router.admission import Admission, Rejected, Turn
 from router.config import Config
-from router.errors import ErrorKind, GatewayError, error_response, sse_error_event
+from router.errors import ErrorKind, GatewayError, error_body, sse_error_event
+from router.http_server import Exchange, Request
 from router.load import Ticket, dispatch
 from router.metrics import UNKNOWN, Metrics
 from router.outlier import EventKind, OutlierDetector, OutlierEvent
 from router.replicas import Registry, ReplicaStatus
-from router.request_info import parse_body, summarize
+from router.request_info import ENDPOINTS, parse_body, summarize, summarize_form
 from router.retry_budget import RetryBudget, backoff_s
 from router.routing import NoRoute, Routed, Router
+from router.upstream import (
+    BadResponse,
+    ConnectError,
+    RelayResult,
+    UpstreamPool,
+    UpstreamReset,
+    UpstreamResponse,
+)
 
 access_log = logging.getLogger("dp_router.access")
 log = logging.getLogger("dp_router.proxy")
@@ -55,16 +64,19 @@ log = logging.getLogger("dp_router.proxy")
 # a typical chat answer (Azure conv trace median ~130, mean ~210).
 DEFAULT_EXPECTED_OUTPUT_TOKENS = 256
 OUTPUT_EWMA_ALPHA = 0.05  # ~20 requests of memory: adapts within a minute
-# aiohttp warns that bytes bodies above 1 MiB block the loop while written;
-# BytesIO is written in chunks with yields in between.
-LARGE_BODY_BYTES = 2**20
+# A non-streaming answer is held whole before it is sent (so a failure can
+# still be retried); this bounds what a confused replica can make us hold.
+# Embeddings of a large batch run to tens of MB.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 _USAGE_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _SSE_EVENT = b"data:"
+_JSON = [(b"content-type", b"application/json")]
 _REJECTION_KINDS = {
     "queue_full": ErrorKind.OVERLOADED,
     "queue_timeout": ErrorKind.QUEUE_TIMEOUT,
     "shutting_down": ErrorKind.SHUTTING_DOWN,
 }
+_INFO_ROUTES = {"/v1/models", "/healthz", "/readyz"}
 
 
 class Failure(StrEnum):
@@ -91,6 +103,15 @@ FREE_RETRIES = frozenset({Failure.CONNECT_ERROR, Failure.DRAINING})
 _STATUS_FAILURES = {502: Failure.HTTP_502, 503: Failure.HTTP_503, 504: Failure.HTTP_504}
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole response held back (a 502/503/504 passed on if nothing better comes)."""
+
+    status: int
+    headers: hdr.Headers
+    body: bytes
+
+
 class AttemptFailed(Exception):
     """One upstream attempt failed. ``retryable``: nothing reached the client
     and the failure says "try another replica" (connect error, reset, an
@@ -106,7 +127,7 @@ class AttemptFailed(Exception):
         message: str,
         *,
         retryable: bool = True,
-        passthrough: web.Response | None = None,
+        passthrough: Answer | None = None,
         status: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -122,11 +143,20 @@ class AttemptFailed(Exception):
 
 @dataclass(slots=True)
 class Attempted:
-    response: web.StreamResponse
     outcome: Outcome
     status: int
-    ttfb: float | None
+    ttfb: float
     output_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a replica's requests go, parsed once from its URL."""
+
+    host: str
+    port: int
+    prefix: str
+    tls: ssl.SSLContext | None
 
 
 class Record:
@@ -172,7 +202,8 @@ class Record:
 
 class Proxy:
     """The data path. Owns nothing but its per-request work: the fleet is the
-    registry's, decisions the router's, capacity waits the admission's."""
+    registry's, decisions the router's, capacity waits the admission's,
+    connections the upstream pool's."""
 
     def __init__(
         self,
@@ -194,86 +225,115 @@ class Proxy:
         self.budget = budget
         self.outlier = outlier
         self.rng = rng
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None  # set when the gateway starts
         self.forwarded_for = hdr.ForwardedFor(config.server.trusted_proxies)
         self._expected_output: dict[str, float] = {}
+        self._targets: dict[str, Target] = {}
+        self._tls: ssl.SSLContext | None = None
         self.shutting_down = False
         self.panic = config.admission.when_none_routable == "panic"
         # What a 503 tells clients to wait: about one health-check round.
         self.retry_after_s = max(1.0, config.health.interval_s if config.health.enabled else 1.0)
         up = config.upstream
+        self._connect_timeout = up.connect_timeout_s
         self._first_byte_timeout = up.first_byte_timeout_s
         self._idle_timeout = up.idle_timeout_s
         self._response_timeout = up.response_timeout_s
         self._max_retries = up.max_retries
-        self._max_body = config.server.max_body_bytes
         self._replica_header = config.server.replica_header
         self._access_log = config.server.access_log
         r = config.retry
         self._backoff_base_s = r.backoff_base_s
         self._backoff_max_s = r.backoff_max_s
 
-    # -- entry points -------------------------------------------------------
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "chat")
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "completions")
-
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "embeddings")
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": self.registry.model_list()})
-
     def begin_shutdown(self) -> None:
         """Refuse new requests, and the ones waiting for capacity, at once."""
         self.shutting_down = True
         self.admission.close()
 
+    def readiness(self) -> tuple[int, dict[str, str]]:
+        """Ready: not shutting down, and some replica routable with known models."""
+        if self.shutting_down:
+            return 503, {"status": "shutting_down"}
+        now = asyncio.get_running_loop().time()
+        if not any(r.routable(now) and r.models for r in self.registry.snapshot):
+            return 503, {"status": "no_routable_replica"}
+        return 200, {"status": "ready"}
+
+    # -- entry point ------------------------------------------------------
+
+    async def handle(self, request: Request, exchange: Exchange) -> None:
+        """The data listener's one handler: routes by path, then proxies."""
+        path = request.path.partition("?")[0]
+        kind = ENDPOINTS.get(path)
+        if kind is not None and request.method == "POST":
+            await self._proxy(request, exchange, kind)
+            return
+        if path in _INFO_ROUTES and request.method in ("GET", "HEAD"):
+            if path == "/v1/models":
+                payload: dict[str, Any] = {"object": "list", "data": self.registry.model_list()}
+                status = 200
+            elif path == "/healthz":
+                status, payload = 200, {"status": "ok"}
+            else:
+                status, payload = self.readiness()
+            exchange.respond(status, list(_JSON), json.dumps(payload).encode())
+            return
+        if kind is not None or path in _INFO_ROUTES:
+            allowed = "POST" if kind is not None else "GET"
+            self._reply_error(
+                exchange,
+                ErrorKind.METHOD_NOT_ALLOWED,
+                f"{request.method} is not allowed on {path[:128]}; use {allowed}",
+                extra=[(b"allow", allowed.encode())],
+            )
+            return
+        self._reply_error(exchange, ErrorKind.NOT_FOUND, "no such endpoint")
+
     # -- the request --------------------------------------------------------
 
-    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+    async def _proxy(self, request: Request, exchange: Exchange, kind: str) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        record = Record(hdr.request_id_from(request.headers))
-        response: web.StreamResponse | None = None
+        record = Record(hdr.request_id_from(request.get(hdr.REQUEST_ID)))
+        record.bytes_in = len(request.body)
         try:
-            response = await self._serve(request, endpoint, record, t0)
-            return response
+            await self._serve(request, exchange, kind, record, t0)
         except GatewayError as exc:
-            response = self._error(record, exc.kind, exc.message, exc.retry_after_s, exc.status)
-            return response
+            self._fail(exchange, record, exc.kind, exc.message, exc.retry_after_s, exc.status)
         except asyncio.CancelledError:
             record.end(499, Outcome.CLIENT_DISCONNECT.value)  # nginx's "client closed request"
             raise
-        except ConnectionResetError:
-            # The client left while we wrote to it. Answer with a placeholder
-            # aiohttp's finish_response drops quietly; re-raising would log a
-            # traceback for an everyday event.
-            record.end(499, Outcome.CLIENT_DISCONNECT.value)
-            response = web.Response(status=499)
-            return response
         except Exception:
             # A bug, not a client or replica problem: logged once with its
             # traceback, answered in OpenAI's shape without one.
-            log.exception("unexpected error on %s %s", request.method, request.path)
-            response = self._error(record, ErrorKind.INTERNAL, "internal gateway error")
-            return response
+            log.exception("unexpected error on %s %s", request.method, request.path[:128])
+            self._fail(exchange, record, ErrorKind.INTERNAL, "internal gateway error")
         finally:
-            if response is not None:
-                record.end(response.status, Outcome.OK.value)
+            if exchange.started:
+                record.end(exchange.status, Outcome.OK.value)
             self._finish(record, t0, loop.time(), request)
 
     async def _serve(
-        self, request: web.Request, endpoint: str, record: Record, t0: float
-    ) -> web.StreamResponse:
+        self, request: Request, exchange: Exchange, kind: str, record: Record, t0: float
+    ) -> None:
         if self.shutting_down:
             raise GatewayError(ErrorKind.SHUTTING_DOWN, "the gateway is shutting down")
-        body = await self._read_body(request)
-        record.bytes_in = len(body)
-        summary = summarize(endpoint, parse_body(body))
+        encoding = request.get(b"content-encoding")
+        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+            # Routing must read the body; we do not inflate untrusted input
+            # (docs/reliability.md, M37).
+            raise GatewayError(
+                ErrorKind.UNSUPPORTED_ENCODING,
+                f"Content-Encoding {encoding[:32].decode('latin-1')!r} is not supported; "
+                "send an identity body",
+            )
+        body = request.body
+        if kind == "audio":
+            content_type = (request.get(b"content-type") or b"").decode("latin-1")
+            summary = summarize_form(body, content_type)
+        else:
+            summary = summarize(kind, parse_body(body))
         record.model = summary.model
         if self.registry.snapshot.knows_model(summary.model):
             record.model_label = summary.model
@@ -290,35 +350,16 @@ class Proxy:
             prompt_text=summary.prompt_text,
             request_id=record.request_id,
         )
-        return await self._forward(request, body, route_req, record, t0)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            # Routing must read the body; we do not inflate untrusted input
-            # (docs/reliability.md, M37).
-            raise GatewayError(
-                ErrorKind.UNSUPPORTED_ENCODING,
-                f"Content-Encoding {encoding[:32]!r} is not supported; send an identity body",
-            )
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            raise GatewayError(ErrorKind.TOO_LARGE, f"request body exceeds {self._max_body} bytes")
-        try:
-            return await request.read()  # enforces client_max_size while streaming
-        except web.HTTPRequestEntityTooLarge:
-            raise GatewayError(
-                ErrorKind.TOO_LARGE, f"request body exceeds {self._max_body} bytes"
-            ) from None
+        await self._forward(request, exchange, route_req, record, t0)
 
     async def _forward(
         self,
-        request: web.Request,
-        body: bytes,
+        request: Request,
+        exchange: Exchange,
         route_req: RouteRequest,
         record: Record,
         t0: float,
-    ) -> web.StreamResponse:
+    ) -> None:
         """wait for capacity -> decide -> dispatch -> forward -> settle, per attempt."""
         loop = asyncio.get_running_loop()
         tried: list[str] = []
@@ -331,8 +372,10 @@ class Proxy:
                 routed = await self._route(route_req, tried, turn)
                 if isinstance(routed, NoRoute):
                     if last_failure is not None:
-                        return self._give_up(record, last_failure)
-                    return self._no_route(record, routed)
+                        self._give_up(exchange, record, last_failure)
+                    else:
+                        self._no_route(exchange, record, routed)
+                    return
                 replica = routed.replica
                 ticket = dispatch(replica.load, route_req.cost_tokens)
                 self.policy.on_dispatch(route_req, replica.name, loop.time())
@@ -345,18 +388,18 @@ class Proxy:
                 status: int | None = None
                 failure: AttemptFailed | None = None
                 try:
-                    result = await self._attempt(request, body, route_req, replica, t0, record)
+                    result = await self._attempt(request, exchange, route_req, replica, t0, record)
                     outcome, status = result.outcome, result.status
                     record.ttfb = result.ttfb
                     if outcome is not Outcome.OK:
                         midstream = route_req.stream and result.status == 200
                         record.end(result.status, f"stream_{outcome}" if midstream else outcome)
                     self._learn(route_req, replica, result, loop.time(), t0)
-                    return result.response
+                    return
                 except AttemptFailed as exc:
                     failure = exc
                     outcome, status = exc.outcome, exc.status
-                except (asyncio.CancelledError, ConnectionResetError):
+                except asyncio.CancelledError:
                     outcome = Outcome.CLIENT_DISCONNECT
                     raise
                 finally:
@@ -367,7 +410,8 @@ class Proxy:
                 last_failure = failure
                 tried.append(replica.name)
                 if not self._may_retry(failure, len(tried)):
-                    return self._give_up(record, failure)
+                    self._give_up(exchange, record, failure)
+                    return
                 budgeted_retry = failure.reason not in FREE_RETRIES
                 self.metrics.retries.labels(failure.reason.value).inc()
                 await asyncio.sleep(
@@ -471,11 +515,10 @@ class Proxy:
             return
         load = replica.load
         ttft = result.ttfb
-        if ttft is not None:
-            load.ttft.add(ttft, now)
+        load.ttft.add(ttft, now)
         tokens = result.output_tokens
         tpot = None
-        if ttft is not None and tokens is not None and tokens > 1:
+        if tokens is not None and tokens > 1:
             tpot = (now - t0 - ttft) / (tokens - 1)
             load.tpot.add(tpot, now)
         self.policy.observe(replica.name, ttft, tpot, now)
@@ -487,10 +530,27 @@ class Proxy:
 
     # -- one upstream attempt ----------------------------------------------
 
+    def _target(self, replica: ReplicaStatus) -> Target:
+        target = self._targets.get(replica.url)
+        if target is None:
+            parts = urlsplit(replica.url)
+            tls = None
+            if parts.scheme == "https":
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                tls = self._tls
+            target = self._targets[replica.url] = Target(
+                parts.hostname or "",
+                parts.port or (443 if tls is not None else 80),
+                parts.path.rstrip("/"),
+                tls,
+            )
+        return target
+
     async def _attempt(
         self,
-        request: web.Request,
-        body: bytes,
+        request: Request,
+        exchange: Exchange,
         route_req: RouteRequest,
         replica: ReplicaStatus,
         t0: float,
@@ -500,43 +560,44 @@ class Proxy:
         client (headers, plus the first chunk of a stream or the whole body
         otherwise) runs under one deadline; failures there are AttemptFailed,
         retryable unless the replica may already have done the work."""
-        session = self.session
-        assert session is not None, "upstream session not started"
+        pool = self.pool
+        assert pool is not None, "upstream pool not started"
         loop = asyncio.get_running_loop()
         stream = route_req.stream
+        target = self._target(replica)
         headers = hdr.upstream_request_headers(
             request.headers,
             request_id=record.request_id,
-            forwarded_for=self.forwarded_for.value(
-                request.remote or "", request.headers.get("X-Forwarded-For")
-            ),
-            forwarded_proto=request.scheme,
+            forwarded_for=self.forwarded_for.value(request.peer, request.get(b"x-forwarded-for")),
+            forwarded_proto=b"http",
             api_key=replica.api_key,
         )
         deadline = loop.time() + (self._first_byte_timeout if stream else self._response_timeout)
-        upstream: aiohttp.ClientResponse | None = None
-        head = b""
+        try:
+            upstream = await pool.request(
+                target.host,
+                target.port,
+                "POST",
+                target.prefix + request.path,
+                headers,
+                request.body,
+                connect_timeout_s=self._connect_timeout,
+                tls=target.tls,
+            )
+        except ConnectError as exc:
+            raise AttemptFailed(
+                Outcome.CONNECT_ERROR,
+                Failure.CONNECT_ERROR,
+                ErrorKind.UPSTREAM_ERROR,
+                f"could not connect to replica {replica.name}: {exc.reason}",
+            ) from None
+        except UpstreamReset as exc:
+            raise _reset(replica, exc, retryable=True) from None
         try:
             try:
-                async with asyncio.timeout_at(deadline):
-                    upstream = await session.post(
-                        replica.url + request.rel_url.raw_path_qs,
-                        data=io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body,
-                        headers=headers,
-                    )
-                    if stream and upstream.status == 200:
-                        head = await upstream.content.readany()
-                    else:
-                        head = await upstream.read()
-            except aiohttp.ClientConnectorError as exc:
-                raise AttemptFailed(
-                    Outcome.CONNECT_ERROR,
-                    Failure.CONNECT_ERROR,
-                    ErrorKind.UPSTREAM_ERROR,
-                    f"could not connect to replica {replica.name}: {exc.strerror or 'error'}",
-                ) from None
+                await upstream.head(deadline)
             except TimeoutError:
-                if upstream is not None and upstream.status in _STATUS_FAILURES:
+                if upstream.status in _STATUS_FAILURES:
                     raise self._failed_status(upstream, b"", replica, record) from None
                 if stream:
                     raise AttemptFailed(
@@ -546,78 +607,62 @@ class Proxy:
                         f"replica {replica.name} sent nothing within "
                         f"{self._first_byte_timeout:g} s",
                     ) from None
-                # Non-streaming: never retried (vLLM sends no headers until it
-                # is done, so a retry would double a long generation).
-                raise AttemptFailed(
-                    Outcome.TIMEOUT,
-                    Failure.RESPONSE_TIMEOUT,
-                    ErrorKind.UPSTREAM_TIMEOUT,
-                    f"replica {replica.name} did not complete the response within "
-                    f"{self._response_timeout:g} s",
-                    retryable=False,
-                ) from None
-            except (
-                aiohttp.ClientOSError,
-                aiohttp.ServerDisconnectedError,
-                aiohttp.ClientPayloadError,
-            ) as exc:
-                # Before headers (or a stream's first chunk) the request may be
-                # replayed elsewhere; a body that broke off after the headers of
-                # a finished non-streaming completion is not (the work is done).
-                raise AttemptFailed(
-                    Outcome.UPSTREAM_RESET,
-                    Failure.UPSTREAM_RESET,
-                    ErrorKind.UPSTREAM_ERROR,
-                    f"replica {replica.name} closed the connection: {type(exc).__name__}",
-                    retryable=upstream is None or stream or upstream.status in _STATUS_FAILURES,
-                ) from None
-            except aiohttp.ClientError as exc:
-                # Not HTTP (a garbage status line, a truncated or oversized
-                # header block): the replica is broken, not the client. Nothing
-                # was relayed, so another replica may try; outlier detection
-                # counts it.
-                log.warning("replica %s sent an invalid response: %s", replica.name, exc)
-                raise AttemptFailed(
-                    Outcome.BAD_RESPONSE,
-                    Failure.BAD_RESPONSE,
-                    ErrorKind.UPSTREAM_ERROR,
-                    f"replica {replica.name} sent an invalid HTTP response",
-                    retryable=upstream is None or stream,
-                ) from None
+                raise self._response_timeout_failure(replica) from None
+            except UpstreamReset as exc:
+                # Nothing reached the client: another replica may try.
+                raise _reset(replica, exc, retryable=True) from None
+            except BadResponse as exc:
+                raise _bad_response(replica, exc, retryable=True) from None
             ttfb = loop.time() - t0
             status = upstream.status
             if status in _STATUS_FAILURES:
-                raise self._failed_status(upstream, head, replica, record)
+                try:
+                    data = await upstream.read_all(64 * 1024, deadline)
+                except (TimeoutError, UpstreamReset, BadResponse):
+                    data = b""
+                raise self._failed_status(upstream, data, replica, record)
             if stream and status == 200:
-                return await self._relay_stream(request, upstream, head, replica, record, ttfb)
-            return self._relay_whole(upstream, head, replica, record, ttfb)
+                return await self._relay_stream(exchange, upstream, replica, record, ttfb)
+            try:
+                data = await upstream.read_all(MAX_RESPONSE_BYTES, deadline)
+            except TimeoutError:
+                raise self._response_timeout_failure(replica) from None
+            except UpstreamReset as exc:
+                # The headers of a finished non-streaming answer came: the
+                # work is done, a retry would do it twice.
+                raise _reset(replica, exc, retryable=stream) from None
+            except BadResponse as exc:
+                raise _bad_response(replica, exc, retryable=stream) from None
+            return self._relay_whole(exchange, upstream, data, replica, record, ttfb)
         finally:
-            if upstream is not None:
-                # close(), not release(): an unfinished response must drop its
-                # connection so the engine sees the disconnect and aborts.
-                if upstream.content.is_eof():
-                    upstream.release()
-                else:
-                    upstream.close()
+            # Idempotent; a no-op once the body ended cleanly and the
+            # connection went back to the pool. Otherwise the connection is
+            # dropped so the engine sees the disconnect and aborts.
+            upstream.close()
+
+    def _response_timeout_failure(self, replica: ReplicaStatus) -> AttemptFailed:
+        """Non-streaming: never retried (vLLM sends no headers until it is
+        done, so a retry would double a long generation)."""
+        return AttemptFailed(
+            Outcome.TIMEOUT,
+            Failure.RESPONSE_TIMEOUT,
+            ErrorKind.UPSTREAM_TIMEOUT,
+            f"replica {replica.name} did not complete the response within "
+            f"{self._response_timeout:g} s",
+            retryable=False,
+        )
 
     def _failed_status(
-        self,
-        upstream: aiohttp.ClientResponse,
-        data: bytes,
-        replica: ReplicaStatus,
-        record: Record,
+        self, upstream: UpstreamResponse, data: bytes, replica: ReplicaStatus, record: Record
     ) -> AttemptFailed:
         """A 502/503/504 from the replica: retryable, and passed through as
         is if no retry happens. A 503 with the draining marker says "not me"
         rather than "broken"."""
-        draining = upstream.status == 503 and (
-            hdr.DRAINING_HEADER in upstream.headers or b'"draining"' in data
+        status = upstream.status
+        draining = status == 503 and (
+            upstream.get(hdr.DRAINING_HEADER) is not None or b'"draining"' in data
         )
-        passthrough = web.Response(
-            status=upstream.status,
-            body=data,
-            headers=self._response_headers(upstream, replica, record),
-        )
+        passthrough = Answer(status, self._response_headers(upstream, replica, record), data)
         if draining:
             return AttemptFailed(
                 Outcome.DRAINING,
@@ -625,29 +670,30 @@ class Proxy:
                 ErrorKind.NO_REPLICA,
                 f"replica {replica.name} is draining",
                 passthrough=passthrough,
-                status=upstream.status,
+                status=status,
             )
         return AttemptFailed(
             Outcome.HTTP_5XX,
-            _STATUS_FAILURES[upstream.status],
+            _STATUS_FAILURES[status],
             ErrorKind.UPSTREAM_ERROR,
-            f"replica {replica.name} answered {upstream.status}",
+            f"replica {replica.name} answered {status}",
             passthrough=passthrough,
-            status=upstream.status,
+            status=status,
         )
 
     def _response_headers(
-        self, upstream: aiohttp.ClientResponse, replica: ReplicaStatus, record: Record
-    ) -> CIMultiDict[str]:
+        self, upstream: UpstreamResponse, replica: ReplicaStatus, record: Record
+    ) -> hdr.Headers:
         return hdr.client_response_headers(
             upstream.headers,
             request_id=record.request_id,
-            replica=replica.name if self._replica_header else None,
+            replica=replica.name.encode() if self._replica_header else None,
         )
 
     def _relay_whole(
         self,
-        upstream: aiohttp.ClientResponse,
+        exchange: Exchange,
+        upstream: UpstreamResponse,
         data: bytes,
         replica: ReplicaStatus,
         record: Record,
@@ -656,152 +702,158 @@ class Proxy:
         """A complete (non-streaming, or non-200) answer, passed on as is."""
         status = upstream.status
         tokens = None
-        if status == 200 and "Content-Encoding" not in upstream.headers:
+        if status == 200 and upstream.get(b"content-encoding") is None:
             match = _USAGE_RE.search(data)
             if match:
                 tokens = int(match.group(1))
-        response = web.Response(
-            status=status, body=data, headers=self._response_headers(upstream, replica, record)
-        )
+        exchange.respond(status, self._response_headers(upstream, replica, record), data)
         record.bytes_out = len(data)
         if status < 400:
             outcome = Outcome.OK
         else:
             outcome = Outcome.HTTP_4XX if status < 500 else Outcome.HTTP_5XX
-        return Attempted(response, outcome, status, ttfb, tokens)
+        return Attempted(outcome, status, ttfb, tokens)
 
     async def _relay_stream(
         self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        first: bytes,
+        exchange: Exchange,
+        upstream: UpstreamResponse,
         replica: ReplicaStatus,
         record: Record,
         ttfb: float,
     ) -> Attempted:
-        """Pass chunks through as they arrive. The client's headers go out
-        with the first chunk (already read under the first-byte deadline), so
-        a failure before it was still retryable; after it, failures are
-        reported in-band."""
-        content = upstream.content
-        response = web.StreamResponse(
-            status=upstream.status, headers=self._response_headers(upstream, replica, record)
+        """Pass chunks through as they arrive, straight from the upstream
+        socket to the client's. The client's headers go out with the first
+        chunk (already read under the first-byte deadline), so a failure
+        before it was still retryable; after it, failures are in-band."""
+        exchange.start(
+            upstream.status,
+            self._response_headers(upstream, replica, record),
+            content_length=None,
         )
-        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        events = first.count(_SSE_EVENT)
-        sent = len(first)
-        outcome = Outcome.OK
-        idle = self._idle_timeout
-        try:
-            await response.prepare(request)
-            if first:
-                await response.write(first)
-            chunk = first
-            while chunk:
-                try:
-                    async with asyncio.timeout(idle):
-                        chunk = await content.readany()
-                except TimeoutError:
-                    outcome = Outcome.TIMEOUT
-                    await self._fail_stream(
-                        request,
-                        response,
-                        sse,
-                        ErrorKind.UPSTREAM_TIMEOUT,
-                        f"replica {replica.name} stalled for {idle:g} s mid-stream",
-                    )
-                    break
-                except aiohttp.ClientError:
-                    outcome = Outcome.UPSTREAM_RESET
-                    await self._fail_stream(
-                        request,
-                        response,
-                        sse,
-                        ErrorKind.UPSTREAM_ERROR,
-                        f"replica {replica.name} closed the stream mid-response",
-                    )
-                    break
-                if chunk:
-                    events += chunk.count(_SSE_EVENT)
-                    sent += len(chunk)
-                    await response.write(chunk)
-            else:
-                await response.write_eof()
-        except ConnectionResetError:
-            # The client went away: aiohttp's write raises; we close upstream
-            # in _attempt's finally, so the engine aborts the generation.
+        sse = (upstream.get(b"content-type") or b"").startswith(b"text/event-stream")
+        events = 0
+
+        def count(chunk: bytes) -> None:
+            nonlocal events
+            events += chunk.count(_SSE_EVENT)
+
+        result = await upstream.relay(exchange, idle_timeout_s=self._idle_timeout, on_chunk=count)
+        record.bytes_out = exchange.bytes_sent
+        if result is RelayResult.COMPLETE:
+            outcome = Outcome.OK
+        elif result is RelayResult.IDLE_TIMEOUT:
+            outcome = Outcome.TIMEOUT
+            self._fail_stream(
+                exchange,
+                sse,
+                ErrorKind.UPSTREAM_TIMEOUT,
+                f"replica {replica.name} stalled for {self._idle_timeout:g} s mid-stream",
+            )
+        elif result in (RelayResult.UPSTREAM_RESET, RelayResult.BAD_RESPONSE):
+            outcome = Outcome.UPSTREAM_RESET
+            self._fail_stream(
+                exchange,
+                sse,
+                ErrorKind.UPSTREAM_ERROR,
+                f"replica {replica.name} closed the stream mid-response",
+            )
+        else:  # the client left, or stopped reading (its connection was aborted)
             outcome = Outcome.CLIENT_DISCONNECT
-        record.bytes_out = sent
         # vLLM/SGLang send about one token per SSE event, plus [DONE] and a
         # usage event: close enough for the output-length estimate.
         tokens = max(0, events - 1) if sse else None
-        return Attempted(response, outcome, upstream.status, ttfb, tokens)
+        return Attempted(outcome, upstream.status, ttfb, tokens)
 
-    async def _fail_stream(
-        self,
-        request: web.Request,
-        response: web.StreamResponse,
-        sse: bool,
-        kind: ErrorKind,
-        message: str,
-    ) -> None:
+    @staticmethod
+    def _fail_stream(exchange: Exchange, sse: bool, kind: ErrorKind, message: str) -> None:
         """After the first byte: tell the client in-band, never a fake [DONE]."""
         if sse:
-            await response.write(sse_error_event(kind, message))
-            await response.write_eof()
+            exchange.write(sse_error_event(kind, message))
+            exchange.end()
         else:
             # A non-SSE body cannot carry an error: cut the connection so the
             # client sees a truncated response rather than a short success.
-            if request.transport is not None:
-                request.transport.close()
+            exchange.abort()
 
     # -- outcomes without a served response ---------------------------------
 
-    def _error(
+    def _reply_error(
         self,
+        exchange: Exchange,
+        kind: ErrorKind,
+        message: str,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+        extra: hdr.Headers | None = None,
+    ) -> int:
+        """Answer in OpenAI's error shape; returns the status sent."""
+        status = status or kind.status
+        if exchange.started:
+            exchange.abort()  # too late for a status: cut it, never a fake success
+            return status
+        headers = list(_JSON)
+        if retry_after_s is not None:
+            # Retry-After takes whole seconds; round up so clients never retry early.
+            headers.append((b"retry-after", b"%d" % max(1, int(-(-retry_after_s // 1)))))
+        if extra:
+            headers.extend(extra)
+        exchange.respond(status, headers, error_body(kind, message))
+        if kind in (ErrorKind.NOT_FOUND, ErrorKind.METHOD_NOT_ALLOWED):
+            self.metrics.errors.labels(kind.code).inc()
+        return status
+
+    def _fail(
+        self,
+        exchange: Exchange,
         record: Record,
         kind: ErrorKind,
         message: str,
         retry_after_s: float | None = None,
         status: int | None = None,
-    ) -> web.Response:
-        response = error_response(kind, message, retry_after_s=retry_after_s, status=status)
-        record.end(response.status, kind.code)
-        return response
+    ) -> None:
+        sent = self._reply_error(exchange, kind, message, retry_after_s, status)
+        record.end(sent, kind.code)
 
-    def _no_route(self, record: Record, why: NoRoute) -> web.Response:
+    def _no_route(self, exchange: Exchange, record: Record, why: NoRoute) -> None:
         model = (record.model or "")[:64]
         if why is NoRoute.UNKNOWN_MODEL:
-            return self._error(
-                record, ErrorKind.MODEL_NOT_FOUND, f"The model '{model}' does not exist"
+            self._fail(
+                exchange, record, ErrorKind.MODEL_NOT_FOUND, f"The model '{model}' does not exist"
             )
-        if why is NoRoute.MODELS_PENDING:
-            return self._error(
+        elif why is NoRoute.MODELS_PENDING:
+            self._fail(
+                exchange,
                 record,
                 ErrorKind.NO_REPLICA,
                 f"no replica is known to serve '{model}' yet (some replicas have not "
                 "reported their models)",
                 retry_after_s=self.retry_after_s,
             )
-        return self._error(
-            record,
-            ErrorKind.NO_REPLICA,
-            f"no healthy replica for model '{model}'",
-            retry_after_s=self.retry_after_s,
-        )
+        else:
+            self._fail(
+                exchange,
+                record,
+                ErrorKind.NO_REPLICA,
+                f"no healthy replica for model '{model}'",
+                retry_after_s=self.retry_after_s,
+            )
 
-    def _give_up(self, record: Record, failure: AttemptFailed) -> web.Response:
-        if failure.passthrough is not None and failure.outcome is not Outcome.DRAINING:
-            record.end(failure.passthrough.status, failure.reason.value)
-            return failure.passthrough
-        return self._error(
+    def _give_up(self, exchange: Exchange, record: Record, failure: AttemptFailed) -> None:
+        answer = failure.passthrough
+        if answer is not None and failure.outcome is not Outcome.DRAINING:
+            exchange.respond(answer.status, answer.headers, answer.body)
+            record.end(answer.status, failure.reason.value)
+            return
+        self._fail(
+            exchange,
             record,
             failure.kind,
             failure.message,
             retry_after_s=self.retry_after_s if failure.kind.status == 503 else None,
         )
 
-    def _finish(self, record: Record, t0: float, t1: float, request: web.Request) -> None:
+    def _finish(self, record: Record, t0: float, t1: float, request: Request) -> None:
         """Count and log the request once, whatever ended it."""
         m = self.metrics
         model = record.model_label
@@ -819,7 +871,7 @@ class Proxy:
                         "id": record.request_id,
                         "method": request.method,
                         "path": request.path[:128],
-                        "peer": request.remote,
+                        "peer": request.peer,
                         "model": (record.model or "")[:128],
                         "replica": record.replica,
                         "reason": record.reason,
@@ -833,3 +885,27 @@ class Proxy:
                     }
                 )
             )
+
+
+def _reset(replica: ReplicaStatus, exc: UpstreamReset, *, retryable: bool) -> AttemptFailed:
+    return AttemptFailed(
+        Outcome.UPSTREAM_RESET,
+        Failure.UPSTREAM_RESET,
+        ErrorKind.UPSTREAM_ERROR,
+        f"replica {replica.name} closed the connection: {exc.reason}",
+        retryable=retryable,
+    )
+
+
+def _bad_response(replica: ReplicaStatus, exc: BadResponse, *, retryable: bool) -> AttemptFailed:
+    """Not HTTP (a garbage status line, a truncated or oversized header
+    block): the replica is broken, not the client; outlier detection counts
+    it, and before the first byte another replica may try."""
+    log.warning("replica %s sent an invalid response: %s", replica.name, exc.reason)
+    return AttemptFailed(
+        Outcome.BAD_RESPONSE,
+        Failure.BAD_RESPONSE,
+        ErrorKind.UPSTREAM_ERROR,
+        f"replica {replica.name} sent an invalid HTTP response",
+        retryable=retryable,
+    )

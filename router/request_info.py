@@ -198,12 +198,12 @@ def summarize_form(body: bytes, content_type: str) -> RequestSummary:
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     fields: dict[bytes, bytes] = {}
     for part in (b"\r\n" + body).split(delimiter)[1:]:
-        head, sep, value = part.partition(b"\r\n\r\n")
+        head, sep, content = part.partition(b"\r\n\r\n")
         if not sep:
             continue
         for name in _FORM_FIELDS:
-            if b'name="' + name + b'"' in head and len(value) <= _MAX_FIELD_BYTES + 2:
-                fields[name] = value.removesuffix(b"\r\n")
+            if b'name="' + name + b'"' in head and len(content) <= _MAX_FIELD_BYTES + 2:
+                fields[name] = content.removesuffix(b"\r\n")
     try:
         model = fields[b"model"].decode("utf-8").strip()
     except (KeyError, UnicodeDecodeError):

@@ -394,19 +394,38 @@ async def test_client_sockets_have_tcp_nodelay(client: aiohttp.ClientSession) ->
             base(gw) + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=3)
         ) as resp:
             await resp.content.readany()
-            server = gw.data_runner.server  # type: ignore[union-attr]
-            assert server is not None and server.connections
-            for conn in server.connections:
+            connections = gw.data_server.connections
+            assert connections
+            for conn in connections:
+                assert conn.transport is not None
                 sock = conn.transport.get_extra_info("socket")
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             await resp.read()
 
 
-async def test_upstream_session_has_no_total_timeout() -> None:
-    """M6 (unit part): aiohttp's 300 s default total timeout would cut long streams."""
-    async with replicas(1) as urls, gateway(gateway_config(urls)) as gw:
-        assert gw.proxy.session is not None
-        assert gw.proxy.session.timeout.total is None
+async def test_a_stream_that_keeps_flowing_is_never_cut(client: aiohttp.ClientSession) -> None:
+    """M6: no total timeout on a stream (aiohttp's client default was 300 s):
+    a stream may outlive every configured timeout while its chunks keep
+    coming within the idle timeout."""
+    async with replicas(1, token_interval_s=0.05) as urls:
+        cfg = gateway_config(
+            urls,
+            upstream={
+                "first_byte_timeout_s": 0.5,
+                "idle_timeout_s": 0.5,
+                "response_timeout_s": 0.5,
+            },
+        )
+        async with gateway(cfg) as gw:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            async with client.post(
+                base(gw) + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=30)
+            ) as resp:
+                body = await resp.read()
+            assert loop.time() - t0 > 1.0  # longer than every timeout configured
+            events = _events(body)
+            assert events[-1] == b"data: [DONE]" and len(events) >= 30
 
 
 async def test_in_flight_back_to_zero_after_random_cancels(
@@ -531,3 +550,89 @@ async def test_invalid_upstream_answer_is_a_replica_failure(
                 and line.endswith(" 1.0")
                 for line in metrics.splitlines()
             )
+
+
+@contextlib.asynccontextmanager
+async def echo_replica(model: str) -> AsyncIterator[str]:
+    """An OpenAI-ish replica that answers any POST with what it received."""
+    from aiohttp import web
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "served_by": model,
+                "path": request.path_qs,
+                "content_type": request.headers.get("Content-Type", ""),
+                "body_bytes": len(body),
+                "body_sha": hash(body),
+            }
+        )
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
+
+    app = web.Application(client_max_size=10 * 2**20)
+    app.router.add_get("/v1/models", models)
+    app.router.add_route("POST", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"input": "hello", "instructions": "be brief"}),
+        ("/v1/rerank", {"query": "q", "documents": ["a", "b"]}),
+        ("/v1/score", {"text_1": "a", "text_2": "b"}),
+        ("/tokenize", {"prompt": "count me"}),
+        ("/detokenize", {"tokens": [1, 2, 3]}),
+        ("/v1/completions?trace=1", {"prompt": "x"}),
+    ],
+)
+async def test_openai_routes_pass_through_routed_by_model(
+    client: aiohttp.ClientSession, path: str, body: dict
+) -> None:
+    async with echo_replica("alpha") as a, echo_replica("beta") as b:
+        cfg = gateway_config(
+            [a, b], replicas=[{"url": a, "models": ["alpha"]}, {"url": b, "models": ["beta"]}]
+        )
+        async with gateway(cfg) as gw:
+            for model in ("alpha", "beta"):
+                raw = json.dumps({"model": model, **body}).encode()
+                async with client.post(
+                    base(gw) + path, data=raw, headers={"Content-Type": "application/json"}
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+                    seen = await resp.json()
+                assert seen["served_by"] == model
+                assert seen["path"] == path
+                assert seen["body_bytes"] == len(raw) and seen["body_sha"] == hash(raw)
+
+
+async def test_audio_transcription_multipart_passes_through(client: aiohttp.ClientSession) -> None:
+    async with echo_replica("whisper") as a, echo_replica("other") as b:
+        cfg = gateway_config(
+            [a, b], replicas=[{"url": a, "models": ["whisper"]}, {"url": b, "models": ["other"]}]
+        )
+        async with gateway(cfg) as gw:
+            form = aiohttp.FormData()
+            form.add_field("file", b"RIFF" + bytes(200_000), filename="a.wav")
+            form.add_field("model", "whisper")
+            async with client.post(base(gw) + "/v1/audio/transcriptions", data=form) as resp:
+                assert resp.status == 200, await resp.text()
+                seen = await resp.json()
+            assert seen["served_by"] == "whisper"
+            assert seen["content_type"].startswith("multipart/form-data; boundary=")
+            assert seen["body_bytes"] > 200_000
+            bad = aiohttp.FormData()
+            bad.add_field("file", b"RIFF", filename="a.wav")
+            async with client.post(base(gw) + "/v1/audio/transcriptions", data=bad) as resp:
+                assert resp.status == 400
+                assert "model" in (await resp.json())["error"]["message"]
