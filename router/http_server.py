@@ -69,6 +69,16 @@ import httptools
 
 from router.errors import ErrorKind, error_body
 
+__all__ = [
+    "Exchange",
+    "FlowListener",
+    "Handler",
+    "HttpServer",
+    "Request",
+    "ServerLimits",
+    "start_server",
+]
+
 log = logging.getLogger("dp_router.http")
 
 # One parsed request may queue behind the one being answered; a client
@@ -752,7 +762,7 @@ class _Connection(asyncio.Protocol):
         self._exchange = exchange
         task = self._loop.create_task(self._run(request, exchange))
         self._task = task
-        self._server.track(task)
+        self._server._track(task)
 
     async def _run(self, request: Request, exchange: Exchange) -> None:
         try:
@@ -959,7 +969,7 @@ class HttpServer:
         """The bound port (the OS's pick when started with port 0)."""
         return self._port
 
-    def track(self, task: asyncio.Task[None]) -> None:
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -49,6 +49,16 @@ import httptools
 if TYPE_CHECKING:
     from router.http_server import Exchange
 
+__all__ = [
+    "BadResponse",
+    "ConnectError",
+    "RelayResult",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamReset",
+    "UpstreamResponse",
+]
+
 # Up to this size the request head and body are joined and written at once;
 # beyond it the body goes out in slices that wait for the socket to drain,
 # so a large prompt is never copied whole into the transport's buffer.
@@ -139,7 +149,7 @@ class _Connection(asyncio.Protocol):
             # not HTTP). Nothing sane can follow on this socket.
             self.close()
             return
-        response.feed(data)
+        response._feed(data)
 
     def eof_received(self) -> bool | None:
         return None  # HTTP/1.1 has no half-close: close, and connection_lost decides
@@ -155,9 +165,9 @@ class _Connection(asyncio.Protocol):
             drain.set_result(None)
         response = self.response
         if response is not None:
-            response.lost(exc)
+            response._lost(exc)
         else:
-            self.pool.forget(self)
+            self.pool._forget(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -448,7 +458,7 @@ class UpstreamResponse:
             self._resume_reading()  # an idle socket must still see the server's close
             conn = self._conn
             conn.response = None
-            self._pool.release(conn)
+            self._pool._release(conn)
         else:
             self.close()
 
@@ -461,7 +471,7 @@ class UpstreamResponse:
         conn = self._conn
         conn.response = None
         conn.close()
-        self._pool.forget(conn)
+        self._pool._forget(conn)
 
     # -- internals ----------------------------------------------------------
 
@@ -494,18 +504,18 @@ class UpstreamResponse:
         old = self._conn
         old.response = None
         old.close()
-        self._pool.forget(old)
+        self._pool._forget(old)
         timeout = self._connect_timeout_s
         if deadline is not None:
             timeout = min(timeout, deadline - self._loop.time())
             if timeout <= 0:
                 raise TimeoutError
-        conn = await self._pool.connect(self._conn.key, timeout)
+        conn = await self._pool._connect(self._conn.key, timeout)
         self._conn = conn
         self._reused = False
         self._reset_parse()
         conn.response = self
-        await self._pool.send(conn, self._request_head, self._request_body)
+        await self._pool._send(conn, self._request_head, self._request_body)
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is not None or self._complete:
@@ -594,7 +604,7 @@ class UpstreamResponse:
 
     # -- from the connection --------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> None:
         self._got_bytes = True
         if not self._head_done:
             self._head_bytes += len(data)
@@ -618,7 +628,7 @@ class UpstreamResponse:
         if not self._head_done and self._head_bytes > self._limits.max_head_bytes:
             self._fail(BadResponse(f"response head exceeds {self._limits.max_head_bytes} bytes"))
 
-    def lost(self, exc: Exception | None) -> None:
+    def _lost(self, exc: Exception | None) -> None:
         if self._complete or self._error is not None:
             return
         if self._head_done and exc is None and self._close_delimited():
@@ -820,7 +830,7 @@ class UpstreamPool:
         conn = self._acquire(key)
         reused = conn is not None
         if conn is None:
-            conn = await self.connect(key, connect_timeout_s)
+            conn = await self._connect(key, connect_timeout_s)
         response = UpstreamResponse(
             self,
             conn,
@@ -832,13 +842,13 @@ class UpstreamPool:
         )
         conn.response = response
         try:
-            await self.send(conn, head, body)
+            await self._send(conn, head, body)
         except BaseException:
             response.close()
             raise
         return response
 
-    async def connect(self, key: _Key, timeout_s: float) -> _Connection:
+    async def _connect(self, key: _Key, timeout_s: float) -> _Connection:
         loop = self.loop
         host, port, tls = key
         try:
@@ -863,7 +873,7 @@ class UpstreamPool:
         self._conns.add(conn)
         return conn
 
-    async def send(self, conn: _Connection, head: bytes, body: bytes) -> None:
+    async def _send(self, conn: _Connection, head: bytes, body: bytes) -> None:
         """Head and body in one write; a large body in slices, with drain."""
         transport = conn.transport
         assert transport is not None
@@ -902,7 +912,7 @@ class UpstreamPool:
             return conn
         return None
 
-    def release(self, conn: _Connection) -> None:
+    def _release(self, conn: _Connection) -> None:
         if self._closed or conn.lost or self.max_idle_per_host == 0:
             conn.close()
             self._conns.discard(conn)
@@ -919,7 +929,7 @@ class UpstreamPool:
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.keepalive_timeout_s, self._sweep)
 
-    def forget(self, conn: _Connection) -> None:
+    def _forget(self, conn: _Connection) -> None:
         """A connection closed: it is in no idle list any more."""
         self._conns.discard(conn)
         idle = self._idle.get(conn.key)
