@@ -40,9 +40,9 @@ Decisions, each with its reason:
   invalid chunk sizes, bare LF and CR, NUL and other controls in headers,
   obs-fold and whitespace before a colon. Checked here as well, where
   llhttp is lenient: a coding before ``chunked`` such as ``gzip, chunked``
-  (501: we decode none, RFC 9112 §6.1; an obfuscated name or ``chunked``
-  not last is llhttp's 400), Transfer-Encoding in an HTTP/1.0 request (400;
-  RFC 9112 §6.1), a missing or repeated Host (400; RFC 9112 §3.2), HTTP
+  (501: we decode none, RFC 9112 §6.1; an obfuscated name, or ``chunked``
+  not last, is a 400 here and in llhttp), Transfer-Encoding in an HTTP/1.0
+  request (400; RFC 9112 §6.1), a missing or repeated Host (400; RFC 9112 §3.2), HTTP
   versions other than 1.0 and 1.1 (505; llhttp accepts ``HTTP/2.0`` and
   HTTP/0.9), CONNECT and methods a gateway does not serve (501), an
   Upgrade request with a body (400; llhttp would skip the body and parse
