@@ -5,15 +5,17 @@ in one process). Label values come only from configuration (replica names,
 models the replicas serve, fixed reason sets), never from raw client input:
 a model the fleet does not serve is counted as ``unknown`` (docs/reliability.md, M47).
 
-Hot-path children are cached in dicts so a request does not pay for
-prometheus-client's label lookup more than once per combination.
+The per-request metrics (requests, durations, attempts, decisions) are
+plain dicts exported at scrape time (:class:`HotCounter`), so a request
+pays a dict update, not prometheus-client's lock and child lookup.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,8 +24,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 PREFIX = "dp_router"
 UNKNOWN = "unknown"
@@ -106,37 +113,109 @@ class ReplicaCollector(Collector):
             yield family
 
 
+class HotCounter:
+    """A counter for the per-request path: a plain dict, no lock, no child objects.
+
+    prometheus_client's counters take a lock and walk a child object on every
+    ``inc``; at thousands of requests a second on one event loop (one thread)
+    neither is needed. The values are exported at scrape time, under the
+    same name, help and labels a prometheus_client Counter would have.
+    """
+
+    __slots__ = ("help", "labels", "name", "values")
+
+    def __init__(self, name: str, help_: str, labels: Sequence[str]) -> None:
+        self.name = name
+        self.help = help_
+        self.labels = list(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        values = self.values
+        values[key] = values.get(key, 0.0) + amount
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            self.name.removesuffix("_total"), self.help, labels=self.labels
+        )
+        for key, value in list(self.values.items()):
+            family.add_metric(list(key), value)
+        return [family]
+
+
+class HotHistogram:
+    """A histogram for the per-request path (see :class:`HotCounter`)."""
+
+    __slots__ = ("bounds", "counts", "help", "labels", "name", "sums")
+
+    def __init__(
+        self, name: str, help_: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.help = help_
+        self.labels = list(labels)
+        self.bounds = tuple(buckets)
+        self.counts: dict[tuple[str, ...], list[int]] = {}
+        self.sums: dict[tuple[str, ...], float] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        counts = self.counts.get(key)
+        if counts is None:
+            counts = self.counts[key] = [0] * (len(self.bounds) + 1)
+            self.sums[key] = 0.0
+        counts[bisect_left(self.bounds, value)] += 1
+        self.sums[key] += value
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
+        for key, counts in list(self.counts.items()):
+            cumulative = list(accumulate(counts))
+            buckets = [
+                (floatToGoString(bound), float(n))
+                for bound, n in zip(self.bounds, cumulative, strict=False)
+            ]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric(list(key), buckets, self.sums[key])
+        return [family]
+
+
+class _HotCollector(Collector):
+    def __init__(self, metrics: Sequence[HotCounter | HotHistogram]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        for metric in self._metrics:
+            yield from metric.collect()
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # Per request: plain dicts exported at scrape time (HotCounter).
+        self.requests = HotCounter(
             f"{PREFIX}_requests_total",
             "Client requests by model, serving replica and HTTP status returned to the client.",
             ["model", "replica", "status"],
-            registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = HotHistogram(
             f"{PREFIX}_request_duration_seconds",
             "End-to-end time from request received to last byte sent.",
             ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.ttfb = Histogram(
+        self.ttfb = HotHistogram(
             f"{PREFIX}_time_to_first_byte_seconds",
             "Time from request received to the first upstream body byte "
             "(the first token for streams).",
             ["model"],
-            buckets=TTFB_BUCKETS,
-            registry=r,
+            TTFB_BUCKETS,
         )
-        self.attempts = Counter(
+        self.attempts = HotCounter(
             f"{PREFIX}_upstream_attempts_total",
             "Upstream attempts by replica and outcome (ok, http_4xx, http_5xx, connect_error, "
             "timeout, upstream_reset, bad_response, client_disconnect, draining, internal).",
             ["replica", "outcome"],
-            registry=r,
         )
         self.retries = Counter(
             f"{PREFIX}_retries_total",
@@ -157,11 +236,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.decisions = Counter(
+        self.decisions = HotCounter(
             f"{PREFIX}_routing_decisions_total",
             "Routing decisions by policy and reason.",
             ["policy", "reason"],
-            registry=r,
+        )
+        r.register(
+            _HotCollector(
+                [self.requests, self.request_duration, self.ttfb, self.attempts, self.decisions]
+            )
         )
         self.health_transitions = Counter(
             f"{PREFIX}_health_transitions_total",
@@ -209,31 +292,21 @@ class Metrics:
             ["replica"],
             registry=r,
         )
-        # Hot-path children, cached: prometheus-client's labels() lookup cost
-        # shows in the gateway's per-request CPU profile.
-        self._children: dict[tuple[object, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def count_request(self, model: str, replica: str, status: int) -> None:
-        self._child(self.requests, model, replica, str(status)).inc()
+        self.requests.inc((model, replica, str(status)))
 
     def count_attempt(self, replica: str, outcome: str) -> None:
-        self._child(self.attempts, replica, outcome).inc()
+        self.attempts.inc((replica, outcome))
 
     def count_decision(self, policy: str, reason: str) -> None:
-        self._child(self.decisions, policy, reason).inc()
+        self.decisions.inc((policy, reason))
 
     def observe_duration(self, model: str, seconds: float) -> None:
-        self._child(self.request_duration, model).observe(seconds)
+        self.request_duration.observe((model,), seconds)
 
     def observe_ttfb(self, model: str, seconds: float) -> None:
-        self._child(self.ttfb, model).observe(seconds)
+        self.ttfb.observe((model,), seconds)
 
     def watch_replicas(self, snapshot: Callable[[], Iterable[ReplicaSample]]) -> None:
         self.registry.register(ReplicaCollector(snapshot))

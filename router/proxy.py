@@ -363,13 +363,26 @@ class Proxy:
         """wait for capacity -> decide -> dispatch -> forward -> settle, per attempt."""
         loop = asyncio.get_running_loop()
         tried: list[str] = []
-        turn = self.admission.turn(route_req.model)
+        turn: Turn | None = None  # made only when the request has to wait
         self.budget.deposit()  # each request funds a fraction of a retry
         last_failure: AttemptFailed | None = None
         budgeted_retry = False  # a granted retry holds a budget slot until it settles
         try:
             while True:
-                routed = await self._route(route_req, tried, turn)
+                routed: Routed | NoRoute = NoRoute.AT_CAPACITY
+                if turn is None and not self.admission.busy(route_req.model):
+                    routed = self.router.decide(
+                        route_req,
+                        None,
+                        self.registry.snapshot,
+                        loop.time(),
+                        exclude=tried,
+                        panic=self.panic,
+                    )
+                if routed is NoRoute.AT_CAPACITY:
+                    if turn is None:
+                        turn = self.admission.turn(route_req.model)
+                    routed = await self._route(route_req, tried, turn)
                 if isinstance(routed, NoRoute):
                     if last_failure is not None:
                         self._give_up(exchange, record, last_failure)
@@ -379,7 +392,8 @@ class Proxy:
                 replica = routed.replica
                 ticket = dispatch(replica.load, route_req.cost_tokens)
                 self.policy.on_dispatch(route_req, replica.name, loop.time())
-                turn.close()  # dispatched: the next waiter may try
+                if turn is not None:
+                    turn.close()  # dispatched: the next waiter may try
                 record.replica = replica.name
                 record.reason = routed.decision.reason
                 record.attempts += 1
@@ -420,7 +434,8 @@ class Proxy:
                     )
                 )
         finally:
-            turn.close()
+            if turn is not None:
+                turn.close()
             if budgeted_retry:
                 self.budget.release()
 
