@@ -79,7 +79,10 @@ class UpstreamConfig:
     # Non-streaming: vLLM sends nothing until the whole completion is done, so
     # this must exceed the longest generation; it is never retried.
     response_timeout_s: float = 600.0
-    keepalive_timeout_s: float = 30.0
+    # Idle upstream connections are dropped after this: under the 5 s after
+    # which vLLM's and SGLang's servers (uvicorn) close idle keep-alive
+    # connections, so a reused connection is rarely one the replica closed.
+    keepalive_timeout_s: float = 4.0
     # Re-read GET /v1/models of replicas whose models are not configured.
     models_refresh_s: float = 30.0
     max_retries: int = 1

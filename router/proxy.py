@@ -606,8 +606,6 @@ class Proxy:
                 ErrorKind.UPSTREAM_ERROR,
                 f"could not connect to replica {replica.name}: {exc.reason}",
             ) from None
-        except UpstreamReset as exc:
-            raise _reset(replica, exc, retryable=True) from None
         try:
             try:
                 await upstream.head(deadline)
@@ -766,7 +764,11 @@ class Proxy:
                 f"replica {replica.name} stalled for {self._idle_timeout:g} s mid-stream",
             )
         elif result in (RelayResult.UPSTREAM_RESET, RelayResult.BAD_RESPONSE):
-            outcome = Outcome.UPSTREAM_RESET
+            outcome = (
+                Outcome.BAD_RESPONSE
+                if result is RelayResult.BAD_RESPONSE
+                else Outcome.UPSTREAM_RESET
+            )
             self._fail_stream(
                 exchange,
                 sse,
