@@ -145,6 +145,7 @@ class Gateway:
         stack = self._stack
         session = await stack.enter_async_context(control_session(cfg.upstream))
         self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
+        stack.enter_context(self.proxy.access)
         stack.enter_context(self._watch_fleet())
         await stack.enter_async_context(
             discovery.model_discovery(

@@ -28,7 +28,6 @@ import logging
 import random
 import re
 import ssl
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -37,6 +36,7 @@ from urllib.parse import urlsplit
 from policies.base import RouteRequest
 from policies.load import Outcome
 from router import headers as hdr
+from router.access_log import AccessLog
 from router.admission import Admission, Rejected, Turn
 from router.config import Config
 from router.errors import ErrorKind, GatewayError, error_body, sse_error_event
@@ -57,7 +57,6 @@ from router.upstream import (
     UpstreamResponse,
 )
 
-access_log = logging.getLogger("dp_router.access")
 log = logging.getLogger("dp_router.proxy")
 
 # Expected output of a request without max_tokens, before any is observed:
@@ -241,7 +240,7 @@ class Proxy:
         self._response_timeout = up.response_timeout_s
         self._max_retries = up.max_retries
         self._replica_header = config.server.replica_header
-        self._access_log = config.server.access_log
+        self.access = AccessLog(config.server.access_log)  # entered by the gateway
         r = config.retry
         self._backoff_base_s = r.backoff_base_s
         self._backoff_max_s = r.backoff_max_s
@@ -880,28 +879,22 @@ class Proxy:
             m.observe_ttfb(model, record.ttfb)
         if record.outcome != Outcome.OK.value:
             m.errors.labels(record.outcome).inc()
-        if self._access_log and access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                json.dumps(
-                    {
-                        "ts": round(time.time(), 3),
-                        "id": record.request_id,
-                        "method": request.method,
-                        "path": request.path[:128],
-                        "peer": request.peer,
-                        "model": (record.model or "")[:128],
-                        "replica": record.replica,
-                        "reason": record.reason,
-                        "status": record.status,
-                        "outcome": record.outcome,
-                        "attempts": record.attempts,
-                        "ttfb_ms": None if record.ttfb is None else round(record.ttfb * 1e3, 2),
-                        "duration_ms": round((t1 - t0) * 1e3, 2),
-                        "bytes_in": record.bytes_in,
-                        "bytes_out": record.bytes_out,
-                    }
-                )
-            )
+        self.access.write(
+            record.request_id,
+            request.method,
+            request.path,
+            request.peer,
+            record.model or "",
+            record.replica,
+            record.reason,
+            record.status,
+            record.outcome,
+            record.attempts,
+            record.ttfb,
+            t1 - t0,
+            record.bytes_in,
+            record.bytes_out,
+        )
 
 
 def _reset(replica: ReplicaStatus, exc: UpstreamReset, *, retryable: bool) -> AttemptFailed:
