@@ -8,6 +8,12 @@ follows uvicorn's order: readiness goes false (and requests waiting for
 capacity are refused), the data listener stops accepting, in-flight requests
 get ``shutdown_timeout_s`` to finish, the rest are cancelled, then the
 background work stops.
+
+With ``[server] workers`` > 1 the same parts are split over processes by
+:class:`Role` (docs/workers.md, ``router.workers``): the supervisor runs
+everything but the data path (its data plane is the worker processes), and
+each worker runs the data path on a registry fed by the supervisor's
+snapshots, with no health checks, discovery or admin listener of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from enum import StrEnum
 
 import aiohttp
 from aiohttp import web
@@ -41,11 +49,46 @@ from router.upstream import UpstreamPool
 log = logging.getLogger("dp_router")
 
 
-class Gateway:
-    """The gateway process's parts, wired once; started and stopped in one order."""
+class Role(StrEnum):
+    """Which parts of the gateway a process runs."""
 
-    def __init__(self, config: Config) -> None:
+    # Everything in one process (``workers = 1``).
+    SINGLE = "single"
+    # The control plane of ``--workers N``: registry, health checks, discovery,
+    # outlier detection, admin listener; the data plane is given to it.
+    SUPERVISOR = "supervisor"
+    # The data plane of ``--workers N``: the data listener (SO_REUSEPORT) and
+    # the proxy, on a registry only the supervisor's snapshots write.
+    WORKER = "worker"
+
+
+# The supervisor's data plane: entered where the data listener would be,
+# yields the data port.
+DataPlane = Callable[[], AbstractAsyncContextManager[int]]
+
+
+class Gateway:
+    """The gateway process's parts, wired once; started and stopped in one order.
+
+    ``role`` picks the parts (:class:`Role`). ``outlier``: a worker's outlier
+    detection, built on its registry (``router.workers.RemoteOutlier`` sends
+    the evidence to the supervisor); by default it is built from config.
+    ``data_plane``: the supervisor's, entered instead of a data listener.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        role: Role = Role.SINGLE,
+        outlier: Callable[[Registry], OutlierDetector | None] | None = None,
+        data_plane: DataPlane | None = None,
+    ) -> None:
+        if (role is Role.SUPERVISOR) != (data_plane is not None):
+            raise ValueError("a supervisor, and only a supervisor, is given a data plane")
         self.config = config
+        self.role = role
+        self._data_plane = data_plane
         self.metrics = Metrics()
         self.registry = Registry(
             config.replicas,
@@ -70,8 +113,11 @@ class Gateway:
         self.budget = RetryBudget(r.budget_ratio, r.budget_reserve, r.max_concurrent_retries)
         o = config.outlier
         h = config.health
-        self.outlier = (
-            OutlierDetector(
+        self.outlier: OutlierDetector | None = None
+        if outlier is not None:
+            self.outlier = outlier(self.registry)
+        elif o.enabled:
+            self.outlier = OutlierDetector(
                 self.registry,
                 o.consecutive_failures,
                 o.base_ejection_s,
@@ -81,9 +127,6 @@ class Gateway:
                 slow_start_aggression=h.slow_start_aggression,
                 slow_start_min_weight=h.slow_start_min_weight,
             )
-            if o.enabled
-            else None
-        )
         self.proxy = Proxy(
             config,
             self.registry,
@@ -102,7 +145,7 @@ class Gateway:
         )
         self.admin_app = create_admin_app(self.proxy, config.admin.token)
         self._stack = contextlib.AsyncExitStack()
-        self.reuse_port = False  # worker processes share the data port
+        self.reuse_port = role is Role.WORKER  # worker processes share the data port
         self.admin_runner: web.AppRunner | None = None
         self.data_port = 0
         self.admin_port = 0
@@ -132,7 +175,8 @@ class Gateway:
 
     async def start(self) -> None:
         """Upstream session, fleet watch, model discovery, health checks, then the
-        admin and data listeners. Anything that fails unwinds what had started."""
+        admin and data listeners (the parts of this process's :class:`Role`).
+        Anything that fails unwinds what had started."""
         try:
             await self._start()
         except BaseException:
@@ -143,39 +187,48 @@ class Gateway:
         cfg = self.config
         up = cfg.upstream
         stack = self._stack
-        session = await stack.enter_async_context(control_session(cfg.upstream))
-        self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
-        stack.enter_context(self.proxy.access)
-        stack.enter_context(self._watch_fleet())
-        await stack.enter_async_context(
-            discovery.model_discovery(
-                session,
-                self.registry,
-                self.metrics,
-                up.models_refresh_s,
-                timeout_s=max(up.connect_timeout_s, 2.0),
-            )
-        )
-        if cfg.health.enabled:
+        control = self.role is not Role.WORKER
+        if control:
+            session = await stack.enter_async_context(control_session(cfg.upstream))
+        if self.role is not Role.SUPERVISOR:
+            self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
+            stack.enter_context(self.proxy.access)
+            stack.enter_context(self._watch_fleet())
+        if control:
             await stack.enter_async_context(
-                health_checks(
+                discovery.model_discovery(
+                    session,
                     self.registry,
-                    # Its own small session: checks must not queue behind
-                    # long streams in the data path's connection pool.
-                    None,
-                    cfg.health,
                     self.metrics,
-                    random.Random(self.rng.random()),
+                    up.models_refresh_s,
+                    timeout_s=max(up.connect_timeout_s, 2.0),
                 )
             )
-        self.admin_runner = await stack.enter_async_context(
-            listener(self.admin_app, cfg.admin.host, cfg.admin.port, cfg.server.shutdown_timeout_s)
-        )
-        self.admin_port = bound_port(self.admin_runner, cfg.admin.port)
-        await stack.enter_async_context(
-            data_listener(self.data_server, cfg.server, reuse_port=self.reuse_port)
-        )
-        self.data_port = self.data_server.port
+            if cfg.health.enabled:
+                await stack.enter_async_context(
+                    health_checks(
+                        self.registry,
+                        # Its own small session: checks must not queue behind
+                        # long streams in the data path's connection pool.
+                        None,
+                        cfg.health,
+                        self.metrics,
+                        random.Random(self.rng.random()),
+                    )
+                )
+            self.admin_runner = await stack.enter_async_context(
+                listener(
+                    self.admin_app, cfg.admin.host, cfg.admin.port, cfg.server.shutdown_timeout_s
+                )
+            )
+            self.admin_port = bound_port(self.admin_runner, cfg.admin.port)
+        if self._data_plane is not None:
+            self.data_port = await stack.enter_async_context(self._data_plane())
+        else:
+            await stack.enter_async_context(
+                data_listener(self.data_server, cfg.server, reuse_port=self.reuse_port)
+            )
+            self.data_port = self.data_server.port
 
     @contextlib.contextmanager
     def _watch_fleet(self) -> Iterator[None]:
@@ -210,7 +263,10 @@ class Gateway:
         stop accepting, drain in-flight requests for ``shutdown_timeout_s``,
         cancel the rest, and close everything in reverse order."""
         self.proxy.begin_shutdown()
-        if self.config.server.shutdown_delay_s > 0:
+        # A supervisor's data plane is its workers: they get SIGTERM at once
+        # and each waits the delay itself, while the supervisor's readiness
+        # is already false.
+        if self.config.server.shutdown_delay_s > 0 and self.role is not Role.SUPERVISOR:
             await asyncio.sleep(self.config.server.shutdown_delay_s)
         await self._stack.aclose()
 

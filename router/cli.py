@@ -2,8 +2,9 @@
 
 Config problems end the process with one line naming the key and exit code 2,
 never a traceback. Flags cover quick starts without a file (``--replica URL``
-repeatable, ``--port``, ``--admin-port``, ``--policy``); with a file, flags
-override it.
+repeatable, ``--port``, ``--admin-port``, ``--policy``, ``--workers``); with a
+file, flags override it. ``--workers N`` (N > 1) runs a supervisor and N
+data-path worker processes (``router.workers``, docs/workers.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="data listener port")
     p.add_argument("--admin-port", type=int, help="admin listener port (binds 127.0.0.1)")
     p.add_argument("--policy", help="routing policy (see `dp-router policies`)")
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        help='data-path processes sharing the port (default 1; "auto": one per CPU)',
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -60,6 +66,9 @@ def build_config(args: argparse.Namespace) -> Config:
         server["host"] = args.host
     if args.port is not None:
         server["port"] = args.port
+    if args.workers is not None:
+        value = args.workers.strip()
+        server["workers"] = int(value) if value.lstrip("-").isdigit() else value
     if server:
         data["server"] = server
     if args.admin_port is not None:
@@ -118,6 +127,10 @@ def serve(argv: list[str]) -> int:
     try:
         import uvloop
 
+        if cfg.server.workers > 1:
+            from router.workers import supervise
+
+            return uvloop.run(supervise(cfg, log_level=args.log_level))
         uvloop.run(run(cfg))
     except OSError as exc:
         print(f"dp-router: cannot listen: {exc}", file=sys.stderr)

@@ -59,6 +59,9 @@ class ServerConfig:
     body_timeout_s: float = 60.0
     # Idle time between requests on a client's keep-alive connection (nginx's 75 s).
     keepalive_timeout_s: float = 75.0
+    # Data-path processes sharing the port (SO_REUSEPORT) behind one
+    # supervisor (docs/workers.md); "auto" in the file is os.cpu_count().
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,9 +210,21 @@ def _check_type(path: str, value: Any, default: Any) -> Any:
     return value
 
 
+def workers_value(value: Any) -> Any:
+    """``workers = "auto"``: one worker per CPU the OS reports. Other values
+    pass through to the type check (an integer >= 1)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str):
+        raise ConfigError(f'server.workers: expected an integer or "auto", got {value!r}')
+    return value
+
+
 def _section(name: str, cls: type, data: Any) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: expected a table")
+    if cls is ServerConfig and "workers" in data:
+        data = {**data, "workers": workers_value(data["workers"])}
     known = {f.name: f for f in fields(cls)}
     for key in data:
         if key not in known:
@@ -344,6 +359,8 @@ def _validate(cfg: Config) -> None:
     _positive("server.shutdown_delay_s", cfg.server.shutdown_delay_s, allow_zero=True)
     for key in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
         _positive(f"server.{key}", getattr(cfg.server, key))
+    if cfg.server.workers < 1:
+        raise ConfigError(f'server.workers: must be >= 1 or "auto", got {cfg.server.workers}')
     for i, cidr in enumerate(cfg.server.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)

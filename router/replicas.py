@@ -23,7 +23,7 @@ counters (``policies.load.LoadView``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -321,6 +321,48 @@ class Registry:
             return False
         self._model_entries[name] = {e["id"]: e for e in entries}
         return self.update(name, models=frozenset(e["id"] for e in entries))
+
+    def apply(
+        self, statuses: Iterable[Mapping[str, Any]], model_list: Iterable[Mapping[str, Any]] = ()
+    ) -> FleetSnapshot:
+        """Publish a fleet whose status was decided elsewhere, as the next version.
+
+        The one writer of a ``--workers`` worker's registry: the supervisor
+        runs the health checks, outlier detection and discovery, and each of
+        its versions arrives here whole (``router.workers``). ``statuses``
+        holds every member's status fields (``name``, ``url``, ``api_key``,
+        ``models``, ``discovers_models``, ``weight``, ``pool``, ``admin``,
+        ``health``, ``ejected_until``, ``ramp``) and ``max_concurrency``;
+        a replica left out leaves the fleet. ``model_list`` is the
+        supervisor's :meth:`model_list`.
+
+        Live load counters are this process's own: a replica that stays
+        (same name and URL) keeps its :class:`ReplicaLoad`, so in-flight
+        tickets settle on the counters they were taken from.
+        """
+        old = self._snapshot.replicas
+        replicas: dict[str, ReplicaStatus] = {}
+        for fields in statuses:
+            name = fields["name"]
+            previous = old.get(name)
+            max_concurrency = fields.get("max_concurrency")
+            if previous is not None and previous.url == fields["url"]:
+                load = previous.load
+                load.max_concurrency = max_concurrency
+            else:
+                load = ReplicaLoad(
+                    name=name, weight=fields["weight"], max_concurrency=max_concurrency
+                )
+            replicas[name] = ReplicaStatus(
+                load=load, **{k: v for k, v in fields.items() if k != "max_concurrency"}
+            )
+        entries = {str(e["id"]): dict(e) for e in model_list}
+        self._model_entries = {
+            name: {m: entries[m] for m in sorted(status.models or ()) if m in entries}
+            for name, status in replicas.items()
+        }
+        self._publish(replicas)
+        return self._snapshot
 
     def model_list(self) -> list[dict[str, Any]]:
         """The union of the replicas' models, as /v1/models entries."""
