@@ -105,6 +105,12 @@ async def run(sock: socket.socket) -> int:
     finally:
         receiver.cancel()
         channel.close()
+        # Stopping already: a second SIGTERM (the supervisor's, after a
+        # Ctrl-C reached the whole process group) must not kill the process
+        # between the loop's end and its exit.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

@@ -44,7 +44,7 @@ message       direction  payload
 ``metrics``   S -> W     a scrape: "send your metrics" (with a sequence number)
 ``ready``     W -> S     listening: pid and port
 ``outcomes``  W -> S     the data path's settled attempts (replica, outcome,
-                         upstream status), batched per event-loop turn
+                         upstream status), batched every OUTCOME_BATCH_S
 ``metrics``   W -> S     the worker's collected metric families
 ============  =========  =====================================================
 
@@ -57,8 +57,9 @@ is libuv's millisecond-truncated, cached per loop turn: at most ~1 ms behind
 **Outlier detection** needs every worker's evidence: a replica failing 5
 times in a row shows each of 2 workers only about half of it. A worker's
 detector is a :class:`RemoteOutlier`: each settled attempt is one list
-append, and one ``outcomes`` message per loop turn carries them to the
-supervisor, whose :class:`~router.outlier.OutlierDetector` decides on its
+append (a success right after a success is skipped: it changes nothing),
+and one ``outcomes`` message every ``OUTCOME_BATCH_S`` (10 ms) carries them
+to the supervisor, whose :class:`~router.outlier.OutlierDetector` decides on its
 registry; the ejection reaches every worker with the next ``fleet``. With
 N = 1 none of this exists: the proxy calls the detector directly.
 
@@ -153,6 +154,11 @@ STABLE_AFTER_S = 30.0
 # After SIGTERM a worker takes shutdown_delay_s + shutdown_timeout_s; this
 # much more, then SIGKILL.
 STOP_GRACE_S = 5.0
+# A worker sends its settled attempts to the supervisor at most this often.
+# Per loop turn, a busy worker sent thousands of messages a second and the
+# supervisor spent ~5 % of a core reading them; 10 ms later is nothing to an
+# ejection (it follows failures over seconds).
+OUTCOME_BATCH_S = 0.01
 # A scrape waits this long for a worker's answer, then uses its last one.
 METRICS_TIMEOUT_S = 2.0
 # A worker stops sending outcomes while this much is queued towards the
@@ -278,8 +284,9 @@ class RemoteOutlier(OutlierDetector):
     """A worker's outlier detection: the evidence goes to the supervisor.
 
     The proxy feeds every settled attempt to :meth:`record`, as it would a
-    local detector; here that is one list append, and one ``outcomes``
-    message per event-loop turn carries the batch. The supervisor's
+    local detector; here that is one list append (none for a success right
+    after a success of the same replica), and one ``outcomes`` message per
+    ``OUTCOME_BATCH_S`` carries the batch. The supervisor's
     detector decides, on every worker's evidence, and the ejection comes
     back in the next fleet snapshot, so :meth:`record` never returns an
     event. (The inherited operator methods are not used in a worker.)
@@ -289,6 +296,7 @@ class RemoteOutlier(OutlierDetector):
         super().__init__(registry)
         self._channel = channel
         self._batch: list[tuple[str, str, int | None]] = []
+        self._last: dict[str, Outcome] = {}  # each replica's last outcome in the batch
         self.dropped = 0
 
     def record(
@@ -296,13 +304,19 @@ class RemoteOutlier(OutlierDetector):
     ) -> OutlierEvent | None:
         batch = self._batch
         if not batch:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_later(OUTCOME_BATCH_S, self._flush)
+        elif outcome is Outcome.OK and self._last.get(name) is Outcome.OK:
+            # A success after a success tells the detector nothing new (it
+            # resets a count that is already 0).
+            return None
+        self._last[name] = outcome
         batch.append((name, outcome.value, status))
         return None
 
     def _flush(self) -> None:
         batch = self._batch
         self._batch = []
+        self._last.clear()
         if self._channel.backlog > MAX_OUTCOME_BACKLOG_BYTES:
             if not self.dropped:
                 log.warning("the supervisor is not keeping up: dropping outcome evidence")
@@ -736,7 +750,8 @@ class Supervisor:
             log.warning("%d worker(s) still running after %.0f s: killed", len(late), grace)
         await asyncio.gather(*tasks, return_exceptions=True)
         for worker in self._workers:
-            if worker.proc is not None and worker.proc.returncode not in (0, None):
+            # (-SIGTERM: one that had not set up its handlers yet.)
+            if worker.proc is not None and worker.proc.returncode not in (0, None, -signal.SIGTERM):
                 log.warning("worker %d %s", worker.index, _exit_reason(worker.proc.returncode))
 
     # -- fleet snapshots ------------------------------------------------------------

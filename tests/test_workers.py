@@ -41,6 +41,8 @@ from router.workers import (
     SUPERVISOR_FAMILIES,
     Channel,
     RemoteOutlier,
+    Supervisor,
+    WorkerStartError,
     apply_fleet,
     collect_families,
     exposition,
@@ -178,10 +180,22 @@ async def test_remote_outlier_sends_one_message_per_loop_turn() -> None:
         assert relay.record("a", Outcome.CONNECT_ERROR, 1.0) is None
         relay.record("a", Outcome.HTTP_5XX, 1.0, status=503)
         relay.record("a", Outcome.OK, 1.0, status=200)
+        relay.record("a", Outcome.OK, 1.0, status=200)  # changes nothing: not sent
+        relay.record("a", Outcome.TIMEOUT, 1.0)
         message = await asyncio.wait_for(supervisor_end.receive(), 2)
         assert message == (
             "outcomes",
-            [("a", "connect_error", None), ("a", "http_5xx", 503), ("a", "ok", 200)],
+            [
+                ("a", "connect_error", None),
+                ("a", "http_5xx", 503),
+                ("a", "ok", 200),
+                ("a", "timeout", None),
+            ],
+        )
+        relay.record("a", Outcome.OK, 2.0, status=200)  # the next turn's batch
+        assert await asyncio.wait_for(supervisor_end.receive(), 2) == (
+            "outcomes",
+            [("a", "ok", 200)],
         )
     finally:
         worker_end.close()
@@ -219,6 +233,25 @@ async def test_port_in_use_fails_the_start_with_one_line(tmp_path: Path) -> None
         child = await procs.spawn("gateway", argv, log=log, cwd=REPO)
         assert await asyncio.wait_for(child.proc.wait(), 30) == 1
         assert "cannot listen" in log.read_text()
+
+
+async def test_workers_that_cannot_start_fail_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit status 1 from ``serve``: what a worker process cannot do (an
+    interpreter that exits at once stands in for a broken install)."""
+    cfg = config_mod.from_dict(
+        {
+            "server": {"host": procs.HOST, "port": 0, "workers": 2},
+            "admin": {"host": procs.HOST, "port": 0},
+            "health": {"enabled": False},
+            "replicas": [{"url": "http://127.0.0.1:9", "models": [MODEL]}],
+        },
+        env={},
+    )
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    sup = Supervisor(cfg)
+    with pytest.raises(WorkerStartError, match="did not start: exit status 1"):
+        await sup.start()
+    assert sup.pids == [0, 0]
 
 
 # --- a supervisor and two workers ---------------------------------------------
