@@ -547,8 +547,8 @@ class Supervisor:
     @contextlib.asynccontextmanager
     async def _serve(self) -> AsyncIterator[int]:
         """Entered by the gateway where a single process starts its data
-        listener; left after the admin listener's requests, before health
-        checks stop."""
+        listener, so it is left first: the workers drain while health
+        checks, outlier detection and the admin listener still run."""
         server = self.config.server
         held, self.port = reserve_port(server.host, server.port)
         self.registry.subscribe(self._on_fleet_change)
@@ -586,14 +586,22 @@ class Supervisor:
         try:
             while not self._stopping.is_set():
                 started = loop.time()
+                error: WorkerStartError | None = None
                 try:
                     await self._start_worker(worker)
                 except WorkerStartError as exc:
+                    error = exc
+                except Exception as exc:  # the pipe, most likely
+                    error = WorkerStartError(f"worker {worker.index} did not start: {exc!r}")
+                if error is not None:
+                    if worker.proc is not None and worker.proc.returncode is None:
+                        worker.signal(signal.SIGKILL)
+                        await worker.proc.wait()
                     if not first.done():
-                        first.set_exception(exc)
+                        first.set_exception(error)
                         return
                     if not self._stopping.is_set():
-                        log.error("%s", exc)
+                        log.error("%s", error)
                 else:
                     if not first.done():
                         first.set_result(None)
