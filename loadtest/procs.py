@@ -193,11 +193,33 @@ class Child:
             self._drain = None
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the child (all its threads), from /proc (Linux)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        # After "pid (comm)": utime and stime (fields 14 and 15) are at 11 and 12.
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """utime + stime of the child and its live descendants (a gateway
+        with ``--workers N`` serves from its children), from /proc (Linux)."""
+        return sum(_cpu_ticks(pid) for pid in _tree(self.pid)) / CLK_TCK
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants that are alive now."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo.extend(int(child) for child in task.read_text().split())
+            except OSError:
+                continue
+    return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0  # exited meanwhile
+    # After "pid (comm)": utime and stime (fields 14 and 15) are at 11 and 12.
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 async def _discard(stream: asyncio.StreamReader) -> None:

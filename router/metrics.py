@@ -69,6 +69,18 @@ class ReplicaSample:
     weight: float
 
 
+# Per data-path worker, exported by the supervisor with --workers N > 1
+# (router/workers.py): name, type, help.
+WORKER_FAMILIES = (
+    (f"{PREFIX}_worker_pid", "gauge", "Process id of each data-path worker (0 while it is down)."),
+    (f"{PREFIX}_worker_restarts", "counter", "Restarts of each worker after it died."),
+    (
+        f"{PREFIX}_worker_requests",
+        "counter",
+        "Client requests each worker served (how evenly the kernel spreads connections).",
+    ),
+)
+
 # name suffix, help, field: per-replica gauges read at scrape time.
 _REPLICA_GAUGES = (
     (

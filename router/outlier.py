@@ -46,13 +46,17 @@ a replica whose /health is 200 while it cannot serve is exactly
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
 from policies.load import Outcome
+from router.metrics import Metrics
 from router.replicas import FleetSnapshot, Ramp, Registry
+
+log = logging.getLogger("dp_router.outlier")
 
 # Envoy's outlier_detection defaults.
 DEFAULT_CONSECUTIVE_FAILURES = 5  # consecutive_gateway_failure
@@ -283,9 +287,26 @@ class OutlierDetector:
         self._pruned_at_version = snapshot.version
 
 
+def report(event: OutlierEvent, metrics: Metrics) -> None:
+    """Count an ejection (or one the max-percent cap refused) and log it once:
+    the same wherever the detector runs (the gateway, or a supervisor)."""
+    if event.kind is EventKind.EJECTED:
+        metrics.ejections.labels(event.replica, event.reason).inc()
+        log.warning(
+            "ejected replica %s for %.1f s (%s, ejection #%d)",
+            event.replica,
+            event.duration_s,
+            event.reason,
+            event.ejections,
+        )
+    else:
+        metrics.ejections.labels(event.replica, "overflow").inc()
+
+
 __all__ = [
     "DEFAULT_FAILURE_STATUSES",
     "EventKind",
     "OutlierDetector",
     "OutlierEvent",
+    "report",
 ]

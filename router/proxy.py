@@ -43,7 +43,8 @@ from router.errors import ErrorKind, GatewayError, error_body, sse_error_event
 from router.http_server import Exchange, Request
 from router.load import Ticket, dispatch
 from router.metrics import UNKNOWN, Metrics
-from router.outlier import EventKind, OutlierDetector, OutlierEvent
+from router.outlier import OutlierDetector
+from router.outlier import report as report_ejection
 from router.replicas import Registry, ReplicaStatus
 from router.request_info import ENDPOINTS, parse_body, summarize, summarize_form
 from router.retry_budget import RetryBudget, backoff_s
@@ -500,21 +501,8 @@ class Proxy:
         if self.outlier is not None:
             event = self.outlier.record(replica.name, outcome, now, status=status)
             if event is not None:
-                self._ejection(event)
+                report_ejection(event, self.metrics)
         self.admission.notify()  # capacity freed
-
-    def _ejection(self, event: OutlierEvent) -> None:
-        if event.kind is EventKind.EJECTED:
-            self.metrics.ejections.labels(event.replica, event.reason).inc()
-            log.warning(
-                "ejected replica %s for %.1f s (%s, ejection #%d)",
-                event.replica,
-                event.duration_s,
-                event.reason,
-                event.ejections,
-            )
-        else:  # the max-percent cap refused it
-            self.metrics.ejections.labels(event.replica, "overflow").inc()
 
     def _learn(
         self,

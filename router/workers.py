@@ -129,8 +129,9 @@ from prometheus_client.registry import Collector
 from policies.load import Outcome
 from router.app import Gateway, Role
 from router.config import Config
-from router.metrics import PREFIX
-from router.outlier import EventKind, OutlierDetector, OutlierEvent
+from router.metrics import PREFIX, WORKER_FAMILIES
+from router.outlier import OutlierDetector, OutlierEvent
+from router.outlier import report as report_ejection
 from router.replicas import (
     AdminState,
     FleetSnapshot,
@@ -355,16 +356,6 @@ _IN_FLIGHT_FAMILY = f"{PREFIX}_replica_in_flight"
 _TOKENS_FAMILY = f"{PREFIX}_replica_outstanding_tokens"
 # Counted things, which a dead worker leaves behind in the totals.
 _CUMULATIVE = frozenset({"counter", "histogram", "summary"})
-# Per worker: name, type, help.
-_WORKER_FAMILIES = (
-    (f"{PREFIX}_worker_pid", "gauge", "Process id of each data-path worker (0 while it is down)."),
-    (f"{PREFIX}_worker_restarts", "counter", "Restarts of each worker after it died."),
-    (
-        f"{PREFIX}_worker_requests",
-        "counter",
-        "Client requests each worker served (how evenly the kernel spreads connections).",
-    ),
-)
 
 
 def collect_families(registry: CollectorRegistry) -> list[Family]:
@@ -793,21 +784,7 @@ class Supervisor:
         for name, outcome, status in batch:
             event = detector.record(name, Outcome(outcome), now, status=status)
             if event is not None:
-                self._ejection(event)
-
-    def _ejection(self, event: OutlierEvent) -> None:
-        """As a single process's proxy counts and logs an ejection."""
-        if event.kind is EventKind.EJECTED:
-            self.metrics.ejections.labels(event.replica, event.reason).inc()
-            log.warning(
-                "ejected replica %s for %.1f s (%s, ejection #%d)",
-                event.replica,
-                event.duration_s,
-                event.reason,
-                event.ejections,
-            )
-        else:  # the max-percent cap refused it
-            self.metrics.ejections.labels(event.replica, "overflow").inc()
+                report_ejection(event, self.metrics)
 
     # -- metrics and the admin listener -------------------------------------------------
 
@@ -858,7 +835,7 @@ class Supervisor:
             per_worker[1].append((f"{PREFIX}_worker_restarts_total", labels, float(w.restarts)))
             requests = w.retired_requests + requests_of(w.families)
             per_worker[2].append((f"{PREFIX}_worker_requests_total", labels, requests))
-        for (name, typ, help_), samples in zip(_WORKER_FAMILIES, per_worker, strict=True):
+        for (name, typ, help_), samples in zip(WORKER_FAMILIES, per_worker, strict=True):
             merged.append((name, typ, help_, samples))
         return merged
 
