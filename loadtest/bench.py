@@ -56,6 +56,14 @@ DEFAULT_RUN_S = 5.0  # per wrk run: enough for a stable p99 at c=1 (~5k samples)
 QUICK_RUN_S = 2.0
 WARMUP_S = 1.0  # connection pools, code paths and CPU caches warm before measuring
 DEFAULT_STREAMS = 300
+# The streaming-heavy phase: concurrent streams of paced chunks, the load an
+# LLM gateway mostly carries (a replica decoding 256 sequences at ~50 tokens/s
+# sends ~12k chunks/s).
+HEAVY_STREAMS = 256
+HEAVY_CHUNKS = 100
+HEAVY_DELAY_MS = 20.0
+CHUNKS_HEADER = "x-bench-chunks"
+DELAY_HEADER = "x-bench-delay-ms"
 # The gateway's budget, for one gateway process on one core: CPU per small
 # request, added latency at c=1 and added time to first token, and a 100 KB
 # prompt costing at most twice a small one (the body is relayed, not copied
@@ -64,6 +72,9 @@ TARGET_CPU_US = 200.0
 TARGET_ADDED_P50_US = 250.0
 TARGET_ADDED_TTFT_US = 1000.0
 TARGET_LARGE_RATIO = 2.0
+# Many streams flowing: a new stream's first token waits at most this much
+# longer than direct.
+TARGET_HEAVY_ADDED_TTFT_US = 5000.0
 
 
 # ---- the fast upstream ------------------------------------------------------
@@ -112,8 +123,15 @@ def _upstream_main(port: int) -> int:
             return web.Response(body=completion, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for event in events:
-            await resp.write(event)
+        # The streaming-heavy phase asks for N chunks this far apart, as an
+        # engine decoding at a steady rate would send them.
+        chunks = int(request.headers.get(CHUNKS_HEADER, len(events) - 1))
+        delay = float(request.headers.get(DELAY_HEADER, 0)) / 1000.0
+        for _ in range(chunks):
+            await resp.write(events[0])
+            if delay:
+                await asyncio.sleep(delay)
+        await resp.write(events[-1])
         await resp.write_eof()
         return resp
 
@@ -347,6 +365,79 @@ async def stream_ttfts(url: str, n: int) -> list[float]:
     return out
 
 
+@dataclass(slots=True)
+class StreamLoad:
+    """One streaming-heavy run: TTFT of every stream, chunks relayed, and the
+    gateway's CPU over the run (None for the direct path)."""
+
+    ttft_s: list[float]
+    chunks: int
+    seconds: float
+    cpu_s: float | None
+
+    def summary(self) -> dict[str, float | None]:
+        q = _quantiles_us(self.ttft_s)
+        return {
+            "ttft_p50_us": q["p50"],
+            "ttft_p99_us": q["p99"],
+            "chunks_per_s": self.chunks / self.seconds,
+            "cpu_cores": None if self.cpu_s is None else self.cpu_s / self.seconds,
+            "cpu_us_per_chunk": None
+            if self.cpu_s is None or not self.chunks
+            else self.cpu_s / self.chunks * 1e6,
+        }
+
+
+async def stream_load(
+    url: str, streams: int, chunks: int, delay_ms: float, seconds: float, proc: Child | None
+) -> StreamLoad:
+    """``streams`` concurrent clients, each opening one paced stream after
+    another for ``seconds``; a new stream's TTFT is measured while all the
+    others are flowing."""
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x" * SMALL_PROMPT_BYTES}],
+            "max_tokens": chunks,
+            "stream": True,
+        }
+    ).encode()
+    headers = {
+        "Content-Type": "application/json",
+        CHUNKS_HEADER: str(chunks),
+        DELAY_HEADER: str(delay_ms),
+    }
+    ttfts: list[float] = []
+    relayed = 0
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def client(end: float) -> None:
+            nonlocal relayed
+            while loop.time() < end:
+                start = time.perf_counter()
+                first = None
+                async with session.post(
+                    url + "/v1/chat/completions", data=body, headers=headers
+                ) as r:
+                    if r.status != 200:
+                        raise BenchError(f"stream answered {r.status}: {await r.text()}")
+                    async for chunk in r.content.iter_any():
+                        if first is None:
+                            first = time.perf_counter() - start
+                        relayed += chunk.count(b"data:")
+                if first is not None:
+                    ttfts.append(first)
+
+        cpu0 = proc.cpu_seconds() if proc else None
+        t0 = loop.time()
+        await asyncio.gather(*(client(t0 + seconds) for _ in range(streams)))
+        took = loop.time() - t0
+        cpu = None if proc is None or cpu0 is None else proc.cpu_seconds() - cpu0
+    return StreamLoad(ttfts, relayed, took, cpu)
+
+
 # ---- the report -------------------------------------------------------------
 
 SCENARIO_LABELS = {
@@ -367,6 +458,8 @@ class BenchResult:
     # scenario -> "direct" / "gateway" / "floor" (the bare proxy, with --floor)
     runs: dict[str, dict[str, WrkRun]] = field(default_factory=dict)
     ttft_us: dict[str, dict[str, float]] = field(default_factory=dict)
+    # side -> StreamLoad.summary() of the streaming-heavy phase
+    heavy: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -380,6 +473,7 @@ class BenchResult:
                 for name, pair in self.runs.items()
             },
             "stream_ttft_us": self.ttft_us,
+            "streaming_heavy": self.heavy,
             "targets": self.targets(),
         }
 
@@ -397,6 +491,11 @@ class BenchResult:
         if self.ttft_us:
             added = self.ttft_us["gateway"]["p50"] - self.ttft_us["direct"]["p50"]
             out["added_stream_ttft_p50_us"] = _target(added, TARGET_ADDED_TTFT_US)
+        if "gateway" in self.heavy and "direct" in self.heavy:
+            g, d = self.heavy["gateway"], self.heavy["direct"]
+            if g["ttft_p50_us"] is not None and d["ttft_p50_us"] is not None:
+                added = g["ttft_p50_us"] - d["ttft_p50_us"]
+                out["heavy_added_ttft_p50_us"] = _target(added, TARGET_HEAVY_ADDED_TTFT_US)
         if small and large and small.cpu_us_per_request and large.cpu_us_per_request:
             ratio = large.cpu_us_per_request / small.cpu_us_per_request
             out["cpu_100k_vs_small_ratio"] = _target(ratio, TARGET_LARGE_RATIO)
@@ -476,6 +575,28 @@ class BenchResult:
         }
         if errors:
             lines += ["", f"wrk errors (non-2xx, timeouts, resets): {errors}"]
+        if self.heavy:
+            lines += ["", "Streaming-heavy phase (concurrent paced streams):", ""]
+            h_rows = []
+            for side, h in self.heavy.items():
+                cores = h["cpu_cores"]
+                per_chunk = h["cpu_us_per_chunk"]
+                h_rows.append(
+                    [
+                        side,
+                        f"{h['chunks_per_s']:.0f}",
+                        _us(h["ttft_p50_us"]),
+                        _us(h["ttft_p99_us"]),
+                        "-" if cores is None else f"{cores:.2f}",
+                        _us(per_chunk),
+                    ]
+                )
+            lines.append(
+                _md(
+                    ["path", "chunks/s", "TTFT p50", "TTFT p99", "CPU cores", "CPU per chunk"],
+                    h_rows,
+                )
+            )
         lines += ["", "Targets (one gateway process on one core):", ""]
         t_rows = [
             [name, f"{t['value']:.2f}", f"<= {t['target']:g}", "ok" if t["ok"] else "MISSED"]
@@ -657,6 +778,20 @@ async def _measure(
         f"stream TTFT p50: direct {result.ttft_us['direct']['p50']:.0f} us, "
         f"gateway {result.ttft_us['gateway']['p50']:.0f} us"
     )
+    if args.heavy_streams:
+        for side, url, proc in [("direct", upstream, None), ("gateway", gateway, gw)] + (
+            [("floor", floor[0], floor[1])] if floor else []
+        ):
+            load = await stream_load(
+                url,
+                args.heavy_streams,
+                args.heavy_chunks,
+                args.heavy_delay_ms,
+                args.heavy_seconds,
+                proc,
+            )
+            result.heavy[side] = load.summary()
+            say(f"streaming-heavy {side}: {result.heavy[side]}")
 
 
 def _say(msg: str) -> None:
@@ -692,6 +827,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure a bare aiohttp pass-through proxy on the gateway's core",
     )
+    p.add_argument(
+        "--heavy-streams",
+        type=int,
+        default=HEAVY_STREAMS,
+        help="streaming-heavy phase: concurrent streams (0: skip the phase)",
+    )
+    p.add_argument("--heavy-chunks", type=int, default=HEAVY_CHUNKS, help="chunks per stream")
+    p.add_argument(
+        "--heavy-delay-ms", type=float, default=HEAVY_DELAY_MS, help="pause between chunks"
+    )
+    p.add_argument("--heavy-seconds", type=float, default=10.0, help="streaming-heavy run length")
     p.add_argument("--json", action="store_true", help="print results JSON to stdout")
     p.add_argument("--out", type=Path, help="write bench.json and bench.md here")
     return p
@@ -712,6 +858,9 @@ def main(argv: list[str]) -> int:
     if args.quick:
         args.seconds = min(args.seconds, QUICK_RUN_S)
         args.streams = min(args.streams, 100)
+        args.heavy_streams = min(args.heavy_streams, 32)
+        args.heavy_chunks = min(args.heavy_chunks, 20)
+        args.heavy_seconds = min(args.heavy_seconds, QUICK_RUN_S)
     if shutil.which("wrk") is None:
         print(
             "dp-router bench: wrk is not installed (Debian/Ubuntu: apt-get install -y wrk; "

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from policies import registry as policy_registry
+from router import access_log
 from router import config as config_mod
 from router.config import Config, ConfigError
 
@@ -88,6 +89,7 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    access_log.setup(sys.stderr)
 
 
 async def run(cfg: Config) -> None:

@@ -298,6 +298,11 @@ class Metrics:
             "Retries the budget would allow now.",
             registry=r,
         )
+        self.access_log_dropped = Counter(
+            f"{PREFIX}_access_log_dropped_total",
+            "Access log lines dropped because the log sink fell behind.",
+            registry=r,
+        )
         self.models_refresh_failures = Counter(
             f"{PREFIX}_models_refresh_failures_total",
             "Failed GET /v1/models against a replica.",

@@ -69,6 +69,26 @@ async def test_lua_script_drives_the_fast_upstream() -> None:
     assert len(ttfts) == 10 and all(t > 0 for t in ttfts)
 
 
+async def test_streaming_heavy_phase_counts_paced_chunks() -> None:
+    """Concurrent paced streams: every stream's first token and every chunk
+    counted, at the pace asked for."""
+    upstream = await procs.spawn(
+        "upstream", procs.dp_router("bench", "_upstream", "0"), stdout_pipe=True
+    )
+    try:
+        (port,) = await upstream.ready_ports(1)
+        load = await bench.stream_load(f"http://127.0.0.1:{port}", 4, 5, 20.0, 0.3, upstream)
+    finally:
+        await upstream.stop()
+    streams = len(load.ttft_s)
+    assert streams >= 4
+    # 5 paced chunks + the final usage/[DONE] event, per stream
+    assert load.chunks >= streams * 6
+    summary = load.summary()
+    assert summary["cpu_us_per_chunk"] is not None and summary["cpu_us_per_chunk"] > 0
+    assert load.seconds >= 5 * 0.020  # one stream at least ran its paced course
+
+
 def test_generated_gateway_config_is_valid() -> None:
     text = bench._gateway_config("http://127.0.0.1:1", 18000, 18001, "p2c", access_log=True)
     cfg = config.from_dict(tomllib.loads(text), env={})
