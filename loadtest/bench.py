@@ -62,8 +62,6 @@ DEFAULT_STREAMS = 300
 HEAVY_STREAMS = 256
 HEAVY_CHUNKS = 100
 HEAVY_DELAY_MS = 20.0
-CHUNKS_HEADER = "x-bench-chunks"
-DELAY_HEADER = "x-bench-delay-ms"
 # The gateway's budget, for one gateway process on one core: CPU per small
 # request, added latency at c=1 and added time to first token, and a 100 KB
 # prompt costing at most twice a small one (the body is relayed, not copied
@@ -124,9 +122,13 @@ def _upstream_main(port: int) -> int:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         # The streaming-heavy phase asks for N chunks this far apart, as an
-        # engine decoding at a steady rate would send them.
-        chunks = int(request.headers.get(CHUNKS_HEADER, len(events) - 1))
-        delay = float(request.headers.get(DELAY_HEADER, 0)) / 1000.0
+        # engine decoding at a steady rate would send them (body fields, so
+        # that any proxy in between passes them on).
+        chunks, delay = len(events) - 1, 0.0
+        if b'"bench_chunks"' in body:
+            ask = json.loads(body)
+            chunks = int(ask["bench_chunks"])
+            delay = float(ask.get("bench_delay_ms", 0.0)) / 1000.0
         for _ in range(chunks):
             await resp.write(events[0])
             if delay:
@@ -400,13 +402,11 @@ async def stream_load(
             "messages": [{"role": "user", "content": "x" * SMALL_PROMPT_BYTES}],
             "max_tokens": chunks,
             "stream": True,
+            "bench_chunks": chunks,
+            "bench_delay_ms": delay_ms,
         }
     ).encode()
-    headers = {
-        "Content-Type": "application/json",
-        CHUNKS_HEADER: str(chunks),
-        DELAY_HEADER: str(delay_ms),
-    }
+    headers = {"Content-Type": "application/json"}
     ttfts: list[float] = []
     relayed = 0
     loop = asyncio.get_running_loop()
