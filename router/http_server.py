@@ -69,6 +69,7 @@ from typing import Protocol, cast
 import httptools
 
 from router.errors import ErrorKind, error_body
+from router.headers import render_fields
 
 __all__ = [
     "Exchange",
@@ -338,21 +339,9 @@ class Exchange:
             raise RuntimeError("response already started")
         if not 200 <= status <= 599:
             raise ValueError(f"status {status} cannot start a response")
-        # Framing is the server's alone: a second Content-Length or a
-        # Transfer-Encoding from the caller would make the message ambiguous
-        # to the client and to any proxy in between (response smuggling).
-        lines = [
-            name + b": " + value + b"\r\n"
-            for name, value in headers
-            if name.lower() not in _FRAMING_FIELDS
-        ]
-        block = b"".join(lines)
-        # Response splitting: a CR or LF inside a name or value would start
-        # a header (or a body) of the caller's choosing. One count per byte
-        # kind on the joined block is cheaper than a check per field.
-        n = len(lines)
-        if block.count(b"\n") != n or block.count(b"\r") != n:
-            raise ValueError("CR or LF inside a response header")
+        # Framing is the server's alone (response smuggling); CR or LF in a
+        # field is refused (response splitting).
+        block = render_fields(headers, _FRAMING_FIELDS, "response")
         self.status = status
         conn = self._conn
         # The last response before a close says so; queued (pipelined)

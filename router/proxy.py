@@ -374,14 +374,7 @@ class Proxy:
             while True:
                 routed: Routed | NoRoute = NoRoute.AT_CAPACITY
                 if turn is None and not self.admission.busy(route_req.model):
-                    routed = self.router.decide(
-                        route_req,
-                        None,
-                        self.registry.snapshot,
-                        loop.time(),
-                        exclude=tried,
-                        panic=self.panic,
-                    )
+                    routed = self._decide(route_req, tried, loop.time())
                 if routed is NoRoute.AT_CAPACITY:
                     if turn is None:
                         turn = self.admission.turn(route_req.model)
@@ -450,14 +443,7 @@ class Proxy:
         waited = turn.waited_s
         while True:
             if not turn.must_wait():
-                routed = self.router.decide(
-                    route_req,
-                    None,
-                    self.registry.snapshot,
-                    loop.time(),
-                    exclude=tried,
-                    panic=self.panic,
-                )
+                routed = self._decide(route_req, tried, loop.time())
                 if routed is not NoRoute.AT_CAPACITY:
                     if turn.waited_s > waited:
                         self.metrics.admission_waits.inc()
@@ -475,6 +461,13 @@ class Proxy:
                     retry_after_s=exc.retry_after_s,
                     status=exc.status,
                 ) from None
+
+    def _decide(self, route_req: RouteRequest, tried: list[str], now: float) -> Routed | NoRoute:
+        # No session pin yet: the sessions store will fetch it before this
+        # and store Routed.repin after dispatch.
+        return self.router.decide(
+            route_req, None, self.registry.snapshot, now, exclude=tried, panic=self.panic
+        )
 
     def _may_retry(self, failure: AttemptFailed, attempts: int) -> bool:
         """Retry only what has not started, up to max_retries, within the budget."""

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from router.headers import render_fields
+
 if TYPE_CHECKING:
     from router.http_server import Exchange
 
@@ -804,16 +806,7 @@ class UpstreamPool:
         key = (url_host, port, tls)
         # Host and framing are the pool's: a client's Content-Length or
         # Transfer-Encoding next to ours would be request smuggling.
-        lines = [
-            name + b": " + value + b"\r\n"
-            for name, value in headers
-            if name.lower() not in _OWN_FIELDS
-        ]
-        block = b"".join(lines)
-        n = len(lines)
-        if block.count(b"\n") != n or block.count(b"\r") != n:
-            # Request smuggling towards the replica through a header value.
-            raise ValueError("CR or LF inside a request header")
+        block = render_fields(headers, _OWN_FIELDS, "request")
         host = self._host_headers.get(key)
         if host is None:
             host = self._host_headers[key] = _host_header(url_host, port, tls is not None)
