@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from loadtest import procs
 from loadtest.replica import SimReplicaConfig, run_replica
@@ -77,6 +78,20 @@ async def replicas(n: int, **cfg: Any) -> AsyncIterator[list[str]]:
             )
             urls.append(url)
         yield urls
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """A small aiohttp app of a test's own (a scripted replica) on a free
+    loopback port; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, procs.HOST, 0)
+    await site.start()
+    try:
+        yield f"http://{procs.HOST}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

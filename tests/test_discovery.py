@@ -13,6 +13,7 @@ from router import discovery
 from router.config import ReplicaConfig
 from router.metrics import Metrics
 from router.replicas import Registry
+from tests.harness import serve_app
 
 
 @contextlib.asynccontextmanager
@@ -27,14 +28,8 @@ async def models_server(state: dict[str, Any]) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 async def test_discovered_models_become_routable_and_failures_keep_the_last_list() -> None:

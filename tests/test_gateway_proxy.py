@@ -23,6 +23,7 @@ from tests.harness import (
     get_json,
     in_flight_total,
     replicas,
+    serve_app,
     stats,
     tokens_total,
 )
@@ -575,14 +576,8 @@ async def echo_replica(model: str) -> AsyncIterator[str]:
     app = web.Application(client_max_size=10 * 2**20)
     app.router.add_get("/v1/models", models)
     app.router.add_route("POST", "/{tail:.*}", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
