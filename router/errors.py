@@ -23,6 +23,14 @@ class ErrorSpec:
 
 
 class ErrorKind(Enum):
+    # The data listener's protocol-level refusals, before any handler runs.
+    BAD_REQUEST = ErrorSpec(400, "invalid_request_error", "bad_request")
+    REQUEST_TIMEOUT = ErrorSpec(408, "invalid_request_error", "request_timeout")
+    URI_TOO_LONG = ErrorSpec(414, "invalid_request_error", "uri_too_long")
+    EXPECTATION_FAILED = ErrorSpec(417, "invalid_request_error", "expectation_failed")
+    HEADERS_TOO_LARGE = ErrorSpec(431, "invalid_request_error", "headers_too_large")
+    NOT_IMPLEMENTED = ErrorSpec(501, "server_error", "not_implemented")
+    VERSION_NOT_SUPPORTED = ErrorSpec(505, "server_error", "http_version_not_supported")
     BAD_JSON = ErrorSpec(400, "invalid_request_error", "invalid_json")
     BAD_FIELD = ErrorSpec(400, "invalid_request_error", "invalid_field")
     UNAUTHORIZED = ErrorSpec(401, "authentication_error", "unauthorized")

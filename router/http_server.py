@@ -58,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
-import json
 import logging
 import socket
 from collections import deque
@@ -213,29 +212,15 @@ class FlowListener(Protocol):
 class _Reject(Exception):
     """A request refused before its handler ran: answered once, then closed."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
-        self.status = status
-        self.code = code
+        self.kind = kind
+        self.status = kind.status
+        self.code = kind.code
         self.message = message
 
     def render(self) -> bytes:
-        if self.status == ErrorKind.TOO_LARGE.status:
-            body = error_body(ErrorKind.TOO_LARGE, self.message)
-        else:
-            # The shape of router.errors.error_body, for protocol-level
-            # statuses that have no ErrorKind (408, 414, 417, 431, 501, 505).
-            kind = "invalid_request_error" if self.status < 500 else "server_error"
-            body = json.dumps(
-                {
-                    "error": {
-                        "message": self.message,
-                        "type": kind,
-                        "code": self.code,
-                        "param": None,
-                    }
-                }
-            ).encode()
+        body = error_body(self.kind, self.message)
         return (
             b"%bcontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b"
             % (
@@ -251,7 +236,7 @@ class _StopParsing(Exception):
 
 
 def _bad(message: str) -> _Reject:
-    return _Reject(400, "bad_request", message)
+    return _Reject(ErrorKind.BAD_REQUEST, message)
 
 
 class Exchange:
@@ -590,8 +575,7 @@ class _Connection(asyncio.Protocol):
         if self._phase == _HEAD and self._head_bytes > self._limits.max_head_bytes:
             self._reject(
                 _Reject(
-                    431,
-                    "headers_too_large",
+                    ErrorKind.HEADERS_TOO_LARGE,
                     f"request head exceeds {self._limits.max_head_bytes} bytes",
                 )
             )
@@ -618,18 +602,20 @@ class _Connection(asyncio.Protocol):
         self._url += url
         if len(self._url) > self._limits.max_line_bytes:
             raise _Reject(
-                414, "uri_too_long", f"request target exceeds {self._limits.max_line_bytes} bytes"
+                ErrorKind.URI_TOO_LONG,
+                f"request target exceeds {self._limits.max_line_bytes} bytes",
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         limits = self._limits
         self._nfields += 1
         if self._nfields > limits.max_headers:
-            raise _Reject(431, "headers_too_large", f"more than {limits.max_headers} header fields")
+            raise _Reject(
+                ErrorKind.HEADERS_TOO_LARGE, f"more than {limits.max_headers} header fields"
+            )
         if len(name) + len(value) > limits.max_line_bytes:
             raise _Reject(
-                431,
-                "headers_too_large",
+                ErrorKind.HEADERS_TOO_LARGE,
                 f"a header field exceeds {limits.max_line_bytes} bytes",
             )
         if self._phase == _BODY:
@@ -646,7 +632,9 @@ class _Connection(asyncio.Protocol):
                     raise _bad("invalid Transfer-Encoding")
                 # "gzip, chunked", which llhttp lets through: we decode no
                 # coding but chunked (RFC 9112 §6.1 answers 501).
-                raise _Reject(501, "not_implemented", "only chunked transfer coding is supported")
+                raise _Reject(
+                    ErrorKind.NOT_IMPLEMENTED, "only chunked transfer coding is supported"
+                )
             self._chunked = True
         elif name == b"host":
             self._hosts += 1
@@ -658,10 +646,10 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
-            raise _Reject(505, "http_version_not_supported", "only HTTP/1.1 and 1.0 are served")
+            raise _Reject(ErrorKind.VERSION_NOT_SUPPORTED, "only HTTP/1.1 and 1.0 are served")
         method = parser.get_method().decode("ascii")
         if method not in _METHODS:
-            raise _Reject(501, "not_implemented", f"method {method} is not implemented")
+            raise _Reject(ErrorKind.NOT_IMPLEMENTED, f"method {method} is not implemented")
         # RFC 9112 §3.2: exactly one Host in HTTP/1.1, at most one in 1.0.
         if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
             raise _bad("a request needs exactly one Host header")
@@ -673,7 +661,7 @@ class _Connection(asyncio.Protocol):
         limits = self._limits
         if length is not None and length > limits.max_body_bytes:
             raise _Reject(
-                413, "request_too_large", f"request body exceeds {limits.max_body_bytes} bytes"
+                ErrorKind.TOO_LARGE, f"request body exceeds {limits.max_body_bytes} bytes"
             )
         has_body = self._chunked or bool(length)
         upgrade = parser.should_upgrade()
@@ -686,7 +674,9 @@ class _Connection(asyncio.Protocol):
         if expect is not None and version == "1.1":
             # RFC 9110 §10.1.1; an HTTP/1.0 request's expectation is ignored.
             if expect.lower() != b"100-continue":
-                raise _Reject(417, "expectation_failed", "only Expect: 100-continue is supported")
+                raise _Reject(
+                    ErrorKind.EXPECTATION_FAILED, "only Expect: 100-continue is supported"
+                )
             if has_body and self._exchange is None and self.transport is not None:
                 # Under the limit (checked above): ask for the body. While a
                 # response is in progress a 100 would corrupt it; the client
@@ -723,8 +713,7 @@ class _Connection(asyncio.Protocol):
         size = self._body_len + len(body)
         if size > self._limits.max_body_bytes:
             raise _Reject(
-                413,
-                "request_too_large",
+                ErrorKind.TOO_LARGE,
                 f"request body exceeds {self._limits.max_body_bytes} bytes",
             )
         self._body_len = size
@@ -902,9 +891,9 @@ class _Connection(asyncio.Protocol):
         elif phase == _LINGER:
             transport.abort()
         elif phase == _HEAD:
-            self._reject(_Reject(408, "request_timeout", "request head not received in time"))
+            self._reject(_Reject(ErrorKind.REQUEST_TIMEOUT, "request head not received in time"))
         else:
-            self._reject(_Reject(408, "request_timeout", "request body not received in time"))
+            self._reject(_Reject(ErrorKind.REQUEST_TIMEOUT, "request body not received in time"))
 
 
 class HttpServer:
