@@ -16,6 +16,7 @@ in ``pick``.
 from __future__ import annotations
 
 import hashlib
+import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
@@ -73,3 +74,30 @@ class BoundedLoadRing:
             if len(seen) == self._members:
                 break
         return None
+
+
+def rendezvous(
+    key: str, names: Iterable[str], weight: Callable[[str], float] | None = None
+) -> str | None:
+    """Highest-random-weight hashing (Thaler and Ravishankar): the name whose
+    hash with ``key`` scores highest, or None if ``names`` is empty.
+
+    Any two callers with the same ``names`` agree without talking to each
+    other, and removing a name moves only the keys it owned, so gateways
+    that lost their shared session store still send a session to the same
+    replica. With ``weight``, a name of weight w wins a share w / sum of the
+    keys (the logarithmic method: score = w / -ln(u), u uniform in (0, 1)).
+    """
+    best: str | None = None
+    best_score = -1.0
+    for name in names:
+        h = _point(f"{key}\0{name}")
+        if weight is None:
+            score = float(h)
+        else:
+            u = (h + 1) / (_MASK + 2)  # in (0, 1)
+            w = weight(name)
+            score = w / -math.log(u) if w > 0 else 0.0
+        if score > best_score or (score == best_score and best is not None and name < best):
+            best, best_score = name, score
+    return best

@@ -1,0 +1,262 @@
+"""Sessions in a real Redis shared by two gateways, and what happens when
+Redis dies, freezes or restarts (docs/sessions.md; docs/reliability.md rows
+M26, M27, M32, M33). Requests never fail and never wait past the store's
+operation timeout because of Redis; sessions stay put through an outage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from router.app import Gateway
+from router.session_key import parse_sources, session_key
+from tests.harness import admin, base, chat_body, eventually, gateway, gateway_config, replicas
+from tests.redis_server import RedisServer, redis_server
+
+OP_TIMEOUT_S = 0.1
+BREAKER_OPEN_S = 0.5
+
+
+def _redis(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "op_timeout_s": OP_TIMEOUT_S,
+        "breaker_open_s": BREAKER_OPEN_S,
+        "pool_timeout_s": OP_TIMEOUT_S,
+        **extra,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _two_gateways(
+    urls: list[str], redis_url: str, **routing: Any
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    # Different seeds and a random policy: left alone, the two would place
+    # most new sessions differently; only the shared store makes them agree.
+    async with (
+        gateway(
+            gateway_config(
+                urls,
+                redis=_redis(redis_url),
+                routing={"policy": "weighted_random", "seed": 1, **routing},
+            )
+        ) as a,
+        gateway(
+            gateway_config(
+                urls,
+                redis=_redis(redis_url),
+                routing={"policy": "weighted_random", "seed": 2, **routing},
+            )
+        ) as b,
+    ):
+        yield a, b
+
+
+async def _turn(
+    s: aiohttp.ClientSession, gw: Gateway, key: str
+) -> tuple[int, str | None, str | None, float]:
+    t0 = time.perf_counter()
+    async with s.post(
+        base(gw) + "/v1/chat/completions", json=chat_body(), headers={"X-Session-ID": key}
+    ) as r:
+        await r.read()
+        return (
+            r.status,
+            r.headers.get("X-Dp-Replica"),
+            r.headers.get("X-Dp-Session"),
+            time.perf_counter() - t0,
+        )
+
+
+def _stored_key(session_id: str) -> str:
+    key = session_key(
+        parse_sources(("header:x-session-id",)),
+        lambda _: session_id.encode(),
+        None,
+        256,
+    )
+    assert key is not None
+    return "dp:sess:" + key
+
+
+async def test_two_gateways_agree_on_new_sessions_sent_to_both_at_once() -> None:
+    """M33: 200 new keys, each sent through both gateways at the same moment:
+    both requests go to one replica, and the stored pin is that replica."""
+    async with (
+        redis_server() as srv,
+        replicas(3) as urls,
+        _two_gateways(urls, srv.url) as (a, b),
+        aiohttp.ClientSession() as s,
+    ):
+        keys = [f"m33-{i}" for i in range(200)]
+        sem = asyncio.Semaphore(20)
+
+        async def both(key: str) -> tuple[str, Any, Any]:
+            async with sem:
+                ra, rb = await asyncio.gather(_turn(s, a, key), _turn(s, b, key))
+                return key, ra, rb
+
+        results = await asyncio.gather(*(both(k) for k in keys))
+        client = aioredis.Redis.from_url(srv.url, decode_responses=True)
+        try:
+            for key, ra, rb in results:
+                assert ra[0] == rb[0] == 200
+                assert ra[1] == rb[1], key
+                assert await client.get(_stored_key(key)) == ra[1]
+            # M32: every key the gateways wrote carries a TTL.
+            keys_found = 0
+            async for k in client.scan_iter(match="dp:sess:*", count=500):
+                keys_found += 1
+                assert await client.pttl(k) > 0, k
+            assert keys_found == 200
+        finally:
+            await client.aclose()
+        # The race was real: some first pins were lost and followed.
+        placements = [r[2] for _, ra, rb in results for r in (ra, rb)]
+        assert placements.count("new") == 400
+
+
+async def test_sessions_survive_a_gateway_restart() -> None:
+    async with redis_server() as srv, replicas(3) as urls, aiohttp.ClientSession() as s:
+        cfg = gateway_config(urls, redis=_redis(srv.url), routing={"policy": "weighted_random"})
+        placed = {}
+        async with gateway(cfg) as gw:
+            for i in range(20):
+                status, replica, how, _ = await _turn(s, gw, f"restart-{i}")
+                assert (status, how) == (200, "new")
+                placed[f"restart-{i}"] = replica
+        async with gateway(cfg) as gw:
+            for key, replica in placed.items():
+                status, again, how, _ = await _turn(s, gw, key)
+                assert (status, again, how) == (200, replica, "hit")
+            async with s.get(admin(gw) + "/admin/sessions/restart-3") as r:
+                view = await r.json()
+            assert view["store"] == "redis" and view["replica"] == placed["restart-3"]
+
+
+async def _under_load(
+    s: aiohttp.ClientSession, gws: tuple[Gateway, Gateway], keys: list[str], rounds: int
+) -> list[tuple[str, int, str | None, str | None, float]]:
+    """Every key through both gateways, ``rounds`` times, 10 at a time."""
+    out: list[tuple[str, int, str | None, str | None, float]] = []
+    sem = asyncio.Semaphore(10)
+
+    async def one(key: str, gw: Gateway) -> None:
+        async with sem:
+            status, replica, how, took = await _turn(s, gw, key)
+            out.append((key, status, replica, how, took))
+
+    for _ in range(rounds):
+        await asyncio.gather(*(one(k, gw) for k in keys for gw in gws))
+    return out
+
+
+async def test_redis_killed_under_load_nothing_fails_and_sessions_stay() -> None:
+    """M26: Redis SIGKILLed while sessions are in use: no request fails, the
+    breaker opens, every known session stays on its replica through both
+    gateways, new sessions agree across gateways (rendezvous), and the
+    breaker closes once Redis is back."""
+    async with (
+        redis_server() as srv,
+        replicas(3) as urls,
+        _two_gateways(urls, srv.url) as gws,
+        aiohttp.ClientSession() as s,
+    ):
+        known = [f"m26-{i}" for i in range(30)]
+        before = await _under_load(s, gws, known, 1)
+        pinned = {key: replica for key, _, replica, _, _ in before}
+        assert all(status == 200 for _, status, *_ in before)
+
+        await srv.kill()
+        during = await _under_load(s, gws, known, 2)
+        assert [r for r in during if r[1] != 200] == []
+        for key, _, replica, _, _ in during:
+            assert replica == pinned[key], key
+        fresh = [f"m26-new-{i}" for i in range(30)]
+        new_during = await _under_load(s, gws, fresh, 1)
+        assert all(r[1] == 200 for r in new_during)
+        by_key: dict[str, set[str | None]] = {}
+        for key, _, replica, how, _ in new_during:
+            by_key.setdefault(key, set()).add(replica)
+            assert how == "fallback"
+        assert all(len(v) == 1 for v in by_key.values())
+        for gw in gws:
+            assert gw.proxy.sessions is not None
+            assert gw.proxy.sessions.breaker.opens >= 1
+
+        await srv.start()
+        # The breaker probes after breaker_open_s and closes on success.
+        for gw in gws:
+            sessions = gw.proxy.sessions
+            assert sessions is not None
+
+            async def closed(gw: Gateway = gw) -> bool:
+                await _turn(s, gw, "probe")
+                return int(gw.proxy.sessions.breaker.state) == 0  # type: ignore[union-attr]
+
+            assert await eventually(closed, BREAKER_OPEN_S + 1.0)
+        after = await _under_load(s, gws, known, 1)
+        assert all(r[1] == 200 for r in after)
+
+
+async def test_frozen_redis_never_holds_a_request_past_the_op_timeout() -> None:
+    """M27: SIGSTOP (connections open, no replies): each request waits at
+    most the operation timeout for Redis, the breaker opens, and requests
+    flow; after SIGCONT the store is used again."""
+    async with (
+        redis_server() as srv,
+        replicas(3) as urls,
+        _two_gateways(urls, srv.url) as gws,
+        aiohttp.ClientSession() as s,
+    ):
+        keys = [f"m27-{i}" for i in range(20)]
+        baseline = await _under_load(s, gws, keys, 1)
+        slowest_before = max(r[4] for r in baseline)
+        srv.freeze()
+        try:
+            during = await _under_load(s, gws, keys, 2)
+        finally:
+            srv.thaw()
+        assert all(r[1] == 200 for r in during)
+        slowest = max(r[4] for r in during)
+        # One lookup, plus at most one write (a re-pin), each bounded.
+        assert slowest <= slowest_before + 2 * OP_TIMEOUT_S + 0.5, slowest
+        for gw in gws:
+            assert gw.proxy.sessions is not None
+            assert gw.proxy.sessions.breaker.opens >= 1
+        metrics = await (await s.get(admin(gws[0]) + "/metrics")).text()
+        assert 'dp_router_session_store_errors_total{error="timeout",op="get"}' in metrics
+        await asyncio.sleep(BREAKER_OPEN_S)
+        after = await _under_load(s, gws, keys, 1)
+        assert all(r[1] == 200 and r[3] == "hit" for r in after[-10:])
+
+
+async def test_a_gateway_starts_while_redis_is_down() -> None:
+    async with redis_server() as srv:
+        url = srv.url
+        port = srv.port
+        await srv.kill()
+        async with replicas(2) as urls:
+            async with gateway(gateway_config(urls, redis=_redis(url))) as gw:
+                async with aiohttp.ClientSession() as s:
+                    for i in range(5):
+                        status, _, how, _ = await _turn(s, gw, f"down-{i}")
+                        assert (status, how) == (200, "fallback")
+                    restarted = RedisServer(port, srv.workdir)
+                    await restarted.start()
+                    try:
+                        await asyncio.sleep(BREAKER_OPEN_S)
+
+                        async def stored() -> bool:
+                            _, _, how, _ = await _turn(s, gw, "after")
+                            return how == "hit"
+
+                        assert await eventually(stored, BREAKER_OPEN_S + 2.0)
+                    finally:
+                        await restarted.stop()
