@@ -73,6 +73,8 @@ class LoadView(Protocol):
     - ``weight``: the replica's routing weight (the fleet's, for this version).
     - ``kv_usage``: reported KV-cache usage in [0, 1], or None.
     - ``ttft`` / ``tpot``: time to first token and per output token EWMAs.
+    - ``expert_slowdown``: step time over a balanced replica's (>= 1) from
+      per-expert MoE counters, or None (dense model, no fresh report).
     - ``queue_depth(now)``: the reported queue, corrected by what this gateway
       sent and settled since the report; ``in_flight`` without a fresh report.
     """
@@ -101,6 +103,8 @@ class LoadView(Protocol):
     def tpot(self) -> Ewma: ...
     @property
     def max_concurrency(self) -> int | None: ...
+    @property
+    def expert_slowdown(self) -> float | None: ...
 
     def queue_depth(self, now: float, max_age: float = DEFAULT_REPORT_MAX_AGE_S) -> float: ...
 

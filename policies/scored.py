@@ -25,6 +25,19 @@ weighted by the framework). Formula: each step below states its own.
      approximate cache map (:class:`PrefixIndex`), 0 for prompts without a
      full block. The map is kept per replica name across models; a
      replica's entries are dropped only when it leaves the fleet.
+   With ``expert_capacity`` (on by default) and an expert slowdown ``s``
+   for every candidate (``LoadView.expert_slowdown``, from MoE per-expert
+   counters: ``policies.signals.expert_slowdown``), the queue and tokens
+   scorers compare ``(load + this request) / weight * s`` instead of
+   ``load / weight``: the time to work through the queue on a replica whose
+   steps take ``s`` times as long (join-the-shortest-expected-delay over
+   servers of different speeds). The request's own unit makes an idle slow
+   replica lose to an idle fast one; without slowdowns (dense models, no
+   telemetry, one stale report) the scores are exactly those without it,
+   because min-max is blind to the shift. On by default because it is a
+   no-op without MoE telemetry and, with it, corrects a capacity the queue
+   shows only after requests have piled up (``python -m
+   loadtest.expert_compare`` measures it).
 3. Picker: ``max`` (highest total, ties at random; llm-d's max-score picker)
    or ``weighted`` (probability proportional to total score, llm-d's random
    picker, which spreads when scores are close).
@@ -38,7 +51,8 @@ absolute; the cost is O(N) per pick with a constant several times a plain
 scan (target < 1 ms at 1,000 replicas).
 
 Parameters: ``weights`` (table), ``filters`` (list), ``picker``,
-``epsilon`` (for load_bound, 0.5), ``capacity_blocks``, ``max_blocks``.
+``epsilon`` (for load_bound, 0.5), ``capacity_blocks``, ``max_blocks``,
+``expert_capacity`` (true).
 """
 
 from __future__ import annotations
@@ -79,6 +93,16 @@ def _minmax(values: list[float]) -> list[float]:
     return [0.0 if v == INF else (hi - v) / span for v in values]
 
 
+def _slowed(
+    vals: list[float], extra: float, candidates: Sequence[LoadView], slow: list[float]
+) -> list[float]:
+    """(load per weight + ``extra`` per weight) x slowdown, per candidate."""
+    return [
+        (v + extra / c.weight) * s if c.weight > 0 else INF
+        for v, c, s in zip(vals, candidates, slow, strict=True)
+    ]
+
+
 def _combine(ws: list[float], cols: list[list[float]]) -> list[float]:
     """sum_k ws[k] * cols[k][i] for every i, in one pass (one pass per scorer
     was the largest cost of a 1,000-replica pick)."""
@@ -110,6 +134,7 @@ class Scored(BasePolicy):
         epsilon: float = DEFAULT_EPSILON,
         capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         max_blocks: int = DEFAULT_MAX_BLOCKS,
+        expert_capacity: bool = True,
         **params: object,
     ) -> None:
         super().__init__(**params)  # type: ignore[arg-type]
@@ -125,11 +150,16 @@ class Scored(BasePolicy):
             raise TypeError("scored: at least one scorer needs a positive weight")
         if isinstance(filters, str) or any(f not in FILTERS for f in filters):
             raise TypeError(f"scored: filters must be a list of {', '.join(FILTERS)}")
+        if not isinstance(expert_capacity, bool):
+            raise TypeError(
+                f"scored: expert_capacity must be true or false, got {expert_capacity!r}"
+            )
         if picker not in PICKERS:
             raise TypeError(f"scored: picker must be one of {', '.join(PICKERS)}")
         self.weights = {k: float(v) for k, v in w.items() if v > 0}
         self.filters = tuple(filters)
         self.picker = picker
+        self.expert_capacity = expert_capacity
         self.epsilon = check_epsilon(self.name, epsilon)
         self.index = PrefixIndex(capacity_blocks, max_blocks)
 
@@ -155,12 +185,17 @@ class Scored(BasePolicy):
         out: dict[str, list[float]] = {}
         queue: list[float] | None = None
         weights = self.weights
+        slow = signals.expert_slowdowns(candidates) if self.expert_capacity else None
         if "queue" in weights or "kv" in weights:
-            queue = _minmax(signals.queue_depths(candidates, now))
+            qs = signals.queue_depths(candidates, now)
+            queue = _minmax(qs if slow is None else _slowed(qs, 1.0, candidates, slow))
             if "queue" in weights:
                 out["queue"] = queue
         if "tokens" in weights:
-            out["tokens"] = _minmax(signals.token_loads(candidates))
+            ts = signals.token_loads(candidates)
+            if slow is not None:
+                ts = _slowed(ts, float(request.cost_tokens), candidates, slow)
+            out["tokens"] = _minmax(ts)
         if "kv" in weights:
             kv = signals.kv_usages(candidates, now)
             if None in kv or queue is None:
@@ -210,6 +245,9 @@ class Scored(BasePolicy):
             i = ties[0] if len(ties) == 1 else ties[int(self.rng.random() * len(ties))]
         inputs = {k: v[i] for k, v in per.items()}
         inputs["score"] = totals[i]
+        slowdown = pool[i].expert_slowdown
+        if self.expert_capacity and slowdown is not None:
+            inputs["expert_slowdown"] = slowdown
         return Decision(pool[i].name, reason, inputs)
 
     def on_dispatch(self, request: RouteRequest, replica: str, now: float) -> None:

@@ -29,6 +29,11 @@ Count signals (in_flight, tokens, queue) are divided by the replica's weight,
 so a replica of weight 2 looks half as loaded as one of weight 1 with the same
 queue. Fractions and latencies are not weighted: they already describe the
 replica's own capacity.
+
+Expert slowdown (MoE, :func:`expert_slowdown`) is not a load but a capacity:
+how much longer a replica's step takes than a balanced replica's. Policies
+multiply a load by it (:func:`expert_slowdowns`); like the signals, it is
+used only when every compared candidate has it.
 """
 
 from __future__ import annotations
@@ -98,6 +103,48 @@ SIGNALS: dict[str, Signal] = {
         Signal("tpot", _tpot, "queue", False),
     )
 }
+
+
+# A replica dropping this share of its expert tokens is treated as if it
+# dropped this much, no more: the capacity model 1 / (1 - overflow) must
+# stay finite when an engine drops (nearly) everything.
+MAX_OVERFLOW_RATE = 0.9
+# Slowdowns are capped here so one wild report cannot make a replica look
+# infinitely slow (it would never get another request to prove otherwise).
+MAX_EXPERT_SLOWDOWN = 16.0
+
+
+def expert_slowdown(step_imbalance: float, overflow_rate: float | None, moe_share: float) -> float:
+    """A replica's step time over a balanced replica's, from its expert counters.
+
+    Only the MoE share of a step waits for the busiest expert (the attention
+    and dense layers do not), so the step takes
+    ``(1 - moe_share) + moe_share * step_imbalance`` of a balanced step: with
+    moe_share 0.6, an expert at 3x the mean makes the step 2.2x, not 3x
+    (loadtest/engine/moe.py models the engine the same way). Where the engine
+    drops tokens over a capacity factor instead of waiting (``overflow_rate``
+    reported), the tokens it drops are work it did not do: its useful
+    throughput is ``1 - overflow_rate`` of its nominal one, so the factor is
+    divided by that. ``step_imbalance`` < 1 reads as 1; the result is capped
+    at MAX_EXPERT_SLOWDOWN.
+    """
+    s = (1.0 - moe_share) + moe_share * max(1.0, step_imbalance)
+    if overflow_rate is not None and overflow_rate > 0.0:
+        s /= 1.0 - min(overflow_rate, MAX_OVERFLOW_RATE)
+    return min(s, MAX_EXPERT_SLOWDOWN)
+
+
+def expert_slowdowns(candidates: Sequence[LoadView]) -> list[float] | None:
+    """Every candidate's ``expert_slowdown``, or None if any lacks one.
+
+    One unit per comparison: a replica whose expert report is missing or
+    stale would otherwise look balanced next to measured ones and draw
+    their traffic, so then nobody's is used.
+    """
+    out = [c.expert_slowdown for c in candidates]
+    if None in out:
+        return None
+    return out  # type: ignore[return-value]
 
 
 def get(name: str) -> Signal:

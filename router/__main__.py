@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("router.cli", "run the gateway"),
     "check-config": ("router.cli", "validate a config file and exit"),
     "policies": ("router.cli", "list routing policies"),
+    "top": ("router.cli", "live view of a gateway's replicas and experts (admin API)"),
     "replica": ("loadtest.replica.cli", "run simulated replica(s)"),
     "loadtest": ("loadtest.loadgen", "drive load at an OpenAI-compatible endpoint"),
     "simulate": ("loadtest.sim.cli", "discrete-event policy simulator"),

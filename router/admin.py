@@ -14,9 +14,12 @@ import hmac
 from aiohttp import web
 
 from router.errors import ErrorKind, error_response
+from router.experts import ExpertTelemetry
 from router.proxy import Proxy
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
+# Set by the gateway (router/app.py): the per-expert telemetry /admin/experts shows.
+EXPERTS_KEY = web.AppKey("experts", ExpertTelemetry)
 
 
 def _authorized(request: web.Request, token: str) -> bool:
@@ -61,8 +64,31 @@ def create_admin_app(proxy: Proxy, token: str) -> web.Application:
             }
         )
 
+    async def experts(request: web.Request) -> web.Response:
+        """Per replica: imbalance, hot experts, overflow rate, window, age,
+        the routing slowdown; fleet-wide per expert."""
+        if not _authorized(request, token):
+            return error_response(ErrorKind.UNAUTHORIZED, "missing or wrong admin token")
+        telemetry = request.app.get(EXPERTS_KEY)
+        if telemetry is None:
+            return error_response(ErrorKind.NOT_FOUND, "no expert telemetry in this process")
+        now = asyncio.get_running_loop().time()
+        views = telemetry.views(now)
+        cfg = telemetry.config
+        return web.json_response(
+            {
+                "window_s": cfg.window_s,
+                "stale_s": cfg.stale_s,
+                "moe_share": cfg.moe_share,
+                "replicas": [v.describe() for v in views],
+                "fleet": [f.describe() for f in telemetry.fleet(now, views)],
+                "rejected": {k: v for k, v in telemetry.rejected.items() if v},
+            }
+        )
+
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/replicas", replicas)
+    app.router.add_get("/admin/experts", experts)
     return app

@@ -33,9 +33,10 @@ from aiohttp import web
 from policies import registry as policy_registry
 from router import config as config_mod
 from router import discovery
-from router.admin import create_admin_app
+from router.admin import EXPERTS_KEY, create_admin_app
 from router.admission import Admission
 from router.config import Config, ServerConfig, UpstreamConfig
+from router.experts import ExpertTelemetry
 from router.health import health_checks
 from router.http_server import HttpServer, ServerLimits
 from router.metrics import Metrics, ReplicaSample
@@ -138,12 +139,20 @@ class Gateway:
             random.Random(self.rng.random()),
         )
         self.metrics.watch_replicas(self._replica_samples)
+        # Per-expert (MoE) counters: telemetry sources call self.experts.record;
+        # the scored policy reads the slowdown written by _expert_signal.
+        self.experts = ExpertTelemetry(config.experts)
+        self.experts.set_members(self.registry.snapshot.names)
+        self.metrics.watch_experts(
+            lambda: self.experts.views(loop_time()), lambda: self.experts.rejected
+        )
         self.metrics.admission_queue.set_function(lambda: self.admission.waiting)
         self.metrics.retry_budget_balance.set_function(lambda: self.budget.balance)
         self.data_server = HttpServer(
             self.proxy.handle, server_limits(config.server), on_reject=self._edge_rejected
         )
         self.admin_app = create_admin_app(self.proxy, config.admin.token)
+        self.admin_app[EXPERTS_KEY] = self.experts
         self._stack = contextlib.AsyncExitStack()
         self.reuse_port = role is Role.WORKER  # worker processes share the data port
         self.admin_runner: web.AppRunner | None = None
@@ -190,6 +199,7 @@ class Gateway:
         control = self.role is not Role.WORKER
         if control:
             session = await stack.enter_async_context(control_session(cfg.upstream))
+            await stack.enter_async_context(self._expert_signal())
         if self.role is not Role.SUPERVISOR:
             self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
             stack.enter_context(self.proxy.access)
@@ -229,6 +239,33 @@ class Gateway:
                 data_listener(self.data_server, cfg.server, reuse_port=self.reuse_port)
             )
             self.data_port = self.data_server.port
+
+    @contextlib.asynccontextmanager
+    async def _expert_signal(self) -> AsyncIterator[None]:
+        """Keep ExpertTelemetry's members in step with the fleet, and copy each
+        replica's expert slowdown (None once stale) into its ReplicaLoad once a
+        second: the window is tens of seconds, so a second of lag is noise."""
+        experts = self.experts
+
+        def on_change(new: FleetSnapshot, old: FleetSnapshot) -> None:
+            experts.set_members(new.names)
+
+        async def refresh() -> None:
+            while True:
+                now = loop_time()
+                for status in self.registry:
+                    status.load.expert_slowdown = experts.slowdown(status.name, now)
+                await asyncio.sleep(EXPERT_REFRESH_S)
+
+        self.registry.subscribe(on_change)
+        task = asyncio.create_task(refresh(), name="expert-signal")
+        try:
+            yield
+        finally:
+            self.registry.unsubscribe(on_change)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @contextlib.contextmanager
     def _watch_fleet(self) -> Iterator[None]:
@@ -276,6 +313,19 @@ class Gateway:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+
+# How often expert slowdowns are copied into the routing view (see _expert_signal).
+EXPERT_REFRESH_S = 1.0
+
+
+def loop_time() -> float:
+    """The running loop's clock (every ``now`` of the gateway), or the
+    monotonic clock it is based on when read outside the loop (a test)."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 def server_limits(server: ServerConfig) -> ServerLimits:

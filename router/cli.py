@@ -1,4 +1,4 @@
-"""``dp-router serve | check-config | policies``.
+"""``dp-router serve | check-config | policies | top``.
 
 Config problems end the process with one line naming the key and exit code 2,
 never a traceback. Flags cover quick starts without a file (``--replica URL``
@@ -168,4 +168,8 @@ def main(argv: list[str]) -> int:
         return check_config(rest)
     if command == "policies":
         return list_policies(rest)
+    if command == "top":
+        from router.top import main as top
+
+        return top(rest)
     raise SystemExit(f"unknown command {command}")

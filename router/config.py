@@ -148,6 +148,25 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpertsConfig:
+    """Per-expert (MoE) telemetry and its routing signal (router/experts.py)."""
+
+    # Experts kept per replica: the bound of the expert label's cardinality
+    # (DeepSeek-V3 has 256 routed experts); larger reports are refused.
+    max_experts: int = 256
+    max_layers: int = 128  # per-layer reports beyond are refused (DeepSeek-V3: 58)
+    window_s: float = 30.0  # imbalance and overflow over this sliding window
+    top_k: int = 3  # hot experts shown per replica
+    per_layer: bool = False  # keep layers apart (memory x layers); else summed
+    # Share of a step the MoE (expert MLP) layers take: step time = (1 - share)
+    # + share x imbalance. 0.6: the MLP's share of a layer in the Vidur
+    # profiles (loadtest/engine/moe.py uses the same).
+    moe_share: float = 0.6
+    # Older expert counters give no routing signal (three missed 5 s scrapes).
+    stale_s: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
 class ReplicaConfig:
     url: str
     name: str
@@ -169,6 +188,7 @@ class Config:
     admission: AdmissionConfig = AdmissionConfig()
     routing: RoutingConfig = RoutingConfig()
     redis: RedisConfig = RedisConfig()
+    experts: ExpertsConfig = ExpertsConfig()
 
 
 _SECTIONS: dict[str, type] = {
@@ -180,6 +200,7 @@ _SECTIONS: dict[str, type] = {
     "retry": RetryConfig,
     "admission": AdmissionConfig,
     "redis": RedisConfig,
+    "experts": ExpertsConfig,
 }
 
 
@@ -409,6 +430,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError('admission.when_none_routable: must be "fail" or "panic"')
     if cfg.redis.url and urlsplit(cfg.redis.url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis.url: expected redis://, rediss:// or unix://")
+    _validate_experts(cfg.experts)
     if not cfg.replicas:
         raise ConfigError("replicas: at least one replica is required")
     seen: set[str] = set()
@@ -416,6 +438,20 @@ def _validate(cfg: Config) -> None:
         if rep.name in seen:
             raise ConfigError(f"replicas[{i}].name: duplicate replica name {rep.name!r}")
         seen.add(rep.name)
+
+
+def _validate_experts(e: ExpertsConfig) -> None:
+    # 4096 experts x a few replicas is already thousands of series per scrape.
+    if not 1 <= e.max_experts <= 4096:
+        raise ConfigError(f"experts.max_experts: must be in [1, 4096], got {e.max_experts}")
+    if not 1 <= e.max_layers <= 1024:
+        raise ConfigError(f"experts.max_layers: must be in [1, 1024], got {e.max_layers}")
+    _positive("experts.window_s", e.window_s)
+    _positive("experts.stale_s", e.stale_s)
+    if not 1 <= e.top_k <= e.max_experts:
+        raise ConfigError("experts.top_k: must be in [1, experts.max_experts]")
+    if not 0.0 <= e.moe_share <= 1.0:
+        raise ConfigError(f"experts.moe_share: must be in [0, 1], got {e.moe_share}")
 
 
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:

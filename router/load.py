@@ -49,6 +49,10 @@ class ReplicaLoad:
     ttft: Ewma = field(default_factory=lambda: Ewma(tau=10.0))
     tpot: Ewma = field(default_factory=lambda: Ewma(tau=10.0))
     max_concurrency: int | None = None
+    # Step time over a balanced replica's, from per-expert (MoE) counters;
+    # None without a fresh report. Written by the gateway from
+    # router.experts.ExpertTelemetry, read by policies (policies.signals).
+    expert_slowdown: float | None = None
 
     def record_report(self, queue: float, kv_usage: float | None, now: float) -> None:
         """A fresh report replaces the local correction: it already counts them."""

@@ -13,9 +13,10 @@ pays a dict update, not prometheus-client's lock and child lookup.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,6 +32,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from router.experts import ExpertView
 
 PREFIX = "dp_router"
 UNKNOWN = "unknown"
@@ -123,6 +127,89 @@ class ReplicaCollector(Collector):
             for sample in samples:
                 family.add_metric([sample.name], float(getattr(sample, attr)))
             yield family
+
+
+# Per-expert (MoE) telemetry, router/experts.py: name suffix, help, ExpertView field.
+_EXPERT_GAUGES = (
+    (
+        "expert_imbalance",
+        "Routed tokens of the replica's busiest expert over the mean per expert, "
+        "over [experts] window_s (1 = balanced).",
+        "imbalance",
+    ),
+    (
+        "expert_overflow_ratio",
+        "Tokens dropped by expert capacity limits over tokens routed, over the window "
+        "(only engines that report drops).",
+        "overflow_rate",
+    ),
+    (
+        "expert_slowdown",
+        "Step time over a balanced replica's, as routing uses it: (1 - moe_share) + "
+        "moe_share x busiest expert, over (1 - overflow ratio). No series when stale.",
+        "slowdown",
+    ),
+    ("expert_report_age_seconds", "Seconds since the replica's last expert counters.", "age_s"),
+)
+
+
+class ExpertCollector(Collector):
+    """Per-expert gauges computed at scrape time from ``ExpertTelemetry``.
+
+    Cardinality is bounded by configuration, never by what replicas send:
+    fleet members only, at most ``[experts] max_experts`` expert label
+    values per replica, and a layer label (per-layer imbalance) only with
+    ``per_layer``, at most ``max_layers`` values. Per-expert rates are summed
+    over layers: per layer they would be layers x experts series per replica
+    (58 x 256 for DeepSeek-V3).
+    """
+
+    def __init__(
+        self,
+        views: Callable[[], Sequence[ExpertView]],
+        rejected: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._views = views
+        self._rejected = rejected
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        views = list(self._views())
+        for suffix, help_, attr in _EXPERT_GAUGES:
+            family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=["replica"])
+            for v in views:
+                value = getattr(v, attr)
+                if value is not None:
+                    family.add_metric([v.replica], float(value))
+            yield family
+        rate = GaugeMetricFamily(
+            f"{PREFIX}_expert_tokens_per_second",
+            "Tokens routed to each expert per second over the window (layers summed).",
+            labels=["replica", "expert"],
+        )
+        for v in views:
+            if v.window_s > 0:
+                for i, x in enumerate(v.tokens_per_s):
+                    rate.add_metric([v.replica, str(i)], x)
+        yield rate
+        layers = GaugeMetricFamily(
+            f"{PREFIX}_expert_layer_imbalance",
+            "Busiest expert over the mean, per MoE layer ([experts] per_layer only).",
+            labels=["replica", "layer"],
+        )
+        for v in views:
+            for layer, x in sorted(v.layers.items()):
+                layers.add_metric([v.replica, str(layer)], x)
+        yield layers
+        rejected = CounterMetricFamily(
+            f"{PREFIX}_expert_samples_rejected",
+            "Per-expert samples refused, by reason (unknown_replica, empty, too_many_experts, "
+            "bad_layer, length_mismatch, duplicate_layer, not_finite, negative, "
+            "overflow_exceeds_tokens).",
+            labels=["reason"],
+        )
+        for reason, n in self._rejected().items():
+            rejected.add_metric([reason], float(n))
+        yield rejected
 
 
 class HotCounter:
@@ -327,6 +414,13 @@ class Metrics:
 
     def watch_replicas(self, snapshot: Callable[[], Iterable[ReplicaSample]]) -> None:
         self.registry.register(ReplicaCollector(snapshot))
+
+    def watch_experts(
+        self,
+        views: Callable[[], Sequence[ExpertView]],
+        rejected: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self.registry.register(ExpertCollector(views, rejected))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -213,6 +213,7 @@ class _Ramped:
     ttft = property(lambda self: self._load.ttft)
     tpot = property(lambda self: self._load.tpot)
     max_concurrency = property(lambda self: self._load.max_concurrency)
+    expert_slowdown = property(lambda self: self._load.expert_slowdown)
 
     def queue_depth(self, now: float, max_age: float = DEFAULT_REPORT_MAX_AGE_S) -> float:
         return self._load.queue_depth(now, max_age)
