@@ -666,7 +666,7 @@ async def _processes(
 
         if args.upstream == "replica":
             argv = procs.dp_router(
-                "replica", "--port", "0", "--model", MODEL, "--token-interval", "0",
+                "replica", "--port", "0", "--model", MODEL, "--paced", "--token-interval", "0",
                 "--max-tokens", str(STREAM_TOKENS),
             )  # fmt: skip
         else:

@@ -129,7 +129,7 @@ async def fleet(
     if opts.engine:
         argv += ["--engine", opts.engine, "--seed", str(opts.seed)]
     else:
-        argv += ["--token-interval", str(opts.token_interval_s), "--ttft", str(TTFT_S)]
+        argv += ["--paced", "--token-interval", str(opts.token_interval_s), "--ttft", str(TTFT_S)]
         argv += ["--prefill-rate", str(PREFILL_TOKENS_PER_S)]
         argv += ["--max-running", str(MAX_RUNNING)]
     # Port 0: the replica process binds free ports and reports them (no race).

@@ -93,7 +93,7 @@ def gateway_toml(port: int, admin_port: int, urls: list[str]) -> str:
 async def _start_replica(port: int, logdir: Path) -> Child:
     """One replica per process, so a SIGKILL takes exactly one down."""
     argv = procs.dp_router(
-        "replica", "--port", str(port), "--model", MODEL, "--token-interval", "0.01"
+        "replica", "--port", str(port), "--model", MODEL, "--paced", "--token-interval", "0.01"
     )
     child = await procs.spawn(
         f"replica-{port}", argv, log=logdir / f"replica-{port}.log", stdout_pipe=True

@@ -139,7 +139,11 @@ class RunResult:
     tpot: Distribution
     e2e: Distribution
     replicas: dict[str, int]  # OK requests served per replica name
+    # Prefix-cache hit rate in tokens at first admission (vllm:prefix_cache_*:
+    # what routing can change); re-admissions after a preemption apart
+    # (dp_sim:prefix_cache_preempted_*, docs/replica.md), when measured.
     prefix_hit_rate: float | None = None
+    readmit_hit_rate: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     records: list[RequestRecord] = field(default_factory=list)
 
@@ -169,6 +173,7 @@ def summarize(
     mode: str = "",
     prefix_hit_rate: float | None = None,
     extra: dict[str, Any] | None = None,
+    readmit_hit_rate: float | None = None,
 ) -> RunResult:
     """Aggregate ``records`` of a run that took ``wall_s`` seconds."""
     good = [r for r in records if r.ok]
@@ -191,6 +196,7 @@ def summarize(
         e2e=Distribution.of(r.e2e_s for r in good),
         replicas=dict(sorted(served.items())),
         prefix_hit_rate=prefix_hit_rate,
+        readmit_hit_rate=readmit_hit_rate,
         extra=dict(extra or {}),
         records=list(records),
     )
@@ -294,7 +300,15 @@ def markdown_summary(result: RunResult) -> str:
         f"- throughput: {_num(result.rps, 2)} req/s, {_num(result.output_tps, 0)} output tok/s",
     ]
     if result.prefix_hit_rate is not None:
-        lines.append(f"- prefix-cache hit rate (replica metrics): {_pct(result.prefix_hit_rate)}")
+        lines.append(
+            "- prefix-cache hit rate at first admission (replica metrics): "
+            f"{_pct(result.prefix_hit_rate)}"
+        )
+    if result.readmit_hit_rate is not None:
+        lines.append(
+            "- prefix-cache hit rate of re-admissions after a preemption: "
+            f"{_pct(result.readmit_hit_rate)}"
+        )
     lines += ["", "Latency (ms):", ""]
     rows = [
         [name, str(d.count), _ms(d.mean), _ms(d.p50), _ms(d.p90), _ms(d.p99), _ms(d.max)]
@@ -321,7 +335,7 @@ def comparison_table(results: Sequence[RunResult]) -> str:
         "req/s",
         "tok/s",
         "errors",
-        "prefix hit",
+        "prefix hit (1st adm.)",
         "replica share",
     ]
     rows = [

@@ -176,7 +176,9 @@ class ReplicaProcess:
         return self.child.proc if self.child is not None else None
 
     async def start(self) -> None:
-        argv = procs.dp_router("replica", "--model", MODEL)
+        # --paced: the fast fixed pacing these tests time against (the
+        # command's default is the slower, realistic engine model).
+        argv = procs.dp_router("replica", "--model", MODEL, "--paced")
         for p in self.ports:
             argv += ["--port", str(p)]
         self.child = await procs.spawn(

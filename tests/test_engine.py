@@ -11,7 +11,9 @@ from loadtest.engine.engine import (
     Engine,
     EngineConfig,
     EngineRequest,
+    RequestRefused,
     StepResult,
+    active_experts,
     preset,
 )
 from loadtest.engine.moe import MoEConfig
@@ -167,8 +169,27 @@ def test_preemption_when_kv_is_exhausted_and_everything_still_finishes() -> None
 
 def test_request_larger_than_the_kv_cache_is_refused() -> None:
     engine = Engine(preset("llama2-7b", kv_capacity_tokens=4096), random.Random(0))
-    with pytest.raises(ValueError, match="tokens of KV"):
+    assert engine.refusal(4000, 96) is None
+    assert "tokens of KV" in (engine.refusal(4000, 200) or "")
+    with pytest.raises(RequestRefused, match="tokens of KV"):
         engine.add_request(EngineRequest("big", 4000, 200), 0.0)
+    assert engine.rejected == 1 and not engine.has_work()
+    engine.add_request(EngineRequest("ok", 4000, 96), 0.0)  # the engine goes on
+    run_until_done(engine)
+
+
+def test_readmission_after_preemption_is_not_a_first_admission_hit() -> None:
+    """A preempted request comes back to find its own prompt blocks cached:
+    that is counted apart, so the first-admission rate stays what routing won."""
+    cfg = preset("llama2-7b", kv_capacity_tokens=4096, admission_watermark=0.0)
+    engine = Engine(cfg, random.Random(0))
+    for i in range(8):  # 8 x (320 + 400) tokens > 4,096: preemptions
+        engine.add_request(EngineRequest(f"r{i}", 320, 400, hashes(i, 5)), 0.0)
+    run_until_done(engine)
+    s = engine.stats()
+    assert s["preemptions"] > 0
+    assert (s["prefix_queries"], s["prefix_hits"]) == (8 * 320, 0)  # distinct prompts
+    assert s["readmit_queries"] > 0 and s["readmit_hits"] > 0
 
 
 def test_max_model_len_is_enforced_when_set() -> None:
@@ -357,3 +378,41 @@ def test_bookkeeping_survives_a_random_mix_of_adds_aborts_and_steps() -> None:
     s = engine.stats()
     assert s["preemptions"] > 0 and s["prefix_hits"] > 0
     assert engine.kv_usage() == 0.0
+
+
+# -- the default GQA preset and the MoE variants -------------------------------
+
+
+def test_default_preset_is_llama3_8b_with_scaled_h100_times() -> None:
+    cfg = preset()
+    assert cfg.name == "llama3-8b" and cfg.tp == 1
+    assert cfg.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2 == 128 * 1024
+    # 80 GB x 0.9 - 2.5 GB of activations - 16 GB of weights, over 128 KiB.
+    assert cfg.kv_capacity_tokens == pytest.approx(408_000, rel=0.01)
+    assert cfg.kv_capacity_tokens > 3.5 * preset("llama2-7b").kv_capacity_tokens
+    # H100 Llama-2-7B times the A100 Llama-3-8B / Llama-2-7B ratio, which is
+    # ~1.05 at 4,096 tokens (more MLP, less QKV projection with GQA).
+    h100_7b = MODELS["llama2-7b"].profile(1)
+    assert cfg.profile.time_s(4096) / h100_7b.time_s(4096) == pytest.approx(1.056, abs=0.02)
+    assert cfg.profile.time_s(1) == pytest.approx(h100_7b.time_s(1) * 9.70 / 9.09, rel=0.03)
+
+
+def test_moe_variants_take_weights_and_active_flops_from_their_experts() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        preset("llama3-8b+moe", tp=1)  # 47.5B weights: two GPUs, as Mixtral-8x7B
+    moe = preset("llama3-8b+moe")
+    assert moe.tp == 2 and moe.moe is not None and moe.moe_profile is not None
+    _, mlp = MODELS["llama3-8b"].split_profile(2)
+    # One token touches top_k = 2 experts; a big step runs 2 dense MLPs of FLOPs per token.
+    assert active_experts(1, 8, 2) == pytest.approx(2.0)
+    assert moe.moe_profile.time_s(1) == pytest.approx(2 * mlp.time_s(1), rel=0.05)
+    slope = moe.moe_profile.slope_s_per_token(2048, 4096)
+    assert slope == pytest.approx(2 * mlp.slope_s_per_token(512, 1024), rel=0.15)
+    big = preset("llama3-8b+moe256")
+    assert big.tp == 8 and big.moe is not None and big.moe.ep_ranks == 8
+    # Counted in the step: a MoE step is the non-MLP profile plus the experts.
+    engine = Engine(moe, random.Random(0))
+    engine.add_request(EngineRequest("a", 500, 1), 0.0)  # one prefill chunk
+    step = engine.step(0.0)
+    assert step.duration_s > moe.profile.time_s(500) + moe.moe_profile.time_s(500) * 0.99
+    assert sum(engine.stats()["expert_tokens"]) == 500 * 2

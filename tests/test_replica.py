@@ -21,8 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest import procs
+from loadtest.engine import DEFAULT_REPLICA_PRESET
 from loadtest.replica import SimReplicaConfig, SimReplicaState, run_replica
-from loadtest.replica.cli import main
+from loadtest.replica.cli import build_parser, configs_from_args, main
 from loadtest.replica.faults import FaultError, parse_fault
 from loadtest.replica.metrics import orca_header
 from loadtest.replica.model import Job, ModelLoad
@@ -742,3 +743,62 @@ async def test_reset_keeps_requests_in_flight_counted(
         return (s["started"], s["aborted"], s["in_progress"]) == (1, 1, 0)
 
     await eventually(settled)
+
+
+# -- the default engine model -----------------------------------------------------
+
+
+def test_cli_default_is_the_engine_model_and_paced_flags_select_pacing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def engine_of(*argv: str) -> str | None:
+        return configs_from_args(build_parser().parse_args(["--port", "0", *argv]))[0].engine
+
+    assert engine_of() == DEFAULT_REPLICA_PRESET == "llama3-8b+moe"
+    assert engine_of("--paced") is None
+    assert engine_of("--token-interval", "0.001") is None  # a paced flag asks for pacing
+    assert engine_of("--engine", "llama2-7b", "--token-interval", "0.001") == "llama2-7b"
+    assert main(["--port", "0", "--paced", "--engine", "llama3-8b"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+async def test_engine_replica_refuses_what_its_kv_cache_cannot_hold(
+    http: aiohttp.ClientSession,
+) -> None:
+    cfg = SimReplicaConfig(engine="llama3-8b", engine_overrides={"kv_capacity_tokens": 4096})
+    async with run_replica(cfg) as (url, _):
+        for stream in (False, True):
+            body = {**CHAT, "max_tokens": 5000, "stream": stream}
+            async with http.post(f"{url}/v1/chat/completions", json=body) as r:
+                assert r.status == 400  # before any header, streaming or not
+                err = (await r.json())["error"]
+            assert err["type"] == "BadRequestError" and err["code"] == 400
+            assert "tokens of KV" in err["message"]
+        async with http.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 4}) as r:
+            assert r.status == 200  # and it goes on serving
+        s = await stats(http, url)
+        assert (s["errors"], s["completed"], s["in_progress"]) == (2, 1, 0)
+
+
+async def test_default_engine_replica_hits_the_cached_follow_up_and_counts_experts(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The realistic default: a follow-up turn finds its context cached (it skips
+    that prefill), and the MoE variant reports per-expert counters."""
+    async with run_replica(SimReplicaConfig(engine=DEFAULT_REPLICA_PRESET)) as (url, _):
+        context = "lorem ipsum dolor sit amet " * 400  # ~2,700 tokens
+        for content in (context, context + "and one more question"):
+            body = {**CHAT, "max_tokens": 1, "messages": [{"role": "user", "content": content}]}
+            async with http.post(f"{url}/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+        async with http.get(f"{url}/metrics") as r:
+            got = families(await r.text())
+
+    def values(name: str) -> list[float]:
+        return [s.value for s in got[name].samples]
+
+    (hits,), (queries,) = values("vllm:prefix_cache_hits"), values("vllm:prefix_cache_queries")
+    assert hits >= estimate_tokens(len(context)) - 2 * 64  # the whole context but its tail block
+    assert queries == pytest.approx(2 * estimate_tokens(len(context)), rel=0.02)
+    assert values("dp_sim:prefix_cache_preempted_queries") == [0.0]
+    assert len(values("dp_sim:expert_tokens")) == 8 and sum(values("dp_sim:expert_tokens")) > 0

@@ -119,6 +119,6 @@ async def test_replica_serves_with_the_engine_model(client: aiohttp.ClientSessio
         }
         assert samples["vllm:prefix_cache_hits_total"] > 0  # the second request hit
         assert "dp_sim:expert_tokens" in text
-        too_big = dict(body, messages=[{"role": "user", "content": "w" * 4 * 120_000}])
+        too_big = dict(body, messages=[{"role": "user", "content": "w" * 4 * 130_000}])
         async with client.post(f"{url}/v1/chat/completions", json=too_big) as resp:
             assert resp.status == 400

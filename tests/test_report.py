@@ -17,6 +17,7 @@ from loadtest.report import (
     load_results,
     markdown_summary,
     percentile,
+    result_from_json,
     summarize,
     write_plots,
     write_results,
@@ -147,3 +148,14 @@ def test_plots_are_written_with_matplotlib(tmp_path) -> None:
     assert paths is not None
     assert [p.name for p in paths] == ["latency_cdf.png", "replica_load.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_first_admission_hit_rate_is_the_headline_and_readmission_apart() -> None:
+    r = summarize(_records(), wall_s=4.0, prefix_hit_rate=0.25, readmit_hit_rate=0.9)
+    md = markdown_summary(r)
+    assert "hit rate at first admission (replica metrics): 25.0%" in md
+    assert "re-admissions after a preemption: 90.0%" in md
+    assert "prefix hit (1st adm.)" in comparison_table([r])
+    old = r.to_json()
+    del old["readmit_hit_rate"]  # results saved before the field existed still load
+    assert result_from_json(old).readmit_hit_rate is None

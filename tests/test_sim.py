@@ -9,7 +9,8 @@ import pytest
 from loadtest.sim import cli as simulate
 from loadtest.sim import core
 from loadtest.sim.queue_model import ExpQueue, LognormalQueue
-from loadtest.sim.workload import open_workload
+from loadtest.sim.workload import arrival_mode, open_workload
+from loadtest.workloads import traces
 from policies import registry
 
 
@@ -154,3 +155,59 @@ def test_every_request_sharing_one_system_prompt_spreads_and_still_hits(policy: 
     assert max(shares) < 1.5 / 8, shares
     assert res.cache_hit is not None and res.cache_hit > 0.8  # 31 of ~34 blocks are shared
     assert not res.unstable
+
+
+# -- trace replay, refusals, several policies at once ---------------------------
+
+
+def test_trace_replays_its_own_timestamps_rescaled_to_the_rate() -> None:
+    rows = traces.read_mooncake(traces.MOONCAKE)
+    n = 400
+    own = traces.replay_times(rows, n)
+    native = traces.native_rate(rows, n)
+    assert native == pytest.approx((n - 1) / (own[-1] - own[0]))
+    got = [a.t for a in open_workload("mooncake", seed=0, requests=n, rate=3 * native)]
+    assert got == pytest.approx([t / 3 for t in own])  # bursts kept, three times as fast
+    assert [a.t for a in open_workload("mooncake", seed=0, requests=n, speed=3.0)] == pytest.approx(
+        got
+    )
+    poisson = [a.t for a in open_workload("mooncake", seed=0, requests=n, rate=3 * native,
+                                          arrivals="poisson")]  # fmt: skip
+    assert poisson != got and len(poisson) == n
+    assert arrival_mode("mooncake", None) == "trace" and arrival_mode("chat", None) == "poisson"
+    with pytest.raises(ValueError, match="no timestamps"):
+        arrival_mode("chat", "trace")
+
+
+def test_a_request_that_never_fits_is_rejected_and_the_run_goes_on() -> None:
+    """Prompts longer than a replica's whole KV cache: vLLM's 400, counted, not an abort."""
+    cfg = core.SimConfig(
+        replicas=2, service="engine", seed=5, engine_overrides={"kv_capacity_tokens": 16_384}
+    )
+    rows = traces.read_mooncake(traces.MOONCAKE)[:60]
+    too_big = sum(r.prompt_tokens + r.output_tokens > 16_384 for r in rows)
+    assert 0 < too_big < 60
+    arrivals = open_workload("mooncake", seed=5, requests=60, rate=4.0, arrivals="poisson")
+    res = core.run(registry.create("queue_depth", seed=5), arrivals, 60, cfg)
+    assert res.rejected == too_big and res.arrivals == 60
+    assert len(res.ttft) == sum(r.prompt_tokens + r.output_tokens <= 16_384 for r in rows[6:])
+
+
+def test_policies_flag_and_report_header(capsys: pytest.CaptureFixture[str]) -> None:
+    assert simulate.split_policies("a,p2c:d=3,replacement=true,b:x=1") == [
+        "a",
+        "p2c:d=3,replacement=true",
+        "b:x=1",
+    ]
+    argv = ["--policies", "weighted_random,round_robin", "--service", "engine",
+            "--workload", "mooncake", "--requests", "120", "--replicas", "2",
+            "--load", "0.5"]  # fmt: skip
+    assert simulate.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "preset=llama3-8b arrivals=trace (its own timestamps x" in out
+    assert "preempt" in out and "rej" in out
+    assert simulate.main([*argv, "--arrivals", "poisson", "--json"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["policy"] for r in recs] == ["weighted_random", "round_robin"]
+    assert all(r["arrivals"] == "poisson" and r["rejected"] == 0 for r in recs)
+    assert simulate.main(["--workload", "chat", "--speed", "2", "--requests", "10"]) == 2

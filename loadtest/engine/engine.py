@@ -38,9 +38,17 @@ previous prompt and recomputes the previous answer, in both worlds.
 Admission (vLLM V0's watermark): a waiting request starts only if 1% of
 the KV blocks stay free after its first chunk, so a full cache does not admit
 a request in one step and preempt it in the next (it cut preemptions 3x in
-an overloaded closed-loop run). ``add_request`` refuses (ValueError) what
-could never run: more tokens than the whole KV cache, or than
-``max_model_len`` when set.
+an overloaded closed-loop run). ``add_request`` refuses (RequestRefused, a
+ValueError, counted in ``rejected``) what could never run: more tokens than
+the whole KV cache, or than ``max_model_len`` when set; vLLM answers those
+with a 400.
+
+Prefix-cache counters, in tokens: ``prefix_queries`` / ``prefix_hits`` at a
+request's first admission (the hit rate routing can change), and
+``readmit_queries`` / ``readmit_hits`` when a preempted request comes back
+(it mostly finds its own blocks: counting those as hits made the policy that
+preempts most look best). vLLM keeps the same split (``PrefixCacheStats``:
+``queries``/``hits`` vs ``preempted_queries``/``preempted_hits``).
 
 Not modelled: speculative decoding, prefill/decode disaggregation, swap-out
 preemption, CPU overheads, per-request sampling cost.
@@ -54,7 +62,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loadtest.engine.moe import ExpertRouter, MoEConfig
-from loadtest.engine.profiles import MODELS, IterationProfile
+from loadtest.engine.profiles import DEFAULT_MODEL, MODELS, IterationProfile, ModelSpec, isotonic
 from policies.prefix import BLOCK_TOKENS
 
 GIB = 1 << 30
@@ -111,6 +119,9 @@ class EngineConfig:
     # admits a request in one step and preempts it in the next.
     admission_watermark: float = 0.01
     moe: MoEConfig | None = None
+    # The MoE presets' expert time per step (``profile`` is then everything
+    # else); None: ``moe``, if set, stretches ``moe.moe_share`` of ``profile``.
+    moe_profile: IterationProfile | None = None
 
     def __post_init__(self) -> None:
         if BLOCK_TOKENS % self.block_size:
@@ -123,56 +134,138 @@ class EngineConfig:
             raise ValueError("allreduce_share must be in [0, 1)")
 
 
+@dataclass(frozen=True, slots=True)
+class MoEVariant:
+    """How a ``+moe`` preset turns a dense model into a mixture of experts.
+
+    Each layer's MLP becomes ``config.num_experts`` experts of 1/``granularity``
+    of the dense MLP's size, ``config.top_k`` of them per token; attention
+    (and so the KV footprint) is the dense model's. Weights grow to
+    ``params + mlp_params * (experts / granularity - 1)``; the active MLP
+    compute per token is ``top_k / granularity`` dense MLPs.
+    """
+
+    config: MoEConfig
+    granularity: int  # expert size = dense MLP / granularity
+
+
+MOE_VARIANTS: dict[str, MoEVariant] = {
+    # Mixtral-8x7B-like: 8 experts the size of the dense MLP, top-2. On
+    # Llama-3-8B: 47.5B weights (Mixtral 8x7B: 46.7B), 13B active.
+    "moe": MoEVariant(MoEConfig(num_experts=8, top_k=2), granularity=1),
+    # DeepSeek-V3-like: 256 fine-grained experts (1/8 of the dense MLP), top-8
+    # (one dense MLP's compute), spread over 8 expert-parallel ranks.
+    "moe256": MoEVariant(MoEConfig(num_experts=256, top_k=8, ep_ranks=8), granularity=8),
+}
+DEFAULT_PRESET = DEFAULT_MODEL
+# The simulated replica's default: the default model's MoE variant, so a
+# replica started with no flags also reports per-expert counters.
+DEFAULT_REPLICA_PRESET = f"{DEFAULT_MODEL}+moe"
+
+
+def active_experts(tokens: float, experts: int, top_k: int) -> float:
+    """Expected distinct experts a step of ``tokens`` tokens touches (uniform routing).
+
+    A decode step of one token loads top_k experts' weights, not all of them:
+    E * (1 - (1 - k/E)^T).
+    """
+    return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+
+
+def moe_profile(mlp: IterationProfile, variant: MoEVariant) -> IterationProfile:
+    """The experts' time per step, as a function of the step's token count.
+
+    Each touched expert runs a GEMM of its share of the T * k routed tokens,
+    costed as the dense MLP at that token count divided by the granularity
+    (a smaller expert loads and multiplies 1/g of the weights); with expert
+    parallelism the ranks run their experts at once, so one rank's share
+    counts. Small steps are bound on loading the touched experts' weights,
+    large ones on the active FLOPs (k / g dense MLPs per token).
+    """
+    cfg = variant.config
+    e, k = cfg.num_experts, cfg.top_k
+    ranks = cfg.ep_ranks or 1
+    ys: list[float] = []
+    for t in mlp.tokens:
+        a = active_experts(t, e, k)
+        ys.append(a / ranks / variant.granularity * mlp.time_s(t * k / a))
+    return IterationProfile(mlp.tokens, tuple(isotonic(ys)))
+
+
+def _fits(spec: ModelSpec, params: float, gpus: int) -> tuple[int, float, float]:
+    """(KV tokens, weight bytes per GPU, usable bytes per GPU) on ``gpus`` H100s."""
+    weights_per_gpu = params * spec.weight_bytes / gpus
+    usable = H100_MEMORY_BYTES * GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_BYTES
+    free_per_gpu = usable - weights_per_gpu
+    kv_tokens = int(free_per_gpu * gpus // spec.kv_bytes_per_token) if free_per_gpu > 0 else 0
+    return kv_tokens, weights_per_gpu, usable
+
+
 def preset(
-    name: str,
-    tp: int = 1,
+    name: str = DEFAULT_PRESET,
+    tp: int | None = None,
     pp: int = 1,
     interconnect: str = "nvlink",
     **overrides: Any,
 ) -> EngineConfig:
     """An EngineConfig for a profiled model on H100s with TP x PP GPUs.
 
-    ``name`` is a model in ``loadtest.engine.profiles.MODELS`` ("llama2-7b",
-    "llama2-70b"), optionally suffixed "+moe" (a Mixtral-like top-2 of 8
-    experts on that compute profile) or "+moe256" (DeepSeek-V3-like top-8 of
-    256 over 8 EP ranks). Per-GPU weights shrink with tp * pp, so the KV
-    cache grows; compute comes from the profile's measured TP rows (not a
-    division by TP); all-reduce adds its share for the interconnect. A model
-    that does not fit, or leaves less than MIN_KV_TOKENS of KV cache, raises
-    ValueError. ``overrides`` replace any EngineConfig field (e.g.
-    ``kv_capacity_tokens=20_000``, ``max_num_seqs=256``, ``moe=MoEConfig(...)``).
+    ``name`` is a model in ``loadtest.engine.profiles.MODELS`` ("llama3-8b",
+    the default; "llama2-7b", "llama2-70b"), optionally suffixed "+moe" or
+    "+moe256" (:data:`MOE_VARIANTS`: the same attention, the MLP as experts,
+    weights and step times from the experts' size and active FLOPs).
+    Per-GPU weights shrink with tp * pp, so the KV cache grows; compute comes
+    from the profile's measured TP rows (not a division by TP); all-reduce
+    adds its share for the interconnect. ``tp=None`` (the default) takes the
+    smallest TP degree the model fits on. A model that does not fit, or leaves less than
+    MIN_KV_TOKENS of KV cache, raises ValueError. ``overrides`` replace any
+    EngineConfig field (e.g. ``kv_capacity_tokens=20_000``, ``max_num_seqs=256``,
+    ``moe=MoEConfig(...)``). docs/simulator.md says how far to trust each preset.
     """
-    base, _, variant = name.partition("+")
+    base, _, variant_name = name.partition("+")
     spec = MODELS.get(base)
     if spec is None:
         raise ValueError(f"unknown engine preset {name!r}; known: {', '.join(sorted(MODELS))}")
     if interconnect not in ALLREDUCE_SHARE:
         raise ValueError(f"interconnect must be one of {sorted(ALLREDUCE_SHARE)}")
-    if tp not in ALLREDUCE_SHARE[interconnect]:
-        raise ValueError(f"tp must be one of {sorted(ALLREDUCE_SHARE[interconnect])}")
     if pp < 1 or spec.layers % pp:
         raise ValueError(f"pp must divide the layer count ({spec.layers})")
-    moe: MoEConfig | None = None
-    if variant == "moe":
-        moe = MoEConfig(num_experts=8, top_k=2)
-    elif variant == "moe256":
-        moe = MoEConfig(num_experts=256, top_k=8, ep_ranks=8)
-    elif variant:
-        raise ValueError(f"unknown preset variant {variant!r} (known: moe, moe256)")
+    variant: MoEVariant | None = None
+    if variant_name:
+        variant = MOE_VARIANTS.get(variant_name)
+        if variant is None:
+            raise ValueError(
+                f"unknown preset variant {variant_name!r} (known: {', '.join(MOE_VARIANTS)})"
+            )
+    params = spec.params
+    if variant is not None:
+        cfg_moe = variant.config
+        params += spec.mlp_params * (cfg_moe.num_experts / variant.granularity - 1)
+    degrees = sorted(ALLREDUCE_SHARE[interconnect])
+    if tp is None:
+        tp = next((d for d in degrees if _fits(spec, params, d * pp)[0] >= MIN_KV_TOKENS), None)
+        if tp is None:
+            raise ValueError(f"{name} does not fit on {degrees[-1] * pp} x H100-80GB at any TP")
+    if tp not in ALLREDUCE_SHARE[interconnect]:
+        raise ValueError(f"tp must be one of {degrees}")
     gpus = tp * pp
-    weights_per_gpu = spec.params * spec.weight_bytes / gpus
-    usable = H100_MEMORY_BYTES * GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_BYTES
-    free_per_gpu = usable - weights_per_gpu
-    kv_tokens = int(free_per_gpu * gpus // spec.kv_bytes_per_token) if free_per_gpu > 0 else 0
+    kv_tokens, weights_per_gpu, usable = _fits(spec, params, gpus)
     if kv_tokens < MIN_KV_TOKENS:
         raise ValueError(
-            f"{base} does not fit on {gpus} x H100-80GB (TP{tp} PP{pp}): weights take "
+            f"{name} does not fit on {gpus} x H100-80GB (TP{tp} PP{pp}): weights take "
             f"{weights_per_gpu / GIB:.1f} GiB per GPU of {usable / GIB:.1f} GiB usable, "
             f"leaving KV for {max(kv_tokens, 0)} tokens (< {MIN_KV_TOKENS}); "
             "use a higher TP or PP degree"
         )
+    if variant is None:
+        profile, experts = spec.profile(tp), None
+    else:
+        dense_rest, mlp = spec.split_profile(tp)
+        # Expert-parallel ranks hold whole experts: their GEMMs are TP1's.
+        expert_mlp = spec.split_profile(1)[1] if variant.config.ep_ranks else mlp
+        profile, experts = dense_rest, moe_profile(expert_mlp, variant)
     cfg = EngineConfig(
-        profile=spec.profile(tp),
+        profile=profile,
         kv_capacity_tokens=kv_tokens,
         kv_bytes_per_token=spec.kv_bytes_per_token,
         name=name,
@@ -180,9 +273,14 @@ def preset(
         pp=pp,
         interconnect=interconnect,
         allreduce_share=ALLREDUCE_SHARE[interconnect][tp],
-        moe=moe,
+        moe=variant.config if variant else None,
+        moe_profile=experts,
     )
     return replace(cfg, **overrides) if overrides else cfg
+
+
+class RequestRefused(ValueError):
+    """A request that could never run on this engine (vLLM's 400)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +308,7 @@ class StepResult:
 
 class _Seq:
     __slots__ = (
+        "admitted",
         "computed",
         "domain",
         "hashes",
@@ -236,6 +335,7 @@ class _Seq:
         self.shared = 0  # leading prefix blocks held by reference in the cache
         self.private = 0  # engine blocks held privately
         self.step_n = 0  # tokens scheduled in the current step
+        self.admitted = False  # admitted once already (a later admission follows a preemption)
 
 
 class Engine:
@@ -260,30 +360,49 @@ class Engine:
         # PP stages run one after another, so they add up to the whole model).
         self._attn_s_per_token = config.kv_bytes_per_token / config.tp / config.hbm_bytes_per_s
         self._overhead = 1.0 / (1.0 - config.allreduce_share)
+        # Prefix-cache lookups at a request's FIRST admission, in tokens: the
+        # hit rate routing can win (vLLM's exported prefix_cache_queries/hits).
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # Lookups when a preempted request is admitted again: mostly its own
+        # blocks, so they say nothing about routing (vLLM's preempted_*).
+        self.readmit_queries = 0
+        self.readmit_hits = 0
         self.preemptions = 0
+        self.rejected = 0  # requests refused by add_request (never fit)
         self.now = 0.0
 
     # -- public API ---------------------------------------------------------
 
-    def add_request(self, req: EngineRequest, now: float) -> None:
-        """Queue a request (FIFO). Raises ValueError if it could never fit in KV."""
-        if req.id in self._seqs:
-            raise ValueError(f"duplicate request id {req.id!r}")
-        if req.prompt_tokens < 1 or req.max_tokens < 1:
-            raise ValueError("prompt_tokens and max_tokens must be >= 1")
+    def refusal(self, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request of these lengths could never run here (None: it can).
+
+        vLLM answers such a request with a 400 before queueing it; callers do
+        the same (the simulator counts it as rejected, the replica answers 400).
+        """
+        if prompt_tokens < 1 or max_tokens < 1:
+            return "prompt_tokens and max_tokens must be >= 1"
         limit = self.config.max_model_len
-        if limit is not None and req.prompt_tokens + req.max_tokens > limit:
-            raise ValueError(
-                f"request of {req.prompt_tokens} prompt + {req.max_tokens} output tokens "
+        if limit is not None and prompt_tokens + max_tokens > limit:
+            return (
+                f"request of {prompt_tokens} prompt + {max_tokens} output tokens "
                 f"exceeds max_model_len {limit}"
             )
-        if req.prompt_tokens + req.max_tokens > self.config.kv_capacity_tokens:
-            raise ValueError(
-                f"request needs {req.prompt_tokens + req.max_tokens} tokens of KV; "
+        if prompt_tokens + max_tokens > self.config.kv_capacity_tokens:
+            return (
+                f"request needs {prompt_tokens + max_tokens} tokens of KV; "
                 f"the engine holds {self.config.kv_capacity_tokens}"
             )
+        return None
+
+    def add_request(self, req: EngineRequest, now: float) -> None:
+        """Queue a request (FIFO). Raises RequestRefused if it could never fit (:meth:`refusal`)."""
+        if req.id in self._seqs:
+            raise ValueError(f"duplicate request id {req.id!r}")
+        why = self.refusal(req.prompt_tokens, req.max_tokens)
+        if why is not None:
+            self.rejected += 1
+            raise RequestRefused(why)
         self.now = now
         seq = _Seq(req)
         self._seqs[req.id] = seq
@@ -325,7 +444,10 @@ class Engine:
             "kv_cached_blocks": len(self._refs) * self._bpp,
             "prefix_queries": self.prefix_queries,
             "prefix_hits": self.prefix_hits,
+            "readmit_queries": self.readmit_queries,
+            "readmit_hits": self.readmit_hits,
             "preemptions": self.preemptions,
+            "rejected": self.rejected,
             "expert_tokens": list(moe.expert_tokens) if moe else [],
             "expert_overflow": list(moe.expert_overflow) if moe else [],
         }
@@ -401,8 +523,13 @@ class Engine:
             seq.private = need
             self._private_total += need
             running.append(seq)
-            self.prefix_queries += target
-            self.prefix_hits += hit
+            if seq.admitted:
+                self.readmit_queries += target
+                self.readmit_hits += hit
+            else:
+                seq.admitted = True
+                self.prefix_queries += target
+                self.prefix_hits += hit
             seq.step_n = n
             sched.append(seq)
             kv_read += seq.computed
@@ -479,7 +606,10 @@ class Engine:
         if self._moe is not None and domains is not None:
             assert cfg.moe is not None
             factor = self._moe.route(domains)
-            linear *= 1.0 + cfg.moe.moe_share * (factor - 1.0)
+            if cfg.moe_profile is not None:
+                linear += cfg.moe_profile.time_s(tokens / m) * factor
+            else:
+                linear *= 1.0 + cfg.moe.moe_share * (factor - 1.0)
         one = linear + kv_read / m * self._attn_s_per_token
         if pp > 1:
             # GPipe schedule: m microbatches through pp stages of 1/pp of the

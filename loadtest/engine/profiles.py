@@ -96,20 +96,31 @@ class IterationProfile:
         return cls((1, knee_tokens, far), (base_s, base_s, base_s + slope_s * (far - knee_tokens)))
 
 
-@lru_cache(maxsize=8)
-def load_vidur_mlp(path: str | Path, layers: int) -> dict[int, IterationProfile]:
+MLP_OPS = ("mlp_up_proj", "mlp_act", "mlp_down_proj")  # what MoE experts replace
+NON_MLP_OPS = tuple(op for op in LAYER_OPS if op not in MLP_OPS)
+
+
+@lru_cache(maxsize=32)
+def load_vidur_mlp(
+    path: str | Path,
+    layers: int,
+    layer_ops: tuple[str, ...] = LAYER_OPS,
+    model_ops: tuple[str, ...] = MODEL_OPS,
+) -> dict[int, IterationProfile]:
     """Per TP degree, the iteration profile of a whole model from a Vidur mlp.csv.
 
     Rows measured twice for the same (tokens, TP) are averaged. Times are
-    converted from ms to seconds and multiplied by ``layers``.
+    converted from ms to seconds and multiplied by ``layers``. ``layer_ops``
+    and ``model_ops`` choose the operators summed (all of them by default;
+    the MoE presets read the MLP and the rest apart).
     """
     acc: dict[int, dict[int, list[float]]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             tp = int(row["num_tensor_parallel_workers"])
             n = int(row["num_tokens"])
-            layer_ms = sum(float(row[f"time_stats.{op}.median"]) for op in LAYER_OPS)
-            model_ms = sum(float(row[f"time_stats.{op}.median"]) for op in MODEL_OPS)
+            layer_ms = sum(float(row[f"time_stats.{op}.median"]) for op in layer_ops)
+            model_ms = sum(float(row[f"time_stats.{op}.median"]) for op in model_ops)
             acc.setdefault(tp, {}).setdefault(n, []).append(layer_ms * layers + model_ms)
     out: dict[int, IterationProfile] = {}
     for tp, by_n in acc.items():
@@ -117,6 +128,20 @@ def load_vidur_mlp(path: str | Path, layers: int) -> dict[int, IterationProfile]
         raw = [sum(by_n[n]) / len(by_n[n]) / 1000.0 for n in ns]
         out[tp] = IterationProfile(tuple(ns), tuple(isotonic(raw)))
     return out
+
+
+def scaled(
+    base: IterationProfile, num: IterationProfile, den: IterationProfile
+) -> IterationProfile:
+    """``base`` times the ratio ``num / den`` at each of ``base``'s token counts.
+
+    How a model without a profile on one GPU gets one: the H100 Llama-2-7B
+    table times (A100 Llama-3-8B / A100 Llama-2-7B), both A100 tables measured
+    by the same harness on the same GPU. Made monotone again, since a ratio
+    of two monotone curves need not be.
+    """
+    ys = [s * num.time_s(n) / den.time_s(n) for n, s in zip(base.tokens, base.seconds, strict=True)]
+    return IterationProfile(base.tokens, tuple(isotonic(ys)))
 
 
 def isotonic(ys: list[float]) -> list[float]:
@@ -136,35 +161,85 @@ def isotonic(ys: list[float]) -> list[float]:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """What the engine needs to know about a model: size, KV footprint, profile."""
+    """What the engine needs to know about a model: size, KV footprint, profile.
+
+    ``scale_files`` = (numerator, denominator): the model has no profile of its
+    own on the profiled GPU, so ``profile_file`` is scaled by the ratio of two
+    tables measured together on another GPU (see :func:`scaled`).
+    """
 
     name: str
     params: float  # parameter count; weights take params * weight_bytes
     layers: int
     kv_bytes_per_token: int  # whole model, all layers (split across TP x PP GPUs)
     profile_file: str  # file name in loadtest/engine/data
+    mlp_params: float  # of ``params``, the MLP's (what MoE experts replace)
+    scale_files: tuple[str, str] | None = None
     weight_bytes: int = 2  # fp16/bf16
 
     def profile(self, tp: int) -> IterationProfile:
-        profiles = load_vidur_mlp(str(DATA_DIR / self.profile_file), self.layers)
+        """The whole model's iteration time (non-attention) at TP ``tp``."""
+        return self._profile(tp, LAYER_OPS, MODEL_OPS)
+
+    def split_profile(self, tp: int) -> tuple[IterationProfile, IterationProfile]:
+        """(everything but the MLP, the MLP alone) at TP ``tp``: what MoE presets build on."""
+        return self._profile(tp, NON_MLP_OPS, MODEL_OPS), self._profile(tp, MLP_OPS, ())
+
+    def _profile(
+        self, tp: int, layer_ops: tuple[str, ...], model_ops: tuple[str, ...]
+    ) -> IterationProfile:
+        profiles = load_vidur_mlp(
+            str(DATA_DIR / self.profile_file), self.layers, layer_ops, model_ops
+        )
         if tp not in profiles:
             raise ValueError(
                 f"{self.name}: no measured profile for TP{tp} (measured: "
                 f"{', '.join(f'TP{t}' for t in sorted(profiles))})"
             )
-        return profiles[tp]
+        if self.scale_files is None:
+            return profiles[tp]
+        num, den = (
+            load_vidur_mlp(str(DATA_DIR / f), self.layers, layer_ops, model_ops)[tp]
+            for f in self.scale_files
+        )
+        return scaled(profiles[tp], num, den)
 
 
 # KV bytes per token = 2 (K and V) * layers * kv_heads * head_dim * 2 bytes.
 # Llama-2-7B: 2*32*32*128*2 = 512 KiB (no GQA). Llama-2-70B: 2*80*8*128*2
-# = 320 KiB (GQA, 8 KV heads). Compute and KV come from the same model (these
-# two, because the Vidur profiles measured them): a KV footprint from one model
-# and step times from another would give a fleet no real deployment has.
+# = 320 KiB (GQA, 8 KV heads). Llama-3-8B: 2*32*8*128*2 = 128 KiB (GQA, 8 KV
+# heads). MLP parameters: 3 (gate, up, down) * hidden * intermediate * layers.
+# Compute and KV come from the same model: a KV footprint from one model and
+# step times from another would give a fleet no real deployment has. Vidur
+# has no H100 table for Llama-3-8B, so its step times are the H100 Llama-2-7B
+# table times the A100 Llama-3-8B / Llama-2-7B ratio (docs/simulator.md).
 MODELS: dict[str, ModelSpec] = {
+    "llama3-8b": ModelSpec(
+        "llama3-8b",
+        8.03e9,
+        32,
+        2 * 32 * 8 * 128 * 2,
+        "vidur_h100_llama2_7b_mlp.csv",
+        mlp_params=3 * 4096 * 14336 * 32,
+        scale_files=("vidur_a100_llama3_8b_mlp.csv", "vidur_a100_llama2_7b_mlp.csv"),
+    ),
     "llama2-7b": ModelSpec(
-        "llama2-7b", 6.74e9, 32, 2 * 32 * 32 * 128 * 2, "vidur_h100_llama2_7b_mlp.csv"
+        "llama2-7b",
+        6.74e9,
+        32,
+        2 * 32 * 32 * 128 * 2,
+        "vidur_h100_llama2_7b_mlp.csv",
+        mlp_params=3 * 4096 * 11008 * 32,
     ),
     "llama2-70b": ModelSpec(
-        "llama2-70b", 68.98e9, 80, 2 * 80 * 8 * 128 * 2, "vidur_h100_llama2_70b_mlp.csv"
+        "llama2-70b",
+        68.98e9,
+        80,
+        2 * 80 * 8 * 128 * 2,
+        "vidur_h100_llama2_70b_mlp.csv",
+        mlp_params=3 * 8192 * 28672 * 80,
     ),
 }
+# The preset `dp-router simulate` and `dp-router replica` use unless told: a
+# GQA dense model, as today's fleets serve.
+DEFAULT_MODEL = "llama3-8b"

@@ -2,8 +2,16 @@
 
 The flags, the fault header and the runtime knobs are documented in
 docs/replica.md. Each replica prints ``ready <port> name=<name> url=<url>
-metrics=<flavour>`` once it listens (``--port 0`` binds a free port and
-reports it there); SIGTERM or SIGINT stops them all cleanly.
+metrics=<flavour> model=<engine preset or paced>`` once it listens (``--port
+0`` binds a free port and reports it there); SIGTERM or SIGINT stops them all
+cleanly.
+
+Which model times the tokens: the engine model with
+loadtest.engine.DEFAULT_REPLICA_PRESET unless told otherwise (a replica that
+looks like a GPU: prefill cost of uncached tokens, prefix caching, batching,
+expert counters); ``--paced``, or any of the paced model's own flags
+(``--token-interval``, ``--ttft``, ``--prefill-rate``, ``--max-running``)
+without ``--engine``, selects the fast fixed-pacing model gateway tests use.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from loadtest.engine.engine import DEFAULT_REPLICA_PRESET
 from loadtest.replica.config import DEFAULT_MAX_MODEL_LEN, SimReplicaConfig
 from loadtest.replica.server import STATE_KEY, app_runner, bound_port, create_replica_app
 
@@ -46,13 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--name", help="replica name (default host:port; suffixed -i with several ports)"
     )
-    p.add_argument("--token-interval", type=float, default=0.01, help="seconds per output token")
-    p.add_argument("--ttft", type=float, default=0.0, help="seconds to the first token")
-    p.add_argument(
+    pm = p.add_argument_group(
+        "paced model (fast fixed pacing, for gateway tests; any of these selects it)"
+    )
+    pm.add_argument(
+        "--paced",
+        action="store_true",
+        help="time tokens with the paced model instead of the engine model",
+    )
+    pm.add_argument(
+        "--token-interval",
+        type=float,
+        help=f"seconds per output token (default {SimReplicaConfig.token_interval_s})",
+    )
+    pm.add_argument("--ttft", type=float, help="seconds to the first token (default 0)")
+    pm.add_argument(
         "--prefill-rate",
         type=float,
-        default=0.0,
-        help="tokens/s: uncached prompt tokens add to TTFT (paced model; 0 = fixed TTFT)",
+        help="tokens/s: uncached prompt tokens add to TTFT (default 0 = fixed TTFT)",
+    )
+    pm.add_argument(
+        "--max-running",
+        type=int,
+        metavar="N",
+        help="at most N requests generate at once; the rest wait (FIFO)",
     )
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens when not requested")
     p.add_argument(
@@ -78,22 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="alternate OK and 503-for-everything every S seconds",
     )
-    p.add_argument(
-        "--max-running",
-        type=int,
-        default=None,
-        metavar="N",
-        help="at most N requests generate at once; the rest wait (FIFO)",
-    )
     p.add_argument("--speed", type=float, default=1.0, help="slow-down factor (10 = 10x slower)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
-    e = p.add_argument_group("engine model (instead of the paced model)")
+    e = p.add_argument_group("engine model (the default)")
     e.add_argument(
         "--engine",
         metavar="PRESET",
-        help="loadtest.engine preset, e.g. llama2-7b, llama2-70b, llama2-7b+moe",
+        help=f"loadtest.engine preset (default {DEFAULT_REPLICA_PRESET}; e.g. llama3-8b, "
+        "llama3-8b+moe256, llama2-70b; docs/simulator.md)",
     )
-    e.add_argument("--engine-tp", type=int, default=1)
+    e.add_argument(
+        "--engine-tp",
+        type=int,
+        default=None,
+        help="tensor-parallel GPUs (default: fewest that fit)",
+    )
     e.add_argument("--engine-pp", type=int, default=1)
     e.add_argument("--engine-interconnect", default="nvlink", choices=("nvlink", "pcie5"))
     e.add_argument(
@@ -125,9 +150,27 @@ def _engine_overrides(opts: list[str]) -> dict[str, Any]:
     return out
 
 
+def engine_choice(args: argparse.Namespace) -> str | None:
+    """The engine preset these flags ask for, or None for the paced model."""
+    paced_flags = (args.token_interval, args.ttft, args.prefill_rate, args.max_running)
+    if args.engine is not None:
+        if args.paced:
+            raise ValueError("--paced and --engine exclude each other")
+        return str(args.engine)
+    if args.paced or any(v is not None for v in paced_flags):
+        return None
+    return DEFAULT_REPLICA_PRESET
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def configs_from_args(args: argparse.Namespace) -> list[SimReplicaConfig]:
     ports: list[int] = args.port
     overrides = _engine_overrides(args.engine_opt)
+    engine = engine_choice(args)
+    base = SimReplicaConfig
     cfgs = []
     for i, port in enumerate(ports):
         if args.name:
@@ -138,9 +181,9 @@ def configs_from_args(args: argparse.Namespace) -> list[SimReplicaConfig]:
             SimReplicaConfig(
                 name=name,
                 models=tuple(args.models or ("sim-model",)),
-                token_interval_s=args.token_interval,
-                ttft_s=args.ttft,
-                prefill_tokens_per_s=args.prefill_rate,
+                token_interval_s=_or(args.token_interval, base.token_interval_s),
+                ttft_s=_or(args.ttft, base.ttft_s),
+                prefill_tokens_per_s=_or(args.prefill_rate, base.prefill_tokens_per_s),
                 default_max_tokens=args.max_tokens,
                 max_model_len=args.max_model_len,
                 metrics=args.metrics,
@@ -150,7 +193,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimReplicaConfig]:
                 api_key=args.api_key,
                 speed=args.speed,
                 exit_on_die=True,
-                engine=args.engine,
+                engine=engine,
                 engine_tp=args.engine_tp,
                 engine_pp=args.engine_pp,
                 engine_interconnect=args.engine_interconnect,
@@ -181,7 +224,7 @@ async def serve(host: str, ports: Sequence[int], cfgs: Sequence[SimReplicaConfig
                 state.cfg = dataclasses.replace(cfg, name=f"{host}:{bound}")
             print(
                 f"ready {bound} name={state.cfg.name} url=http://{host}:{bound} "
-                f"metrics={cfg.metrics}",
+                f"metrics={cfg.metrics} model={cfg.engine or 'paced'}",
                 flush=True,
             )
         await stop.wait()

@@ -24,6 +24,11 @@ class SimReplicaConfig:
     set, tokens are timed by the engine model (continuous batching, KV cache,
     prefix reuse, MoE experts) and ``token_interval_s``, ``ttft_s``,
     ``prefill_tokens_per_s`` and ``max_running`` are ignored.
+
+    This dataclass defaults to the paced model (``engine=None``): it is the
+    in-process test double, where exact, fast timing is the point. The
+    ``dp-router replica`` command defaults to the engine model
+    (loadtest.engine.DEFAULT_REPLICA_PRESET); ``--paced`` asks for this one.
     """
 
     name: str = "replica"
@@ -45,7 +50,7 @@ class SimReplicaConfig:
     # The engine model instead of the paced one (see server.make_model): a
     # preset of loadtest.engine.preset ("llama2-7b", "llama2-7b+moe", ...).
     engine: str | None = None
-    engine_tp: int = 1
+    engine_tp: int | None = None  # None: the smallest TP degree the preset fits on
     engine_pp: int = 1
     engine_interconnect: str = "nvlink"
     engine_overrides: dict[str, Any] = field(default_factory=dict)

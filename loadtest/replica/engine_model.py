@@ -62,10 +62,16 @@ class EngineModel:
             kv_usage=min(1.0, s["kv_usage"]),
             prefix_queries=s["prefix_queries"],
             prefix_hits=s["prefix_hits"],
+            readmit_queries=s["readmit_queries"],
+            readmit_hits=s["readmit_hits"],
             expert_tokens=s["expert_tokens"],
             expert_overflow=s["expert_overflow"],
             preemptions=s["preemptions"],
         )
+
+    def refusal(self, job: Job) -> str | None:
+        """Why the engine could never run ``job`` (larger than its KV cache), or None."""
+        return self.engine.refusal(job.prompt_tokens, job.max_tokens)
 
     async def generate(self, job: Job) -> AsyncIterator[int]:
         loop = asyncio.get_running_loop()

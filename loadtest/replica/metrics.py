@@ -10,7 +10,8 @@ cannot disagree about what a replica reports.
 Names checked against the sources: vLLM v1 ``vllm/v1/metrics/loggers.py``
 (gauges ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc``; counters ``vllm:prefix_cache_queries`` and
-``vllm:prefix_cache_hits``, exposed with ``_total``, in tokens;
+``vllm:prefix_cache_hits``, exposed with ``_total``, in tokens, counting
+new requests only: a preempted request's lookup is kept apart;
 ``vllm:num_preemptions``; labels ``model_name`` and ``engine``, the DP rank),
 SGLang ``python/sglang/srt/metrics/collector.py`` (gauges
 ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
@@ -66,12 +67,24 @@ def _per_expert(counts: Callable[[ModelLoad], list[int]]) -> Samples:
 
 
 def _hit_rate(load: ModelLoad) -> float:
+    # First admissions only, like the vLLM counters (docs/replica.md).
     return load.prefix_hits / load.prefix_queries if load.prefix_queries else 0.0
 
 
 EXPERT_TOKENS = Name("dp_sim:expert_tokens", "Tokens routed to each expert (simulated).")
 EXPERT_OVERFLOW = Name(
     "dp_sim:expert_overflow", "Tokens dropped by each expert's capacity limit (simulated)."
+)
+
+# vLLM counts a preempted request's new lookup apart (PrefixCacheStats'
+# preempted_queries / preempted_hits) and does not export it; we do, under our prefix.
+READMIT_QUERIES = Name(
+    "dp_sim:prefix_cache_preempted_queries",
+    "Prefix cache queries of requests admitted again after a preemption, in tokens (simulated).",
+)
+READMIT_HITS = Name(
+    "dp_sim:prefix_cache_preempted_hits",
+    "Prefix cache hits of requests admitted again after a preemption, in tokens (simulated).",
 )
 
 # Order: the ORCA header lists its named metrics in this order (vLLM's two first).
@@ -114,6 +127,18 @@ SIGNALS: tuple[Signal, ...] = (
     ),
     Signal(
         "gauge", _one(_hit_rate), sglang=Name("sglang:cache_hit_rate", "The prefix cache hit rate.")
+    ),
+    Signal(
+        "counter",
+        _one(lambda load: load.readmit_queries),
+        vllm=READMIT_QUERIES,
+        sglang=READMIT_QUERIES,
+    ),
+    Signal(
+        "counter",
+        _one(lambda load: load.readmit_hits),
+        vllm=READMIT_HITS,
+        sglang=READMIT_HITS,
     ),
     Signal(
         "counter",

@@ -40,8 +40,11 @@ class ModelLoad:
     running: int
     waiting: int
     kv_usage: float  # fraction of KV cache in use, in [0, 1]
-    prefix_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_queries: int = 0  # tokens looked up in the prefix cache at first admission
     prefix_hits: int = 0  # of which found cached
+    # The same, when a preempted request is admitted again (it finds its own blocks).
+    readmit_queries: int = 0
+    readmit_hits: int = 0
     expert_tokens: list[int] = field(default_factory=list)  # routed tokens per expert
     expert_overflow: list[int] = field(default_factory=list)  # dropped tokens per expert
     preemptions: int = 0
@@ -62,6 +65,10 @@ class ReplicaModel(Protocol):
         ...
 
     def load(self) -> ModelLoad: ...
+
+    # Optional: ``refusal(job) -> str | None``, why the model could never run
+    # ``job`` (the server answers 400 with it before any header, as vLLM
+    # refuses a request larger than its KV cache). Models without it accept all.
 
     def set_speed(self, factor: float) -> None:
         """Slow the model down at runtime: 1.0 is normal, 10 is 10x slower."""

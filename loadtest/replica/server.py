@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from loadtest.replica import openai
+from loadtest.replica import openai, push
 from loadtest.replica.config import SimReplicaConfig
 from loadtest.replica.faults import (
     FAULT_HEADER,
@@ -461,6 +461,12 @@ async def _generate_inner(
         max_tokens=gen.max_tokens,
         domain=request.headers.get(DOMAIN_HEADER) or None,
     )
+    refusal = getattr(state.model, "refusal", None)
+    why = refusal(job) if refusal is not None else None
+    if why is not None:
+        # Before any header, as vLLM refuses what its KV cache can never hold.
+        state.finish(rec, "error", 400)
+        return error_response(400, why)
     limit = gen.max_tokens if fault.chunks is None else min(gen.max_tokens, fault.chunks)
     cut = fault.chunks is not None and fault.chunks < gen.max_tokens
     body = _Body(rec, fault.gzip)
@@ -660,6 +666,7 @@ def create_replica_app(cfg: SimReplicaConfig, model: ReplicaModel | None = None)
     app.router.add_post("/_sim/reset", sim_reset)
     app.router.add_get("/_sim/config", sim_config_get)
     app.router.add_post("/_sim/config", sim_config_post)
+    push.install(app, app[STATE_KEY])  # load reports to a gateway if DP_SIM_PUSH_URL is set
     return app
 
 

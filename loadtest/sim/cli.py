@@ -8,8 +8,10 @@ reported as ``unstable``, not as a latency.
 
 Examples::
 
-    dp-router simulate --policy round_robin --policy p2c --policy queue_depth \\
+    dp-router simulate --policies round_robin,p2c,queue_depth \\
         --replicas 8 --load 0.8 --workload azure-conv --service lognormal
+    dp-router simulate --service engine --workload mooncake --requests 12000 \\
+        --policies queue_depth,prefix_affinity --load 0.95   # the trace at its own timestamps
     dp-router simulate --policy p2c:d=3,replacement=true --replicas 1000 --requests 1000000
     dp-router simulate --theory-checks          # against queueing theory, full size
     dp-router simulate --bench-decisions        # microseconds per pick
@@ -22,6 +24,19 @@ no cache hits) per replica; for ``engine`` a calibration run of the workload
 on one engine at saturation (no prefix reuse). Prefix-cache hits make the
 real capacity larger, so a prefix-heavy workload at --load 0.8 is lighter
 than 0.8.
+
+Arrivals: a trace (azure-conv, azure-code, mooncake, a trace file) arrives at
+its own timestamps, divided by the speed-up that brings the run's requests to
+the asked rate (``--speed X`` gives that factor directly, as in ``dp-router
+loadtest``): its bursts and lulls are kept. ``--arrivals poisson`` resamples
+them as Poisson arrivals at the same rate; synthetic workloads are Poisson.
+The report's header says which.
+
+The engine reports per policy: the prefix-cache hit rate in tokens at first
+admission (what routing changes; a preempted request's re-admission finds
+its own blocks and is reported apart), preemptions, and requests rejected
+because they could never fit in a replica's KV cache (vLLM's 400). How the
+engine presets were derived and how far to trust them: docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -34,9 +49,17 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from loadtest.engine.engine import DEFAULT_PRESET
 from loadtest.sim import core
 from loadtest.sim.queue_model import QueueModel, make_queue_model
-from loadtest.sim.workload import BUILTIN, SimArrival, open_workload
+from loadtest.sim.workload import (
+    ARRIVALS,
+    BUILTIN,
+    SimArrival,
+    arrival_mode,
+    open_workload,
+    trace_rate,
+)
 from policies import registry
 
 # Requests read to estimate a workload's mean lengths and turns: the whole
@@ -101,6 +124,24 @@ def _value(raw: str) -> Any:
     return raw
 
 
+def split_policies(specs: str) -> list[str]:
+    """``--policies a,b:k=v,k2=v2,c`` -> ["a", "b:k=v,k2=v2", "c"].
+
+    A comma starts a new policy unless what follows is a ``key=value``
+    parameter of the previous one (no ``:`` before its ``=``) or sits inside
+    a JSON value; ``--policy`` (repeatable) takes any spec as it is.
+    """
+    out: list[str] = []
+    for item in _split_params(specs.replace(";", "\0")):
+        item = item.replace("\0", ";").strip()
+        head = item.split("=", 1)[0]
+        if out and "=" in item and ":" not in head:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 def policy_label(name: str, params: dict[str, Any]) -> str:
     if not params:
         return name
@@ -117,7 +158,9 @@ def policy_label(name: str, params: dict[str, Any]) -> str:
 def workload_means(name: str, seed: int, requests: int) -> tuple[float, float, float]:
     """(mean prompt tokens, mean output tokens, mean turns per conversation) of the
     first ``requests`` requests (at most MAX_SAMPLE_REQUESTS): the run's own."""
-    convs = open_workload(name, seed=seed, requests=min(requests, MAX_SAMPLE_REQUESTS), rate=1.0)
+    convs = open_workload(
+        name, seed=seed, requests=min(requests, MAX_SAMPLE_REQUESTS), rate=1.0, arrivals="poisson"
+    )
     p = o = turns = convs_n = 0
     for arr in convs:
         convs_n += 1
@@ -137,7 +180,8 @@ def engine_capacity(
 
     Calibrated on CALIBRATION_REQUESTS requests taken at an even stride from
     the run's first ``requests`` (not its first 600: a trace's head is not
-    its mean), all queued at once, without prefix hashes.
+    its mean), all queued at once, without prefix hashes; requests the
+    engine would refuse (larger than its KV cache) are left out, as in the run.
     """
     import random
 
@@ -149,12 +193,14 @@ def engine_capacity(
     k = 0
     total = min(requests, MAX_SAMPLE_REQUESTS)
     stride = max(1, total // CALIBRATION_REQUESTS)
-    convs = open_workload(workload, seed=seed, requests=total, rate=1.0)
+    convs = open_workload(workload, seed=seed, requests=total, rate=1.0, arrivals="poisson")
     for arr in itertools.islice(convs, 0, None, stride):
         for t in arr.turns:
-            out = max(1, min(t.output_tokens, cfg.kv_capacity_tokens - t.prompt_tokens))
-            eng.add_request(EngineRequest(f"c{k}", t.prompt_tokens, out), 0.0)
-            k += 1
+            if eng.refusal(t.prompt_tokens, t.output_tokens) is None:
+                eng.add_request(EngineRequest(f"c{k}", t.prompt_tokens, t.output_tokens), 0.0)
+                k += 1
+    if k == 0:
+        raise ValueError(f"no request of {workload!r} fits in a {preset!r} engine's KV cache")
     now = 0.0
     done: list[float] = []
     while eng.has_work():
@@ -163,6 +209,14 @@ def engine_capacity(
         done.extend(now for _ in res.finished)
     lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
     return (hi - lo) / (done[hi - 1] - done[lo]) if hi - 1 > lo else len(done) / now
+
+
+def engine_gpus(args: argparse.Namespace) -> int:
+    """GPUs per replica: TP (the fewest that fit when not given) x PP."""
+    from loadtest.engine import preset
+
+    cfg = preset(args.engine_preset, **engine_layout(args))
+    return cfg.tp * cfg.pp
 
 
 def engine_layout(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,7 +250,10 @@ def fleet_capacity(args: argparse.Namespace, service: QueueModel | None) -> floa
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    specs = [parse_policy(s) for s in (args.policy or [registry.DEFAULT_POLICY])]
+    names = list(args.policy or [])
+    for group in args.policies or []:
+        names.extend(split_policies(group))
+    specs = [parse_policy(s) for s in (names or [registry.DEFAULT_POLICY])]
     for name, params in specs:
         registry.create(name, params)  # validate every policy before running any
     service = (
@@ -204,9 +261,23 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.service == "engine"
         else make_queue_model(args.service, slots=args.slots, mu=args.mu)
     )
+    mode = arrival_mode(args.workload, args.arrivals)
     mean_p, mean_o, turns = workload_means(args.workload, args.seed, args.requests)
     capacity = fleet_capacity(args, service)
-    rate = args.rate if args.rate is not None else args.load * capacity
+    speed: float | None = None
+    if args.speed is not None:
+        native = trace_rate(args.workload, args.requests) if mode == "trace" else None
+        if native is None:
+            raise ValueError("--speed replays a trace's own timestamps: give a trace workload")
+        if args.speed <= 0:
+            raise ValueError("--speed must be > 0")
+        speed, rate = args.speed, native * args.speed
+    else:
+        rate = args.rate if args.rate is not None else args.load * capacity
+    if mode == "trace" and speed is None:
+        native = trace_rate(args.workload, args.requests)
+        assert native is not None
+        speed = rate / native
     conv_rate = rate / turns
     cache_blocks = args.cache_blocks
     if cache_blocks is None:
@@ -229,7 +300,12 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             mean_output=mean_o,
         )
         conv: Iterator[SimArrival] = open_workload(
-            args.workload, seed=args.seed, requests=args.requests, rate=conv_rate
+            args.workload,
+            seed=args.seed,
+            requests=args.requests,
+            rate=conv_rate,
+            speed=speed,
+            arrivals=mode,
         )
         gateways = [registry.create(name, params, seed=args.seed + g) for g in range(args.gateways)]
         res = core.run(gateways, conv, args.requests, cfg, service)
@@ -246,6 +322,9 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             "seed": args.seed,
             "rate": rate,
             "load": rate / capacity,
+            "arrivals": mode,
+            "speed": speed,
+            "engine_preset": args.engine_preset if args.service == "engine" else None,
             "slow_replica": args.slow_replica,
             "requests": res.arrivals,
             "measured": res.measured,
@@ -254,9 +333,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             "backlog_mid": res.backlog_mid,
             "backlog_end": res.backlog_end,
             "capacity_rps": capacity,
-            "gpus": args.replicas * args.engine_tp * args.engine_pp
-            if args.service == "engine"
-            else None,
+            "gpus": args.replicas * engine_gpus(args) if args.service == "engine" else None,
             "tpot_mean_s": _tpot(res, mean_o),
             "ttft": core.summary(res.ttft),
             "e2e": core.summary(res.e2e),
@@ -264,6 +341,9 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             "imbalance": max(shares) / mean_share if shares else math.nan,
             "replica_e2e_mean": res.per_replica_e2e,
             "cache_hit": res.cache_hit,
+            "readmit_hit": res.readmit_hit,
+            "preemptions": res.preemptions,
+            "rejected": res.rejected,
             "reasons": res.reasons,
             "sim_time_s": res.sim_time,
             "wall_s": res.wall_s,
@@ -288,16 +368,24 @@ def format_table(recs: list[dict[str, Any]]) -> str:
     r0 = recs[0]
     unit_s = r0["service"] != "exp"  # exp runs are in units of the mean service time
     unit = "ms" if unit_s else "x 1/mu"
+    arrivals = r0["arrivals"]
+    if arrivals == "trace":
+        arrivals += f" (its own timestamps x{r0['speed']:.3g} speed)"
     head = (
         f"workload={r0['workload']} service={r0['service']} replicas={r0['replicas']} "
+        + (f"preset={r0['engine_preset']} " if r0.get("engine_preset") else "")
+        + f"arrivals={arrivals} "
         f"rate={r0['rate']:.3f}/s load={r0['load']:.2f} seed={r0['seed']} "
         f"requests={r0['requests']} slow_replica={r0['slow_replica']:g} "
         f"gateways={r0['gateways']} report_interval={r0['report_interval']:g} "
         f"capacity={r0['capacity_rps']:.2f} req/s"
         + (f" gpus={r0['gpus']}" if r0.get("gpus") else "")
         + "\n"
-        f"latencies in {unit}; share = % of requests; imbalance = max share / mean share"
+        f"latencies in {unit}; share = % of requests; imbalance = max share / mean share; "
+        "hit = prefix-cache hit rate in tokens at first admission"
+        + ("; preempt = preemptions; rej = requests refused (never fit)" if unit_s else "")
     )
+    engine = r0["service"] == "engine"
     cols = [
         "policy",
         "ttft mean",
@@ -311,6 +399,7 @@ def format_table(recs: list[dict[str, Any]]) -> str:
         "r0 share",
         "fast e2e",
         "hit",
+        *(["preempt", "rej"] if engine else []),
         "wall s",
     ]
     rows = [cols]
@@ -341,6 +430,7 @@ def format_table(recs: list[dict[str, Any]]) -> str:
                 f"{r['share'][0]:.1%}",
                 fast_s,
                 hit,
+                *([str(r["preemptions"]), str(r["rejected"])] if engine else []),
                 f"{r['wall_s']:.1f}",
             ]
         )
@@ -373,10 +463,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Discrete-event simulator: routing policies side by side on one workload.",
     )
     p.add_argument("--policy", action="append", help="policy name[:k=v,...] (repeatable)")
+    p.add_argument(
+        "--policies",
+        action="append",
+        metavar="A,B,...",
+        help="several policies at once, comma-separated (with --policy: all of them)",
+    )
     p.add_argument("--replicas", type=int, default=8)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--load", type=float, default=0.8, help="fraction of saturation throughput")
     g.add_argument("--rate", type=float, help="requests per second (overrides --load)")
+    g.add_argument(
+        "--speed",
+        type=float,
+        help="trace replay: this many times the trace's own pace (as dp-router loadtest --speed)",
+    )
+    p.add_argument(
+        "--arrivals",
+        choices=ARRIVALS,
+        default=None,
+        help="trace: a trace's own timestamps, rescaled to the load (default for traces); "
+        "poisson: resampled (default for the others)",
+    )
     p.add_argument("--requests", type=int, default=20_000)
     names = ", ".join(itertools.chain(BUILTIN, ["<loadtest workload>", "PATH"]))
     p.add_argument("--workload", default="exp", help=f"workload: {names}")
@@ -399,8 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="queue servers: prefix cache per replica, in 64-token blocks "
         "(default 4096 for lognormal, 0 for exp)",
     )
-    p.add_argument("--engine-preset", default="llama2-7b")
-    p.add_argument("--engine-tp", type=int, default=1, help="tensor-parallel GPUs per replica")
+    p.add_argument(
+        "--engine-preset",
+        default=DEFAULT_PRESET,
+        help="loadtest.engine preset: llama3-8b (default), llama2-7b, llama2-70b, "
+        "+moe or +moe256 variants (docs/simulator.md)",
+    )
+    p.add_argument(
+        "--engine-tp",
+        type=int,
+        default=None,
+        help="tensor-parallel GPUs per replica (default: the fewest the preset fits on)",
+    )
     p.add_argument("--engine-pp", type=int, default=1, help="pipeline stages per replica")
     p.add_argument("--engine-interconnect", default="nvlink", choices=("nvlink", "pcie5"))
     p.add_argument(

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadtest.engine.engine import DEFAULT_PRESET
 from loadtest.sim.queue_model import PrefixCache, QueueModel
 from loadtest.sim.workload import SimArrival, SimTurn
 from policies.base import BasePolicy, RouteRequest
@@ -54,7 +55,7 @@ class SimConfig:
     report_interval: float = 0.0  # > 0: replicas report waiting+running (and KV) this often
     warmup: float = 0.1  # fraction of requests (by arrival) left out of the statistics
     cache_blocks: int = 0  # queue servers: per-replica prefix cache in blocks (0: none)
-    engine_preset: str = "llama2-7b"
+    engine_preset: str = DEFAULT_PRESET
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     # The output estimate the gateway would use (RouteRequest.expected_output_tokens):
@@ -71,6 +72,8 @@ class SimResult:
     e2e: list[float]
     per_replica: list[int]
     per_replica_e2e: list[float]  # mean end-to-end per replica (measured requests)
+    # Prefix-cache hit rate in tokens at first admission: the rate routing
+    # can change (re-admissions after a preemption are in readmit_hit).
     cache_hit: float | None
     backlog_mid: int
     backlog_end: int
@@ -84,6 +87,11 @@ class SimResult:
     # Replicas whose waiting queue never emptied during the second half of the
     # arrivals while their backlog grew (see ``unstable``).
     undrained: list[int] = field(default_factory=list)
+    readmit_hit: float | None = None  # hit rate of re-admissions after a preemption
+    preemptions: int = 0
+    # Requests the engine refused (could never fit in its KV cache: vLLM's
+    # 400); not in the latencies; a refused turn ends its conversation.
+    rejected: int = 0
 
     @property
     def unstable(self) -> bool:
@@ -204,7 +212,6 @@ def run(
             _EReplica(Engine(ecfg, random.Random(f"engine:{cfg.seed}:{i}")), slow[i])
             for i in range(n)
         ]
-        kv_cap = ecfg.kv_capacity_tokens
     else:
         assert service is not None
         qreps = [_QReplica(slow[i], cfg.cache_blocks) for i in range(n)]
@@ -233,6 +240,7 @@ def run(
     per_rep = [0] * n
     per_rep_sum = [0.0] * n
     reasons: dict[str, int] = {}
+    rejected = 0
     now = 0.0
 
     if cfg.report_interval > 0:
@@ -305,6 +313,15 @@ def run(
             seq += 1
             push(heap, (t + nxt.think_s, seq, _ARRIVE, (arr, nxt)))
 
+    def reject(job: _Job, t: float) -> None:
+        """The engine's 400: settled at once, as the gateway settles a 4xx."""
+        nonlocal in_system, rejected
+        rejected += 1
+        in_system -= 1
+        rep_in[job.rep] -= 1
+        job.ticket.close(Outcome.HTTP_4XX)
+        on_completes[job.g](job.req, views[job.g][job.rep].name, Outcome.HTTP_4XX, t)
+
     def arrive(arr: SimArrival, turn: SimTurn, t: float) -> None:
         nonlocal dispatched, in_system, backlog_mid, backlog_end, seq, t_half
         hashes = turn.hashes
@@ -343,11 +360,17 @@ def run(
                 undrained.extend(j for j in range(n) if last_drain[j] < t_half)
         if engine_mode:
             rid = f"{arr.id}#{job.idx}"
+            eng = ereps[i].engine
+            if eng.refusal(turn.prompt_tokens, turn.output_tokens) is not None:
+                reject(job, t)
+                return
             job.svc = rid
             jobs_by_id[rid] = job
-            out = max(1, min(turn.output_tokens, kv_cap - turn.prompt_tokens))
-            ereps[i].engine.add_request(
-                EngineRequest(rid, turn.prompt_tokens, out, req.block_hashes, arr.domain), t
+            eng.add_request(
+                EngineRequest(
+                    rid, turn.prompt_tokens, turn.output_tokens, req.block_hashes, arr.domain
+                ),
+                t,
             )
             if not ereps[i].stepping:
                 step_engine(i, t)
@@ -413,10 +436,15 @@ def run(
 
     ttfts.sort()
     e2es.sort()
+    readmit_hit: float | None = None
+    preemptions = 0
     if engine_mode:
-        q = sum(r.engine.prefix_queries for r in ereps)
-        h = sum(r.engine.prefix_hits for r in ereps)
-        cache_hit: float | None = h / q if q else None
+        engines = [r.engine for r in ereps]
+        q = sum(e.prefix_queries for e in engines)
+        cache_hit: float | None = sum(e.prefix_hits for e in engines) / q if q else None
+        rq = sum(e.readmit_queries for e in engines)
+        readmit_hit = sum(e.readmit_hits for e in engines) / rq if rq else None
+        preemptions = sum(e.preemptions for e in engines)
     else:
         caches = [r.cache for r in qreps if r.cache is not None]
         q = sum(c.queries for c in caches)
@@ -439,4 +467,7 @@ def run(
         sim_time=now,
         wall_s=time.perf_counter() - wall0,
         reasons=reasons,
+        readmit_hit=readmit_hit,
+        preemptions=preemptions,
+        rejected=rejected,
     )

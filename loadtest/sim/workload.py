@@ -2,7 +2,9 @@
 
 The simulator reads the same named workloads and traces as the load
 generator (loadtest/workloads/, ``--workload NAME|PATH``), converted here
-into :class:`SimArrival` records; prompt text is kept only as a lazy source
+into :class:`SimArrival` records. A trace arrives at its own timestamps,
+rescaled to the asked rate (``arrivals="trace"``), unless Poisson arrivals
+are asked for; prompt text is kept only as a lazy source
 of prefix-block hashes, so a policy or a service model that never asks for
 hashes never pays for them. Two built-ins add what theory checks and scale
 runs need and text-based workloads cannot give cheaply:
@@ -22,6 +24,8 @@ import random
 from collections.abc import Iterator
 
 from loadtest.workloads import Conversation, load_workload
+from loadtest.workloads.catalog import trace_of
+from loadtest.workloads.traces import native_rate
 from policies.prefix import BLOCK_TOKENS, chat_prompt_text
 
 BUILTIN: dict[str, str] = {
@@ -113,13 +117,63 @@ def _system_prompt(seed: int, requests: int, rate: float) -> Iterator[SimArrival
         yield SimArrival(str(i), t, [turn])
 
 
-def open_workload(name: str, *, seed: int, requests: int, rate: float) -> Iterator[SimArrival]:
-    """Arrivals of a built-in or a loadtest.workloads workload at ``rate`` per second.
+ARRIVALS = ("trace", "poisson")
 
-    For multi-turn workloads ``rate`` is conversations per second (the later
-    turns follow their answers).
+
+def trace_rate(name: str, requests: int) -> float | None:
+    """Requests per second of a trace's first ``requests`` requests at its own
+    timestamps (speed 1); None for a workload without timestamps of its own."""
+    trace = trace_of(name)
+    if trace is None:
+        return None
+    return native_rate(trace[1], requests)
+
+
+def arrival_mode(name: str, arrivals: str | None) -> str:
+    """``trace`` for a trace unless told ``poisson``; ``poisson`` for everything else."""
+    is_trace = name not in BUILTIN and trace_of(name) is not None
+    if arrivals is None:
+        return "trace" if is_trace else "poisson"
+    if arrivals not in ARRIVALS:
+        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
+    if arrivals == "trace" and not is_trace:
+        raise ValueError(f"workload {name!r} has no timestamps of its own: use --arrivals poisson")
+    return arrivals
+
+
+def open_workload(
+    name: str,
+    *,
+    seed: int,
+    requests: int,
+    rate: float | None = None,
+    speed: float | None = None,
+    arrivals: str | None = None,
+) -> Iterator[SimArrival]:
+    """Arrivals of a built-in or a loadtest.workloads workload.
+
+    ``arrivals="trace"`` (a trace's default) replays the trace's own
+    timestamps divided by ``speed``, or, given ``rate`` instead, by the
+    speed that makes the run's requests arrive at ``rate`` per second on
+    average (bursts and lulls kept, only rescaled), as ``dp-router loadtest
+    --speed`` does. ``arrivals="poisson"`` (the default for everything else)
+    resamples them as Poisson arrivals at ``rate``. For multi-turn workloads
+    ``rate`` is conversations per second (the later turns follow their answers).
     """
-    if rate <= 0:
+    mode = arrival_mode(name, arrivals)
+    if mode == "trace":
+        if speed is None:
+            if rate is None or rate <= 0:
+                raise ValueError("trace replay needs a speed or an arrival rate > 0")
+            native = trace_rate(name, requests)
+            assert native is not None
+            speed = rate / native
+        if speed <= 0:
+            raise ValueError("--speed must be > 0")
+        return from_conversations(
+            load_workload(name, seed=seed, requests=requests, rate=None, speed=speed)
+        )
+    if rate is None or rate <= 0:
         raise ValueError("the simulator needs an arrival rate > 0 (--rate or --load)")
     if name == "exp":
         return _exp(seed, requests, rate)

@@ -94,25 +94,33 @@ def load_workload(
         )
     if name == "llm-d":
         return synthetic.llm_d(seed, 3000 if requests is None else requests, rate)
-    if name == "azure-conv":
-        return traces.replay(
-            name, traces.read_azure(traces.AZURE_CONV), seed, requests, rate, speed, "conv"
-        )
-    if name == "azure-code":
-        return traces.replay(
-            name, traces.read_azure(traces.AZURE_CODE), seed, requests, rate, speed, "code"
-        )
-    if name == "mooncake":
-        return traces.replay(
-            name, traces.read_mooncake(traces.MOONCAKE), seed, requests, rate, speed, None
-        )
-    path = Path(name_or_path)
-    if path.is_file():
-        rows = traces.read_trace(path)
-        return traces.replay(path.stem, rows, seed, requests, rate, speed, None)
+    trace = trace_of(name_or_path)
+    if trace is not None:
+        label, rows, domain = trace
+        return traces.replay(label, rows, seed, requests, rate, speed, domain)
     raise ValueError(
         f"unknown workload {name_or_path!r}: not a file, and not one of {', '.join(WORKLOADS)}"
     )
+
+
+def trace_of(name_or_path: str) -> tuple[str, tuple[traces.TraceRow, ...], str | None] | None:
+    """(label, rows, MoE domain) of a trace workload or trace file; None for the others.
+
+    The workloads with timestamps of their own: what ``dp-router simulate``
+    replays at those timestamps (rescaled) unless told to resample them.
+    """
+    if name_or_path == "azure-conv":
+        return name_or_path, traces.read_azure(traces.AZURE_CONV), "conv"
+    if name_or_path == "azure-code":
+        return name_or_path, traces.read_azure(traces.AZURE_CODE), "code"
+    if name_or_path == "mooncake":
+        return name_or_path, traces.read_mooncake(traces.MOONCAKE), None
+    if name_or_path in WORKLOADS:
+        return None
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.stem, traces.read_trace(path), None
+    return None
 
 
 def summarize(convs: Iterator[Conversation]) -> dict[str, float]:

@@ -195,6 +195,29 @@ def replay(
         yield Conversation(cid, t, (turn,), domain=domain)
 
 
+def replay_times(rows: tuple[TraceRow, ...], requests: int) -> list[float]:
+    """Arrival times of the first ``requests`` requests of :func:`replay` at speed 1."""
+    if not rows:
+        return []
+    span = rows[-1].t_s - rows[0].t_s
+    gap = span / max(len(rows) - 1, 1)
+    n = len(rows)
+    return [(i // n) * (span + gap) + rows[i % n].t_s for i in range(requests)]
+
+
+def native_rate(rows: tuple[TraceRow, ...], requests: int) -> float:
+    """Requests per second of the first ``requests`` requests at the trace's own pace.
+
+    Measured on the run's own requests (a trace's head can run at another
+    rate than its whole): (n - 1) / (last arrival - first arrival).
+    """
+    ts = replay_times(rows, max(2, requests))
+    span = ts[-1] - ts[0]
+    if span <= 0:
+        raise ValueError("the trace's first requests all arrive at once: no rate to rescale")
+    return (len(ts) - 1) / span
+
+
 def read_trace(path: Path) -> tuple[TraceRow, ...]:
     """A trace file by its suffix: Azure ``.csv`` or Mooncake ``.jsonl``."""
     if path.suffix == ".csv":
