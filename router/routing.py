@@ -148,6 +148,32 @@ class Router:
             )
         return Routed(chosen, decision, repin)
 
+    def follow(
+        self,
+        request: RouteRequest,
+        pin: str,
+        snapshot: FleetSnapshot,
+        now: float,
+        *,
+        exclude: Collection[str] = (),
+    ) -> Routed | None:
+        """Another gateway's pin, just stored for this session, if its replica
+        can take the request at all (routable, serves the model, not tried,
+        under its concurrency limit). The load bound is waived for this one
+        request: two gateways agreeing on a new session's replica matters more
+        than one request's balance, and the bound applies from the next turn."""
+        replica = snapshot.get(pin)
+        if (
+            replica is None
+            or replica.models is None
+            or request.model not in replica.models
+            or pin in exclude
+            or not replica.routable(now)
+            or not replica.load.has_capacity()
+        ):
+            return None
+        return Routed(replica, Decision(pin, PIN_HELD))
+
     def _pin_breaks(
         self,
         request: RouteRequest,

@@ -164,9 +164,7 @@ async def test_admin_session_view_needs_the_token() -> None:
                 view = await r.json()
                 assert r.status == 200
                 assert view["replica"] is None
-            async with s.get(
-                admin(gw) + "/admin/sessions/abc?source=body:nope", headers=auth
-            ) as r:
+            async with s.get(admin(gw) + "/admin/sessions/abc?source=body:nope", headers=auth) as r:
                 assert r.status == 400
 
 

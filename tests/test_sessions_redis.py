@@ -94,6 +94,10 @@ async def test_two_gateways_agree_on_new_sessions_sent_to_both_at_once() -> None
         _two_gateways(urls, srv.url) as (a, b),
         aiohttp.ClientSession() as s,
     ):
+        # Warm: connections made and the Lua scripts loaded, so that the
+        # race below is between gateways, not against connection set-up.
+        for i in range(20):
+            await asyncio.gather(_turn(s, a, f"warm-{i}"), _turn(s, b, f"warm-{i}"))
         keys = [f"m33-{i}" for i in range(200)]
         sem = asyncio.Semaphore(20)
 
@@ -103,6 +107,12 @@ async def test_two_gateways_agree_on_new_sessions_sent_to_both_at_once() -> None
                 return key, ra, rb
 
         results = await asyncio.gather(*(both(k) for k in keys))
+        for gw in (a, b):
+            text = await (await s.get(admin(gw) + "/metrics")).text()
+            errors = [
+                x for x in text.splitlines() if x.startswith("dp_router_session_store_errors")
+            ]
+            assert errors == [], errors  # else the store, not the race, decided
         client = aioredis.Redis.from_url(srv.url, decode_responses=True)
         try:
             for key, ra, rb in results:
@@ -114,7 +124,7 @@ async def test_two_gateways_agree_on_new_sessions_sent_to_both_at_once() -> None
             async for k in client.scan_iter(match="dp:sess:*", count=500):
                 keys_found += 1
                 assert await client.pttl(k) > 0, k
-            assert keys_found == 200
+            assert keys_found == 220
         finally:
             await client.aclose()
         # The race was real: some first pins were lost and followed.
@@ -165,10 +175,12 @@ async def test_redis_killed_under_load_nothing_fails_and_sessions_stay() -> None
     async with (
         redis_server() as srv,
         replicas(3) as urls,
-        _two_gateways(urls, srv.url) as gws,
+        _two_gateways(urls, srv.url, load_bound_epsilon=10.0) as gws,
         aiohttp.ClientSession() as s,
     ):
         known = [f"m26-{i}" for i in range(30)]
+        # (A generous load bound: this test is about the outage, and a
+        # bounded-load move is a legitimate move; M18 tests the bound.)
         before = await _under_load(s, gws, known, 1)
         pinned = {key: replica for key, _, replica, _, _ in before}
         assert all(status == 200 for _, status, *_ in before)
@@ -212,7 +224,7 @@ async def test_frozen_redis_never_holds_a_request_past_the_op_timeout() -> None:
     async with (
         redis_server() as srv,
         replicas(3) as urls,
-        _two_gateways(urls, srv.url) as gws,
+        _two_gateways(urls, srv.url, load_bound_epsilon=10.0) as gws,
         aiohttp.ClientSession() as s,
     ):
         keys = [f"m27-{i}" for i in range(20)]
