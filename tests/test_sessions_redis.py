@@ -9,14 +9,26 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
 
+from loadtest import procs
 from router.app import Gateway
 from router.session_key import parse_sources, session_key
-from tests.harness import admin, base, chat_body, eventually, gateway, gateway_config, replicas
+from tests.harness import (
+    MODEL,
+    GatewayProcess,
+    admin,
+    base,
+    chat_body,
+    eventually,
+    gateway,
+    gateway_config,
+    replicas,
+)
 from tests.redis_server import RedisServer, redis_server
 
 OP_TIMEOUT_S = 0.1
@@ -35,7 +47,7 @@ def _redis(url: str, **extra: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def _two_gateways(
-    urls: list[str], redis_url: str, **routing: Any
+    urls: list[str], redis_url: str, op_timeout_s: float = OP_TIMEOUT_S, **routing: Any
 ) -> AsyncIterator[tuple[Gateway, Gateway]]:
     # Different seeds and a random policy: left alone, the two would place
     # most new sessions differently; only the shared store makes them agree.
@@ -43,14 +55,14 @@ async def _two_gateways(
         gateway(
             gateway_config(
                 urls,
-                redis=_redis(redis_url),
+                redis=_redis(redis_url, op_timeout_s=op_timeout_s),
                 routing={"policy": "weighted_random", "seed": 1, **routing},
             )
         ) as a,
         gateway(
             gateway_config(
                 urls,
-                redis=_redis(redis_url),
+                redis=_redis(redis_url, op_timeout_s=op_timeout_s),
                 routing={"policy": "weighted_random", "seed": 2, **routing},
             )
         ) as b,
@@ -91,7 +103,9 @@ async def test_two_gateways_agree_on_new_sessions_sent_to_both_at_once() -> None
     async with (
         redis_server() as srv,
         replicas(3) as urls,
-        _two_gateways(urls, srv.url) as (a, b),
+        # A loose budget: every server of this test shares one event loop,
+        # and this test is about the race, not about timeouts.
+        _two_gateways(urls, srv.url, op_timeout_s=1.0) as (a, b),
         aiohttp.ClientSession() as s,
     ):
         # Warm: connections made and the Lua scripts loaded, so that the
@@ -272,3 +286,129 @@ async def test_a_gateway_starts_while_redis_is_down() -> None:
                         assert await eventually(stored, BREAKER_OPEN_S + 2.0)
                     finally:
                         await restarted.stop()
+
+
+async def test_redis_stalling_in_bursts_costs_at_most_the_op_timeout() -> None:
+    """M30 (shortened): Redis stalls 200 ms of every second. Requests keep
+    flowing, none waits past the op timeouts, and the gateways' Redis
+    connections stay within their pools."""
+    async with (
+        redis_server() as srv,
+        replicas(3) as urls,
+        _two_gateways(urls, srv.url, load_bound_epsilon=10.0) as gws,
+        aiohttp.ClientSession() as s,
+    ):
+        keys = [f"m30-{i}" for i in range(20)]
+        baseline = await _under_load(s, gws, keys, 1)
+        slowest_before = max(r[4] for r in baseline)
+        stop = asyncio.Event()
+
+        async def stalls() -> None:
+            while not stop.is_set():
+                srv.freeze()
+                await asyncio.sleep(0.2)
+                srv.thaw()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.8)
+
+        stalling = asyncio.create_task(stalls())
+        try:
+            during: list[Any] = []
+            deadline = time.monotonic() + 4.0
+            while time.monotonic() < deadline:
+                during += await _under_load(s, gws, keys, 1)
+        finally:
+            stop.set()
+            await stalling
+            srv.thaw()
+        assert all(r[1] == 200 for r in during)
+        assert max(r[4] for r in during) <= slowest_before + 2 * OP_TIMEOUT_S + 0.5
+        connected = int((await srv.info("clients"))["connected_clients"])
+        assert connected <= 2 * 32 + 1  # two pools at max_connections, plus this check
+
+
+async def test_a_sentinel_failover_keeps_requests_flowing() -> None:
+    """M34: the gateway finds the master through Sentinel; SIGKILL it, and
+    requests keep being served (breaker and fallback) while the sentinels
+    fail over, then sessions are stored in the new master."""
+    from tests.redis_server import redis_sentinel
+
+    async with redis_sentinel() as sentinel, replicas(2) as urls:
+        redis_cfg = _redis("")
+        del redis_cfg["url"]
+        redis_cfg |= {
+            "sentinels": list(sentinel.sentinel_addresses),
+            "master_name": sentinel.master_name,
+            "op_timeout_s": 0.2,
+        }
+        async with (
+            gateway(gateway_config(urls, redis=redis_cfg)) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            for i in range(10):
+                status, _, how, _ = await _turn(s, gw, f"m34-{i}")
+                assert (status, how) == (200, "new")
+            await sentinel.master.kill()
+            statuses = []
+            stored_again = False
+            deadline = time.monotonic() + 20.0
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                status, _, how, _ = await _turn(s, gw, f"m34-after-{i}")
+                statuses.append(status)
+                if how == "new":  # a first pin went into a master again
+                    stored_again = True
+                    break
+                await asyncio.sleep(0.05)
+            assert set(statuses) == {200}
+            assert stored_again, "no write reached a new master within 20 s"
+            assert await sentinel.master_port() == sentinel.replica.port
+
+
+async def test_workers_share_sessions_through_redis(tmp_path: Path) -> None:
+    """``--workers 2`` with Redis: a session's turns land on one replica,
+    whichever worker process the kernel hands each connection to."""
+    async with redis_server() as srv, replicas(3) as urls:
+        port, admin_port = procs.free_ports(2)
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            procs.gateway_toml(
+                [{"url": url, "models": [MODEL]} for url in urls],
+                port=port,
+                admin_port=admin_port,
+                server={"workers": 2},
+                health={"enabled": False},
+                routing={"policy": "weighted_random"},
+                redis=_redis(srv.url, op_timeout_s=0.5),
+            )
+        )
+        gw = GatewayProcess(config, port, admin_port)
+        # A new connection per request, so both workers serve each session.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            await gw.start(s)
+            try:
+                seen: dict[str, set[str | None]] = {}
+                for turn in range(4):
+                    for i in range(30):
+                        async with s.post(
+                            gw.base + "/v1/chat/completions",
+                            json=chat_body(),
+                            headers={"X-Session-ID": f"w-{i}"},
+                        ) as r:
+                            assert r.status == 200
+                            seen.setdefault(f"w-{i}", set()).add(r.headers.get("X-Dp-Replica"))
+                            assert r.headers["X-Dp-Session"] == ("new" if turn == 0 else "hit")
+                assert all(len(v) == 1 for v in seen.values())
+                async with s.get(f"http://{procs.HOST}:{admin_port}/metrics") as r:
+                    text = await r.text()
+                # Both workers took part (each connection went to one of them).
+                workers = [
+                    line
+                    for line in text.splitlines()
+                    if line.startswith("dp_router_worker_requests_total")
+                ]
+                assert len(workers) == 2 and all(float(w.split()[-1]) > 0 for w in workers)
+            finally:
+                await gw.stop()
