@@ -153,6 +153,16 @@ _EXPERT_GAUGES = (
 )
 
 
+# Every family ExpertCollector exports: with --workers N the supervisor holds
+# the expert telemetry, so router/workers.py must take these from it alone.
+EXPERT_FAMILIES = (
+    *(f"{PREFIX}_{suffix}" for suffix, _, _ in _EXPERT_GAUGES),
+    f"{PREFIX}_expert_tokens_per_second",
+    f"{PREFIX}_expert_layer_imbalance",
+    f"{PREFIX}_expert_samples_rejected",
+)
+
+
 class ExpertCollector(Collector):
     """Per-expert gauges computed at scrape time from ``ExpertTelemetry``.
 

@@ -23,7 +23,7 @@ from router.experts import (
     ExpertTelemetry,
 )
 from router.load import ReplicaLoad
-from router.metrics import Metrics
+from router.metrics import EXPERT_FAMILIES, Metrics
 from tests.fakes import Fleet
 from tests.harness import admin, eventually, gateway, gateway_config, replicas
 
@@ -339,3 +339,11 @@ async def test_gateway_exports_experts_and_feeds_the_policy(
         # ... and forgets a replica that left the fleet.
         gw.registry.remove(names[0])
         assert gw.experts.view(names[0], now) is None
+
+
+def test_expert_families_name_every_family_the_collector_exports() -> None:
+    t = telemetry()
+    m = Metrics()
+    m.watch_experts(lambda: t.views(0.0), lambda: t.rejected)
+    exported = {f.name for f in m.registry.collect() if f.name.startswith("dp_router_expert")}
+    assert exported == set(EXPERT_FAMILIES)
