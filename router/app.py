@@ -45,6 +45,7 @@ from router.proxy import Proxy
 from router.replicas import FleetSnapshot, Health, Registry
 from router.retry_budget import RetryBudget
 from router.routing import Router
+from router.telemetry import ExpertSink, Telemetry, load_telemetry
 from router.upstream import UpstreamPool
 
 log = logging.getLogger("dp_router")
@@ -115,6 +116,10 @@ class Gateway:
         o = config.outlier
         h = config.health
         self.outlier: OutlierDetector | None = None
+        # Load reports (router/telemetry): run by the control plane. Set
+        # on_experts before start to receive expert counters (ExpertTelemetry.record).
+        self.telemetry: Telemetry | None = None
+        self.on_experts: ExpertSink | None = None
         if outlier is not None:
             self.outlier = outlier(self.registry)
         elif o.enabled:
@@ -178,6 +183,12 @@ class Gateway:
                 r.routable(now),
                 r.ejected(now),
                 r.weight * r.ramp_factor(now),
+                reported_waiting=r.load.reported_waiting,
+                reported_running=r.load.reported_running,
+                reported_kv_usage=r.load.kv_usage,
+                report_age=r.load.report_age(now),
+                report_stale=None if self.telemetry is None else self.telemetry.stale(r, now),
+                reported_draining=r.reported_draining,
             )
             for r in self.registry
         ]
@@ -226,6 +237,15 @@ class Gateway:
                         random.Random(self.rng.random()),
                     )
                 )
+            self.telemetry = await stack.enter_async_context(
+                load_telemetry(
+                    self.registry,
+                    cfg,
+                    self.metrics,
+                    random.Random(self.rng.random()),
+                    on_experts=self.on_experts,
+                )
+            )
             self.admin_runner = await stack.enter_async_context(
                 listener(
                     self.admin_app, cfg.admin.host, cfg.admin.port, cfg.server.shutdown_timeout_s

@@ -148,6 +148,39 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """How the gateway reads each replica's load (docs/load-report.md).
+
+    ``source`` is every replica's default (a replica's own ``telemetry`` key
+    overrides it): "auto" asks for the ORCA response header and scrapes
+    ``metrics_path``, the engine found from the metric names, so vLLM and
+    SGLang replicas need no config; "scrape", "push", "header" use one
+    source; "none" routes on this gateway's own counts.
+    """
+
+    source: str = "auto"
+    # "auto" (from the metric names), "vllm", "sglang", "trtllm", "custom".
+    engine: str = "auto"
+    metrics_path: str = "/metrics"
+    # A queue length a second old is still a good one; vLLM updates its
+    # gauges every engine step, Prometheus scrapes every 15 s.
+    scrape_interval_s: float = 1.0
+    scrape_timeout_s: float = 0.5
+    # vLLM's /metrics with per-engine histograms is ~100-300 KB; far beyond
+    # that is a confused endpoint, not metrics.
+    scrape_max_bytes: int = 4 * 1024 * 1024
+    # engine = "custom": the replica's names for waiting, running, kv_usage
+    # (and waiting_prompt_tokens), e.g. { waiting = "my:queue", ... }.
+    metric_names: Mapping[str, str] = field(default_factory=dict)
+    # The push listener, "host:port"; "" (the default) runs none.
+    push_listen: str = ""
+    push_max_bytes: int = 256 * 1024
+    push_max_experts: int = 1024  # DeepSeek-V3 has 256 routed experts per layer
+    push_max_layers: int = 256  # DeepSeek-V3 has 58 MoE layers
+
+
+
+@dataclass(frozen=True, slots=True)
 class ExpertsConfig:
     """Per-expert (MoE) telemetry and its routing signal (router/experts.py)."""
 
@@ -166,6 +199,11 @@ class ExpertsConfig:
     stale_s: float = 15.0
 
 
+TELEMETRY_SOURCES = ("auto", "scrape", "push", "header", "none")
+TELEMETRY_ENGINES = ("auto", "vllm", "sglang", "trtllm", "custom")
+TELEMETRY_METRIC_KEYS = ("waiting", "running", "kv_usage", "waiting_prompt_tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaConfig:
     url: str
@@ -174,6 +212,11 @@ class ReplicaConfig:
     weight: float = 1.0
     api_key: str = ""
     max_concurrency: int | None = None
+    # Load reports (docs/load-report.md); "" takes the [telemetry] default.
+    telemetry: str = ""
+    engine: str = ""
+    metrics_path: str = ""
+    push_token: str = ""  # from push_token_env: the only key that may report for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +231,7 @@ class Config:
     admission: AdmissionConfig = AdmissionConfig()
     routing: RoutingConfig = RoutingConfig()
     redis: RedisConfig = RedisConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     experts: ExpertsConfig = ExpertsConfig()
 
 
@@ -200,6 +244,7 @@ _SECTIONS: dict[str, type] = {
     "retry": RetryConfig,
     "admission": AdmissionConfig,
     "redis": RedisConfig,
+    "telemetry": TelemetryConfig,
     "experts": ExpertsConfig,
 }
 
@@ -290,6 +335,7 @@ def _replica(i: int, data: Any) -> ReplicaConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table")
     allowed = {"url", "name", "models", "weight", "api_key", "api_key_env", "max_concurrency"}
+    allowed |= {"telemetry", "engine", "metrics_path", "push_token_env"}
     for key in data:
         if key not in allowed:
             raise ConfigError(f"{path}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
@@ -316,7 +362,19 @@ def _replica(i: int, data: Any) -> ReplicaConfig:
     if max_conc is not None:
         max_conc = _check_type(f"{path}.max_concurrency", max_conc, 0)
         _positive(f"{path}.max_concurrency", max_conc)
-    return ReplicaConfig(url, name, models, weight, api_key, max_conc)
+    telemetry = {k: _check_type(f"{path}.{k}", data.get(k, ""), "") for k in _REPLICA_TELEMETRY}
+    push_token = ""
+    if "push_token_env" in data:
+        env_name = _check_type(f"{path}.push_token_env", data["push_token_env"], "")
+        push_token = os.environ.get(env_name, "")
+        if not push_token:
+            raise ConfigError(f"{path}.push_token_env: environment variable {env_name} is not set")
+    return ReplicaConfig(
+        url, name, models, weight, api_key, max_conc, **telemetry, push_token=push_token
+    )
+
+
+_REPLICA_TELEMETRY = ("telemetry", "engine", "metrics_path")
 
 
 def _routing(data: Any) -> RoutingConfig:
@@ -431,6 +489,7 @@ def _validate(cfg: Config) -> None:
     if cfg.redis.url and urlsplit(cfg.redis.url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis.url: expected redis://, rediss:// or unix://")
     _validate_experts(cfg.experts)
+    _validate_telemetry(cfg)
     if not cfg.replicas:
         raise ConfigError("replicas: at least one replica is required")
     seen: set[str] = set()
@@ -452,6 +511,50 @@ def _validate_experts(e: ExpertsConfig) -> None:
         raise ConfigError("experts.top_k: must be in [1, experts.max_experts]")
     if not 0.0 <= e.moe_share <= 1.0:
         raise ConfigError(f"experts.moe_share: must be in [0, 1], got {e.moe_share}")
+
+
+def _validate_telemetry(cfg: Config) -> None:
+    t = cfg.telemetry
+    if t.source not in TELEMETRY_SOURCES:
+        raise ConfigError(f"telemetry.source: one of {', '.join(TELEMETRY_SOURCES)}")
+    if t.engine not in TELEMETRY_ENGINES:
+        raise ConfigError(f"telemetry.engine: one of {', '.join(TELEMETRY_ENGINES)}")
+    if not t.metrics_path.startswith("/"):
+        raise ConfigError("telemetry.metrics_path: must start with '/'")
+    for key in ("scrape_interval_s", "scrape_timeout_s", "scrape_max_bytes", "push_max_bytes"):
+        _positive(f"telemetry.{key}", getattr(t, key))
+    _positive("telemetry.push_max_experts", t.push_max_experts)
+    _positive("telemetry.push_max_layers", t.push_max_layers)
+    if not isinstance(t.metric_names, Mapping):
+        raise ConfigError("telemetry.metric_names: expected a table")
+    custom_ok = {"waiting", "running"} <= t.metric_names.keys()
+    for key, value in t.metric_names.items():
+        if key not in TELEMETRY_METRIC_KEYS or not isinstance(value, str) or not value:
+            raise ConfigError(
+                f"telemetry.metric_names.{key}: keys {', '.join(TELEMETRY_METRIC_KEYS)}, "
+                "each a metric name"
+            )
+    if t.push_listen:
+        host, sep, port = t.push_listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"telemetry.push_listen: expected host:port, got {t.push_listen!r}")
+        _port("telemetry.push_listen", int(port))
+    for i, rep in enumerate(cfg.replicas):
+        path = f"replicas[{i}]"
+        if rep.telemetry and rep.telemetry not in TELEMETRY_SOURCES:
+            raise ConfigError(f"{path}.telemetry: one of {', '.join(TELEMETRY_SOURCES)}")
+        if rep.engine and rep.engine not in TELEMETRY_ENGINES:
+            raise ConfigError(f"{path}.engine: one of {', '.join(TELEMETRY_ENGINES)}")
+        if rep.metrics_path and not rep.metrics_path.startswith("/"):
+            raise ConfigError(f"{path}.metrics_path: must start with '/'")
+        if (rep.engine or t.engine) == "custom" and not custom_ok:
+            raise ConfigError("telemetry.metric_names: engine custom needs waiting and running")
+        if (rep.telemetry or t.source) == "push" and not rep.push_token:
+            raise ConfigError(f"{path}.push_token_env: telemetry push needs a token")
+    tokens = [r.push_token for r in cfg.replicas if r.push_token]
+    if len(tokens) != len(set(tokens)):
+        # The token names the replica: one shared by two could report for both.
+        raise ConfigError("replicas: two replicas share a push token")
 
 
 def from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:

@@ -28,6 +28,10 @@ class ReplicaLoad:
       (metrics scrape, push or response header), with the requests this gateway
       sent since the report added and those settled since subtracted.
     - ``kv_usage``: reported KV-cache usage in [0, 1].
+    - ``reported_waiting`` / ``reported_running``: the report's two parts of
+      ``reported_queue``; ``waiting_prompt_tokens``: prompt tokens of the
+      waiting requests, when the source knows them (push reports).
+    - ``reported_by``: the source of the last report (scrape, push, header).
     - ``ttft`` / ``tpot``: time to first token and time per output token EWMAs.
     - ``weight``: the replica's routing weight in the current fleet
       snapshot; only ``Registry`` writes it, when it publishes a version
@@ -46,6 +50,11 @@ class ReplicaLoad:
     dispatched_since_report: int = 0
     settled_since_report: int = 0
     kv_usage: float | None = None
+    reported_waiting: float | None = None
+    reported_running: float | None = None
+    running_at: float | None = None  # when a report last carried running itself
+    waiting_prompt_tokens: float | None = None
+    reported_by: str | None = None
     ttft: Ewma = field(default_factory=lambda: Ewma(tau=10.0))
     tpot: Ewma = field(default_factory=lambda: Ewma(tau=10.0))
     max_concurrency: int | None = None
@@ -54,13 +63,35 @@ class ReplicaLoad:
     # router.experts.ExpertTelemetry, read by policies (policies.signals).
     expert_slowdown: float | None = None
 
-    def record_report(self, queue: float, kv_usage: float | None, now: float) -> None:
-        """A fresh report replaces the local correction: it already counts them."""
+    def record_report(
+        self,
+        queue: float,
+        kv_usage: float | None,
+        now: float,
+        *,
+        waiting: float | None = None,
+        running: float | None = None,
+        waiting_prompt_tokens: float | None = None,
+        source: str | None = None,
+    ) -> None:
+        """A fresh report replaces the local correction: it already counts them.
+
+        ``now`` is this process's loop clock when the report arrived (never
+        the replica's clock), so staleness is measured on one clock.
+        """
         self.reported_queue = queue
         self.reported_at = now
         self.kv_usage = kv_usage
+        self.reported_waiting = waiting
+        self.reported_running = running
+        self.waiting_prompt_tokens = waiting_prompt_tokens
+        self.reported_by = source
         self.dispatched_since_report = 0
         self.settled_since_report = 0
+
+    def report_age(self, now: float) -> float | None:
+        """Seconds since the last report arrived; None if none ever did."""
+        return None if self.reported_at is None else max(0.0, now - self.reported_at)
 
     def queue_depth(self, now: float, max_age: float = DEFAULT_REPORT_MAX_AGE_S) -> float:
         """Reported queue plus local correction; our in-flight when no fresh report."""

@@ -71,6 +71,26 @@ class ReplicaSample:
     routable: bool
     ejected: bool
     weight: float
+    # From the replica's own load reports (router/telemetry); None: no report
+    # (or telemetry off for it), and the gauge has no series for it.
+    reported_waiting: float | None = None
+    reported_running: float | None = None
+    reported_kv_usage: float | None = None
+    report_age: float | None = None
+    report_stale: bool | None = None
+    reported_draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RankSample:
+    """One DP rank (vLLM's ``engine`` label) of a replica, as its last scrape
+    gave it: routing sums the ranks, these keep them apart for dashboards."""
+
+    replica: str
+    rank: str
+    waiting: float | None
+    running: float | None
+    kv_usage: float | None
 
 
 # Per data-path worker, exported by the supervisor with --workers N > 1
@@ -105,6 +125,43 @@ _REPLICA_GAUGES = (
     ),
     ("replica_ejected", "1 while the replica is ejected by outlier detection.", "ejected"),
     ("replica_effective_weight", "Configured weight times the slow-start factor.", "weight"),
+    (
+        "replica_reported_waiting",
+        "Waiting requests in the replica's last load report (DP ranks summed).",
+        "reported_waiting",
+    ),
+    (
+        "replica_reported_running",
+        "Running requests in the replica's last load report (DP ranks summed).",
+        "reported_running",
+    ),
+    (
+        "replica_reported_kv_usage",
+        "KV-cache usage in [0, 1] in the replica's last load report (mean of DP ranks).",
+        "reported_kv_usage",
+    ),
+    (
+        "replica_report_age_seconds",
+        "Seconds since the replica's last load report arrived.",
+        "report_age",
+    ),
+    (
+        "replica_report_stale",
+        "1 while the replica has telemetry but no fresh load report (routing falls back "
+        "to this gateway's in-flight count).",
+        "report_stale",
+    ),
+    (
+        "replica_reported_draining",
+        "1 while the replica's own report says it is draining (no new requests).",
+        "reported_draining",
+    ),
+)
+# Per DP rank, from scrapes: name suffix, help, RankSample field.
+_RANK_GAUGES = (
+    ("replica_rank_waiting", "Waiting requests of one DP rank of the replica.", "waiting"),
+    ("replica_rank_running", "Running requests of one DP rank of the replica.", "running"),
+    ("replica_rank_kv_usage", "KV-cache usage of one DP rank of the replica.", "kv_usage"),
 )
 
 
@@ -125,7 +182,26 @@ class ReplicaCollector(Collector):
         for suffix, help_, attr in _REPLICA_GAUGES:
             family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=["replica"])
             for sample in samples:
-                family.add_metric([sample.name], float(getattr(sample, attr)))
+                value = getattr(sample, attr)
+                if value is not None:
+                    family.add_metric([sample.name], float(value))
+            yield family
+
+
+class RankCollector(Collector):
+    """Per-DP-rank gauges of scraped replicas, read at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Iterable[RankSample]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        samples = list(self._snapshot())
+        for suffix, help_, attr in _RANK_GAUGES:
+            family = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=["replica", "rank"])
+            for sample in samples:
+                value = getattr(sample, attr)
+                if value is not None:
+                    family.add_metric([sample.replica, sample.rank], float(value))
             yield family
 
 
@@ -400,12 +476,49 @@ class Metrics:
             "Access log lines dropped because the log sink fell behind.",
             registry=r,
         )
+        self._telemetry_metrics(r)
         self.models_refresh_failures = Counter(
             f"{PREFIX}_models_refresh_failures_total",
             "Failed GET /v1/models against a replica.",
             ["replica"],
             registry=r,
         )
+
+    def _telemetry_metrics(self, r: CollectorRegistry) -> None:
+        """Load reports (router/telemetry, docs/load-report.md)."""
+        self.load_reports = Counter(
+            f"{PREFIX}_load_reports_total",
+            "Load reports accepted, by replica and source (scrape, push).",
+            ["replica", "source"],
+            registry=r,
+        )
+        self.load_reports_rejected = Counter(
+            f"{PREFIX}_load_reports_rejected_total",
+            "Load reports refused or failed, by source and reason (scrape: timeout, "
+            "connect_error, http_error, http_status, too_large, parse_error, "
+            "no_load_metrics; push: "
+            "unauthorized, wrong_replica, unknown_replica, push_disabled, too_large, bad_json, "
+            "invalid, out_of_order, method_not_allowed, not_found).",
+            ["source", "reason"],
+            registry=r,
+        )
+        # Every response may carry one: a dict update, not a Counter child.
+        self.load_headers = HotCounter(
+            f"{PREFIX}_load_headers_total",
+            "ORCA endpoint-load-metrics response headers read, by replica and result "
+            "(ok, malformed).",
+            ["replica", "result"],
+        )
+        r.register(_HotCollector([self.load_headers]))
+        self._rank_source: Callable[[], Iterable[RankSample]] = tuple
+        r.register(RankCollector(lambda: self._rank_source()))
+
+    def count_load_header(self, replica: str, ok: bool) -> None:
+        self.load_headers.inc((replica, "ok" if ok else "malformed"))
+
+    def watch_ranks(self, snapshot: Callable[[], Iterable[RankSample]] | None) -> None:
+        """Per-rank gauges read from ``snapshot`` (None: no ranks)."""
+        self._rank_source = snapshot if snapshot is not None else tuple
 
     def count_request(self, model: str, replica: str, status: int) -> None:
         self.requests.inc((model, replica, str(status)))

@@ -102,12 +102,19 @@ class ReplicaStatus:
     ejected_until: float
     ramp: Ramp | None
     load: ReplicaLoad
+    # The replica's own word, from its load report (router.telemetry): it is
+    # draining and wants no new requests. Kept apart from ``admin`` (the
+    # operator's intent), so that a replica reporting "ready" again can never
+    # undo an operator's drain, and an operator's "active" cannot override a
+    # replica that is shutting down.
+    reported_draining: bool = False
 
     def routable(self, now: float) -> bool:
-        """Takes new requests: healthy, active and not ejected at ``now``."""
+        """Takes new requests: healthy, active, not self-draining and not ejected at ``now``."""
         return (
             self.health is Health.HEALTHY
             and self.admin is AdminState.ACTIVE
+            and not self.reported_draining
             and self.ejected_until <= now
         )
 
@@ -137,6 +144,9 @@ class ReplicaStatus:
             "models": sorted(self.models) if self.models is not None else None,
             "queue_depth": load.queue_depth(now),
             "kv_usage": load.kv_usage,
+            "reported_draining": self.reported_draining,
+            "report_age_s": None if (age := load.report_age(now)) is None else round(age, 3),
+            "reported_by": load.reported_by,
         }
 
 
@@ -156,7 +166,7 @@ class FleetSnapshot:
     models_pending: bool  # some replica's models are not known yet
     # Precomputed once per version so that routing at 1,000 replicas does
     # not call a method per replica per request:
-    # per model, the replicas that are healthy and active (the clock may
+    # per model, the replicas that are healthy, active and not self-draining (the clock may
     # still have them ejected: see ejected_until_max) ...
     healthy_by_model: Mapping[str, tuple[ReplicaStatus, ...]]
     # ... the latest end of any ejection (before it, check each replica) ...
@@ -196,7 +206,11 @@ class FleetSnapshot:
             models_pending=any(s.models is None for s in statuses),
             healthy_by_model={
                 m: tuple(
-                    r for r in rs if r.health is Health.HEALTHY and r.admin is AdminState.ACTIVE
+                    r
+                    for r in rs
+                    if r.health is Health.HEALTHY
+                    and r.admin is AdminState.ACTIVE
+                    and not r.reported_draining
                 )
                 for m, rs in by_model.items()
             },
@@ -211,7 +225,7 @@ class FleetSnapshot:
 
 # What Registry.update may change: the status fields, never identity or load.
 _MUTABLE_FIELDS = frozenset(
-    {"models", "weight", "pool", "admin", "health", "ejected_until", "ramp"}
+    {"models", "weight", "pool", "admin", "health", "ejected_until", "ramp", "reported_draining"}
 )
 
 Listener = Callable[[FleetSnapshot, FleetSnapshot], None]

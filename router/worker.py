@@ -31,6 +31,7 @@ from router.app import Gateway, Role
 from router.cli import setup_logging
 from router.config import Config
 from router.replicas import Registry
+from router.telemetry.share import apply_load_message
 from router.workers import Channel, RemoteOutlier, apply_fleet, collect_families
 
 log = logging.getLogger("dp_router.workers")
@@ -54,6 +55,8 @@ async def _receive(channel: Channel, gateway: Gateway) -> None:
         kind = message[0]
         if kind == "fleet":
             apply_fleet(gateway.registry, message)
+        elif kind == "load":
+            apply_load_message(gateway.registry, message)
         elif kind == "metrics":
             channel.send(("metrics", message[1], collect_families(gateway.metrics.registry)))
         else:

@@ -39,8 +39,11 @@ message       direction  payload
                          or environment), the worker's index, N, log level
 ``fleet``     S -> W     every replica's status fields, whole, at each version
                          (name, url, api_key, models, weight, pool, admin,
-                         health, ejected_until, ramp, max_concurrency share)
+                         health, ejected_until, ramp, max_concurrency share,
+                         reported_draining)
                          and the model list; coalesced to one per loop turn
+``load``      S -> W     replicas' load readings (scrapes, pushes), batched
+                         every 20 ms (router/telemetry/share.py)
 ``metrics``   S -> W     a scrape: "send your metrics" (with a sequence number)
 ``ready``     W -> S     listening: pid and port
 ``outcomes``  W -> S     the data path's settled attempts (replica, outcome,
@@ -140,6 +143,7 @@ from router.replicas import (
     Registry,
     ReplicaStatus,
 )
+from router.telemetry.share import load_message, ship_reports
 
 log = logging.getLogger("dp_router.workers")
 
@@ -245,6 +249,7 @@ def wire_status(status: ReplicaStatus, workers: int) -> dict[str, Any]:
             None if ramp is None else (ramp.start, ramp.duration, ramp.aggression, ramp.min_weight)
         ),
         "max_concurrency": None if limit is None else math.ceil(limit / workers),
+        "reported_draining": status.reported_draining,
     }
 
 
@@ -349,6 +354,19 @@ SUPERVISOR_FAMILIES = frozenset(
         "health_transitions",
         "outlier_ejections",
         "models_refresh_failures",
+        # Load reports are the supervisor's (router/telemetry); workers get
+        # the readings in ``load`` messages and would only repeat them.
+        "replica_reported_waiting",
+        "replica_reported_running",
+        "replica_reported_kv_usage",
+        "replica_report_age_seconds",
+        "replica_report_stale",
+        "replica_reported_draining",
+        "replica_rank_waiting",
+        "replica_rank_running",
+        "replica_rank_kv_usage",
+        "load_reports",
+        "load_reports_rejected",
     )
 )
 REQUESTS_FAMILY = f"{PREFIX}_requests"
@@ -560,7 +578,8 @@ class Supervisor:
                     elif not first.cancelled():
                         first.exception()  # retrieved: one failure is reported
                 raise
-            yield self.port
+            with self._ship_reports():
+                yield self.port
         finally:
             try:
                 await self._stop_workers()
@@ -659,6 +678,8 @@ class Supervisor:
             )
         )
         channel.send_frame(self._fleet_frame())
+        # The load readings so far: a (re)started worker routes on them at once.
+        channel.send(load_message(self.registry, set(self.registry.snapshot.names)))
         reader = asyncio.create_task(
             self._read(worker, channel), name=f"worker-{worker.index}-pipe"
         )
@@ -760,6 +781,21 @@ class Supervisor:
         if not self._broadcast_pending:
             self._broadcast_pending = True
             asyncio.get_running_loop().call_soon(self._broadcast)
+
+    def _ship_reports(self) -> contextlib.AbstractContextManager[None]:
+        """The supervisor's load readings to every worker (``load`` messages,
+        router/telemetry/share.py), batched."""
+        telemetry = self.gateway.telemetry
+        if telemetry is None:
+            return contextlib.nullcontext()
+
+        def send(message: tuple[Any, ...]) -> None:
+            frame = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+            for worker in self._workers:
+                if worker.channel is not None:
+                    worker.channel.send_frame(frame)
+
+        return ship_reports(telemetry, self.registry, send)
 
     def _broadcast(self) -> None:
         self._broadcast_pending = False

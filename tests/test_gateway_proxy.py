@@ -526,6 +526,7 @@ async def test_invalid_upstream_answer_is_a_replica_failure(
             [bad_url, *good],
             routing={"policy": "round_robin"},
             outlier={"consecutive_failures": 2, "base_ejection_s": 30.0},
+            telemetry={"source": "none"},  # no /metrics scrapes: `seen` counts requests
         )
         bad_name = bad_url.removeprefix("http://")
         async with gateway(cfg) as gw:
