@@ -101,6 +101,9 @@ class LoadConfig:
     api_key: str | None = None
     replica_metrics: list[str] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
+    # Send each conversation's id as X-Session-ID (sticky routing at the
+    # gateway); off to compare policies without stickiness.
+    session_header: bool = True
 
     def __post_init__(self) -> None:
         if self.rate is not None and self.concurrency is not None:
@@ -114,11 +117,12 @@ class LoadConfig:
 
     @property
     def mode(self) -> str:
+        sessions = "session header" if self.session_header else "no session header"
         if self.concurrency is not None:
-            return f"concurrency={self.concurrency}"
+            return f"concurrency={self.concurrency}, {sessions}"
         if self.rate is not None:
-            return f"rate={self.rate:g} conversations/s"
-        return "trace arrivals"
+            return f"rate={self.rate:g} conversations/s, {sessions}"
+        return f"trace arrivals, {sessions}"
 
 
 def base_url(target: str) -> str:
@@ -156,7 +160,9 @@ class _Sender:
         return json.dumps(payload, separators=(",", ":")).encode()
 
     async def send(self, conv: Conversation, index: int, turn: Turn) -> RequestRecord:
-        headers = {**self.base_headers, SESSION_HEADER: conv.id}
+        headers = dict(self.base_headers)
+        if self.cfg.session_header:
+            headers[SESSION_HEADER] = conv.id
         # The simulated replica's MoE model draws expert popularity per
         # domain; real servers ignore the header.
         if conv.domain:
@@ -585,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="model name (default: the target's first /v1/models entry)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--session-header",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send each conversation's id as X-Session-ID (sticky sessions at a gateway); "
+        "--no-session-header compares policies without stickiness",
+    )
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per request, s")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     p.add_argument(
@@ -628,6 +641,7 @@ def main(argv: list[str]) -> int:
             duration_s=args.duration,
             requests=args.requests,
             stream=args.stream,
+            session_header=args.session_header,
             timeout_s=args.timeout,
             api_key=args.api_key,
             replica_metrics=args.replica_metrics,

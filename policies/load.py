@@ -5,7 +5,8 @@ face of one replica's live counters (the router's ``ReplicaLoad``, or the
 simulator's, which is the same class): policies are typed against it, so a
 policy that assigns to a counter fails type-checking. :class:`Outcome` names
 how a dispatched request ended; :func:`load_bound` is the one bounded-load
-rule every bounded decision uses.
+rule every bounded decision uses, and :func:`load_bound_tokens` the same rule
+counted in tokens.
 
 Nothing here does I/O or reads a clock: time is an argument.
 """
@@ -115,6 +116,11 @@ class LoadView(Protocol):
 # policies): no replica above 1.5x the mean in-flight, HAProxy's
 # hash-balance-factor 150 (its documented range is 125-200).
 DEFAULT_LOAD_BOUND_EPSILON = 0.5
+# Session affinity holds a pin on a replica below this many in-flight
+# requests whatever the bound says: ceil((1 + eps) x (total + 1) / n) is 1
+# for the second of two requests on three replicas, which would move a
+# session off an idle engine that batches dozens of sequences.
+DEFAULT_SESSION_LOAD_FLOOR = 4
 
 
 def load_bound(in_flight_total: int, n: int, epsilon: float) -> int:
@@ -131,3 +137,27 @@ def load_bound(in_flight_total: int, n: int, epsilon: float) -> int:
     # Rounded before the ceiling: (1 + 0.1) x 50 / 5 is 11.000000000000002 in
     # binary floating point, and a bound one too loose is a bound not kept.
     return math.ceil(round((1.0 + epsilon) * (in_flight_total + 1) / n, 9))
+
+
+def load_bound_tokens(total_tokens: int, n: int, epsilon: float) -> int:
+    """Most outstanding tokens one replica may hold and still take a request:
+    ceil((1 + eps) * total_tokens / n), at least 1.
+
+    :func:`load_bound` counted in tokens (prompt + expected output), with the
+    same epsilon (``[routing] load_bound_epsilon``): a request is a poor unit
+    when one prompt is 50 tokens and the next 30,000, and a popular prefix
+    that draws every long prompt to its holder stays under a request bound
+    while that replica holds several times its share of the work.
+    ``total_tokens`` counts the request being placed. A replica is eligible
+    while its outstanding tokens are BELOW the bound (before adding the
+    request), as ``in_flight < load_bound(...)`` is for requests: the least
+    loaded replica is then always eligible when the request has any tokens
+    (its load is at most the mean without them), so one prompt longer than a
+    fair share is never refused everywhere; a replica may end one request
+    above the bound, never more.
+    """
+    if n <= 0:
+        return 0
+    if math.isinf(epsilon):
+        return sys.maxsize
+    return max(1, math.ceil(round((1.0 + epsilon) * total_tokens / n, 9)))

@@ -20,8 +20,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loadtest": ("loadtest.loadgen", "drive load at an OpenAI-compatible endpoint"),
     "simulate": ("loadtest.sim.cli", "discrete-event policy simulator"),
     "bench": ("loadtest.bench", "gateway overhead benchmark against a direct connection"),
+    "bench-sessions": (
+        "loadtest.session_bench",
+        "latency sticky sessions add, in memory and in Redis",
+    ),
     "demo": ("loadtest.demo", "gateway + simulated fleet + load, with a report"),
     "faults": ("loadtest.faults", "what clients see when a replica is killed or frozen under load"),
+    "faults-redis": (
+        "loadtest.redis_faults",
+        "sticky sessions through a Redis outage (killed, frozen, stalling), full length",
+    ),
 }
 
 

@@ -77,6 +77,7 @@ class AccessLog:
         duration_s: float,
         bytes_in: int,
         bytes_out: int,
+        session: str | None = None,
     ) -> None:
         if not self.enabled:
             return
@@ -90,7 +91,7 @@ class AccessLog:
             f'"reason": "{reason}", "status": {status}, "outcome": "{outcome}", '
             f'"attempts": {attempts}, "ttfb_ms": {_ms(ttfb_s)}, '
             f'"duration_ms": {_ms(duration_s)}, "bytes_in": {bytes_in}, '
-            f'"bytes_out": {bytes_out}}}'
+            f'"bytes_out": {bytes_out}, "session": {_dumps(session)}}}'
         )
         if len(self._lines) >= MAX_LINES:
             self.flush()

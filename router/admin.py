@@ -13,9 +13,10 @@ import hmac
 
 from aiohttp import web
 
-from router.errors import ErrorKind, error_response
+from router.errors import ErrorKind, GatewayError, error_response
 from router.experts import ExpertTelemetry
 from router.proxy import Proxy
+from router.session_key import parse_sources, session_key
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
 # Set by the gateway (router/app.py): the per-expert telemetry /admin/experts shows.
@@ -86,9 +87,48 @@ def create_admin_app(proxy: Proxy, token: str) -> web.Application:
             }
         )
 
+    async def session(request: web.Request) -> web.Response:
+        """Where a session is pinned, and whether that pin would hold now.
+        ``{id}`` is the client's session id; ``?source=`` picks the source it
+        came from (default: the first configured one)."""
+        if not _authorized(request, token):
+            return error_response(ErrorKind.UNAUTHORIZED, "missing or wrong admin token")
+        sessions = proxy.sessions
+        if sessions is None:
+            return error_response(ErrorKind.NOT_FOUND, "sessions are disabled")
+        source = request.query.get("source")
+        sources = sessions.sources
+        if source is not None:
+            try:
+                sources = parse_sources((source,))
+            except ValueError as exc:
+                return error_response(ErrorKind.BAD_FIELD, f"source: {exc}")
+        raw = request.match_info["id"]
+        first = sources[0]
+        try:
+            key = session_key(
+                (first,),
+                lambda name: raw.encode("utf-8") if first.kind == "header" else None,
+                {first.name: raw} if first.kind == "body" else None,
+                sessions.max_key_length,
+            )
+        except GatewayError as exc:
+            return error_response(exc.kind, exc.message)
+        assert key is not None
+        view = await sessions.describe(key)
+        view["source"] = f"{first.kind}:{first.name}"
+        pinned = view.get("replica") or view.get("local_pin")
+        status = proxy.registry.snapshot.get(pinned) if pinned else None
+        now = asyncio.get_running_loop().time()
+        view["pinned_replica"] = status.describe(now) if status is not None else None
+        if pinned and status is None:
+            view["note"] = "the pinned replica left the fleet: the next request re-pins (removed)"
+        return web.json_response(view)
+
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/replicas", replicas)
     app.router.add_get("/admin/experts", experts)
+    app.router.add_get("/admin/sessions/{id}", session)
     return app

@@ -45,6 +45,8 @@ from router.proxy import Proxy
 from router.replicas import FleetSnapshot, Health, Registry
 from router.retry_budget import RetryBudget
 from router.routing import Router
+from router.session_store import create_store
+from router.sessions import Sessions
 from router.telemetry import ExpertSink, Telemetry, load_telemetry
 from router.upstream import UpstreamPool
 
@@ -105,7 +107,11 @@ class Gateway:
             ),
             seed,
         )
-        self.router = Router(self.policy, load_bound_epsilon=routing.load_bound_epsilon)
+        self.router = Router(
+            self.policy,
+            load_bound_epsilon=routing.load_bound_epsilon,
+            session_load_floor=routing.session_load_floor,
+        )
         self.rng = random.Random(seed)
         a = config.admission
         self.admission = Admission(
@@ -211,6 +217,11 @@ class Gateway:
         if control:
             session = await stack.enter_async_context(control_session(cfg.upstream))
             await stack.enter_async_context(self._expert_signal())
+        if cfg.sessions.enabled:
+            # Every role: workers route with it, the supervisor's admin API reads it.
+            self.proxy.sessions = await stack.enter_async_context(
+                session_store(cfg, self.metrics)
+            )
         if self.role is not Role.SUPERVISOR:
             self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
             stack.enter_context(self.proxy.access)
@@ -369,6 +380,18 @@ async def upstream_pool(up: UpstreamConfig) -> AsyncIterator[UpstreamPool]:
         yield pool
     finally:
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def session_store(cfg: Config, metrics: Metrics) -> AsyncIterator[Sessions]:
+    """The session store: Redis when configured, else in memory. Never waits
+    for Redis: a store that is down at start is an outage like any other."""
+    store = create_store(cfg, time.monotonic)
+    sessions = Sessions(store, cfg.sessions, cfg.redis, metrics)
+    try:
+        yield sessions
+    finally:
+        await sessions.close()
 
 
 @contextlib.asynccontextmanager

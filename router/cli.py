@@ -43,6 +43,12 @@ def _serve_parser() -> argparse.ArgumentParser:
         metavar="N",
         help='data-path processes sharing the port (default 1; "auto": one per CPU)',
     )
+    p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="keep session pins in Redis, shared by every gateway using it "
+        "(default: in memory, this process only)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -74,6 +80,8 @@ def build_config(args: argparse.Namespace) -> Config:
         data["server"] = server
     if args.admin_port is not None:
         data["admin"] = {**data.get("admin", {}), "port": args.admin_port}
+    if args.redis_url is not None:
+        data["redis"] = {**data.get("redis", {}), "url": args.redis_url}
     if args.policy is not None:
         routing = dict(data.get("routing", {}))
         if routing.get("policy") != args.policy:

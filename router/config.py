@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from policies import registry
-from policies.load import DEFAULT_LOAD_BOUND_EPSILON
+from policies.load import DEFAULT_LOAD_BOUND_EPSILON, DEFAULT_SESSION_LOAD_FLOOR
+from router.session_key import parse_sources
 
 ENV_OVERRIDES = {
     "DP_ROUTER_HOST": ("server", "host"),
@@ -140,11 +141,50 @@ class RoutingConfig:
     # The one epsilon of every bounded-load rule (session affinity, the
     # prefix policies): a replica holds at most ceil((1 + eps) x (total + 1) / n).
     load_bound_epsilon: float = DEFAULT_LOAD_BOUND_EPSILON
+    # A pinned session is never "overloaded" off a replica holding fewer than
+    # this many of this gateway's requests: an engine batches dozens of
+    # sequences, so at low load its KV cache is worth more than balance
+    # (and each gateway counts only its own requests).
+    session_load_floor: int = DEFAULT_SESSION_LOAD_FLOOR
 
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str = ""
+    """The shared store. Empty ``url`` and no ``sentinels``: no Redis at all.
+
+    The hot path's calls get a tight budget (``op_timeout_s`` around each
+    call, redis-py's own retries off, a bounded pool), because a session
+    lookup must never cost a request more than that (docs/sessions.md).
+    """
+
+    url: str = ""  # redis://host:port/db, rediss://..., unix:///path
+    # Sentinel: "host:port" of each sentinel, and the master's name.
+    sentinels: tuple[str, ...] = ()
+    master_name: str = ""
+    key_prefix: str = "dp:"
+    op_timeout_s: float = 0.05  # every hot-path call, connect included
+    max_connections: int = 32  # the pool's cap; excess callers wait pool_timeout_s
+    pool_timeout_s: float = 0.05
+    # Circuit breaker: open after this many failures in a row, probe after open_s.
+    breaker_failures: int = 3
+    breaker_open_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsConfig:
+    """Sticky sessions (docs/sessions.md)."""
+
+    enabled: bool = True
+    # Where the session key comes from, first match wins: "header:<name>",
+    # "body:prompt_cache_key", "body:user".
+    sources: tuple[str, ...] = ("header:x-session-id",)
+    ttl_s: float = 3600.0  # sliding: every request of the session extends it
+    max_key_length: int = 256
+    memory_max_sessions: int = 100_000  # the in-memory store's LRU bound
+    local_cache_size: int = 10_000  # pins this gateway read or wrote, kept for Redis outages
+    # A new session's first replica: "policy" (load- and cache-aware) or
+    # "rendezvous" (the hash's choice, so that a Redis outage moves fewer sessions).
+    first_placement: str = "policy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +217,6 @@ class TelemetryConfig:
     push_max_bytes: int = 256 * 1024
     push_max_experts: int = 1024  # DeepSeek-V3 has 256 routed experts per layer
     push_max_layers: int = 256  # DeepSeek-V3 has 58 MoE layers
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +270,7 @@ class Config:
     admission: AdmissionConfig = AdmissionConfig()
     routing: RoutingConfig = RoutingConfig()
     redis: RedisConfig = RedisConfig()
+    sessions: SessionsConfig = SessionsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     experts: ExpertsConfig = ExpertsConfig()
 
@@ -244,6 +284,7 @@ _SECTIONS: dict[str, type] = {
     "retry": RetryConfig,
     "admission": AdmissionConfig,
     "redis": RedisConfig,
+    "sessions": SessionsConfig,
     "telemetry": TelemetryConfig,
     "experts": ExpertsConfig,
 }
@@ -381,9 +422,10 @@ def _routing(data: Any) -> RoutingConfig:
     if not isinstance(data, dict):
         raise ConfigError("routing: expected a table")
     for key in data:
-        if key not in ("policy", "params", "seed", "load_bound_epsilon"):
+        if key not in ("policy", "params", "seed", "load_bound_epsilon", "session_load_floor"):
             raise ConfigError(
-                f"routing.{key}: unknown key (known: load_bound_epsilon, params, policy, seed)"
+                f"routing.{key}: unknown key (known: load_bound_epsilon, params, policy, "
+                "seed, session_load_floor)"
             )
     policy = _check_type("routing.policy", data.get("policy", registry.DEFAULT_POLICY), "")
     params = data.get("params", {})
@@ -403,11 +445,17 @@ def _routing(data: Any) -> RoutingConfig:
         0.0,
     )
     _positive("routing.load_bound_epsilon", epsilon, allow_zero=True)
+    floor = _check_type(
+        "routing.session_load_floor",
+        data.get("session_load_floor", DEFAULT_SESSION_LOAD_FLOOR),
+        0,
+    )
+    _positive("routing.session_load_floor", floor, allow_zero=True)
     try:
         registry.create(policy, policy_params(policy, dict(params), epsilon), seed)
     except ValueError as exc:
         raise ConfigError(f"routing.policy: {exc}") from None
-    return RoutingConfig(policy, dict(params), seed, epsilon)
+    return RoutingConfig(policy, dict(params), seed, epsilon, floor)
 
 
 def policy_params(policy: str, params: dict[str, Any], epsilon: float) -> dict[str, Any]:
@@ -486,10 +534,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("admission.reject_status: must be 429 or 503")
     if a.when_none_routable not in ("fail", "panic"):
         raise ConfigError('admission.when_none_routable: must be "fail" or "panic"')
-    if cfg.redis.url and urlsplit(cfg.redis.url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("redis.url: expected redis://, rediss:// or unix://")
-    _validate_experts(cfg.experts)
+    _validate_sessions(cfg)
     _validate_telemetry(cfg)
+    _validate_experts(cfg.experts)
     if not cfg.replicas:
         raise ConfigError("replicas: at least one replica is required")
     seen: set[str] = set()
@@ -497,6 +544,39 @@ def _validate(cfg: Config) -> None:
         if rep.name in seen:
             raise ConfigError(f"replicas[{i}].name: duplicate replica name {rep.name!r}")
         seen.add(rep.name)
+
+
+def _validate_sessions(cfg: Config) -> None:
+    rd = cfg.redis
+    if rd.url and urlsplit(rd.url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis.url: expected redis://, rediss:// or unix://")
+    if bool(rd.sentinels) != bool(rd.master_name):
+        raise ConfigError("redis.sentinels and redis.master_name: give both, or neither")
+    if rd.sentinels and rd.url:
+        raise ConfigError("redis.url and redis.sentinels: give one (Sentinel finds the master)")
+    for i, hostport in enumerate(rd.sentinels):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"redis.sentinels[{i}]: expected host:port, got {hostport!r}")
+    for key in ("op_timeout_s", "pool_timeout_s", "breaker_open_s"):
+        _positive(f"redis.{key}", getattr(rd, key))
+    _positive("redis.max_connections", rd.max_connections)
+    _positive("redis.breaker_failures", rd.breaker_failures)
+    if not rd.key_prefix or len(rd.key_prefix) > 64:
+        raise ConfigError("redis.key_prefix: 1 to 64 characters")
+    se = cfg.sessions
+    try:
+        parse_sources(se.sources)
+    except ValueError as exc:
+        raise ConfigError(f"sessions.sources: {exc}") from None
+    _positive("sessions.ttl_s", se.ttl_s)
+    _positive("sessions.max_key_length", se.max_key_length)
+    _positive("sessions.memory_max_sessions", se.memory_max_sessions)
+    _positive("sessions.local_cache_size", se.local_cache_size, allow_zero=True)
+    if se.first_placement not in ("policy", "rendezvous"):
+        raise ConfigError(
+            f'sessions.first_placement: "policy" or "rendezvous", got {se.first_placement!r}'
+        )
 
 
 def _validate_experts(e: ExpertsConfig) -> None:

@@ -33,6 +33,7 @@ class ErrorKind(Enum):
     VERSION_NOT_SUPPORTED = ErrorSpec(505, "server_error", "http_version_not_supported")
     BAD_JSON = ErrorSpec(400, "invalid_request_error", "invalid_json")
     BAD_FIELD = ErrorSpec(400, "invalid_request_error", "invalid_field")
+    BAD_SESSION_KEY = ErrorSpec(400, "invalid_request_error", "invalid_session_key")
     UNAUTHORIZED = ErrorSpec(401, "authentication_error", "unauthorized")
     NOT_FOUND = ErrorSpec(404, "invalid_request_error", "not_found")
     MODEL_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "model_not_found")

@@ -41,11 +41,19 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-request-id",
 }
 # The server frames and dates the response it sends; never copy these.
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"server", b"x-request-id"}
+_RESPONSE_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"date",
+    b"server",
+    b"x-request-id",
+    b"x-dp-replica",
+    b"x-dp-session",
+}
 
 REQUEST_ID = b"x-request-id"
 REPLICA_HEADER = b"x-dp-replica"
-SESSION_HEADER = b"x-session-id"
+# hit | new | repinned:<reason> | fallback: what sticky routing did (router/sessions.py).
+SESSION_PLACEMENT_HEADER = b"x-dp-session"
 # A replica that is shutting down answers 503 with this header (or body code
 # "draining"): retried elsewhere, never counted as a replica failure.
 DRAINING_HEADER = b"x-dp-draining"
@@ -120,12 +128,18 @@ def upstream_request_headers(
 
 
 def client_response_headers(
-    upstream_headers: Headers, *, request_id: str, replica: bytes | None
+    upstream_headers: Headers,
+    *,
+    request_id: str,
+    replica: bytes | None,
+    session: str | None = None,
 ) -> Headers:
     out = _filtered(upstream_headers, _RESPONSE_DROP)
     out.append((REQUEST_ID, request_id.encode("ascii")))
     if replica is not None:
         out.append((REPLICA_HEADER, replica))
+        if session is not None:
+            out.append((SESSION_PLACEMENT_HEADER, session.encode("ascii")))
     return out
 
 

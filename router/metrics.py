@@ -57,6 +57,8 @@ LATENCY_BUCKETS = (
     120.0,
     300.0,
 )
+# Seconds; a session store call on loopback takes ~0.1 ms, its budget is tens of ms.
+SESSION_STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -476,11 +478,59 @@ class Metrics:
             "Access log lines dropped because the log sink fell behind.",
             registry=r,
         )
+        self._session_metrics(r)
         self._telemetry_metrics(r)
         self.models_refresh_failures = Counter(
             f"{PREFIX}_models_refresh_failures_total",
             "Failed GET /v1/models against a replica.",
             ["replica"],
+            registry=r,
+        )
+
+    def _session_metrics(self, r: CollectorRegistry) -> None:
+        """Sticky sessions (router/sessions.py, docs/sessions.md)."""
+        self.session_requests = HotCounter(
+            f"{PREFIX}_session_requests_total",
+            "Requests with a session key, by result: hit (its pin held), new (first "
+            "placement), repinned (moved, see session_repins_total), fallback (the store "
+            "was unavailable: local pin cache or rendezvous hashing placed it).",
+            ["result"],
+        )
+        self.session_repins = HotCounter(
+            f"{PREFIX}_session_repins_total",
+            "Sessions moved off their pinned replica, by reason (drained, unhealthy, "
+            "overloaded, failed, removed, pool_changed).",
+            ["reason"],
+        )
+        self.session_store_seconds = HotHistogram(
+            f"{PREFIX}_session_store_seconds",
+            "Latency of session store calls that completed, by operation.",
+            ["store", "op"],
+            SESSION_STORE_BUCKETS,
+        )
+        r.register(
+            _HotCollector([self.session_requests, self.session_repins, self.session_store_seconds])
+        )
+        self.session_store_errors = Counter(
+            f"{PREFIX}_session_store_errors_total",
+            "Session store calls that failed, by operation and error (timeout, "
+            "connection, error); calls refused by the open breaker are not counted here.",
+            ["op", "error"],
+            registry=r,
+        )
+        self.session_breaker_state = Gauge(
+            f"{PREFIX}_session_breaker_state",
+            "The session store's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )
+        self.session_breaker_opens = Counter(
+            f"{PREFIX}_session_breaker_opens_total",
+            "Times the session store's circuit breaker opened.",
+            registry=r,
+        )
+        self.session_local_pins = Gauge(
+            f"{PREFIX}_session_local_pins",
+            "Pins this gateway keeps locally for store outages (bounded).",
             registry=r,
         )
 

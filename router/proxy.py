@@ -49,7 +49,8 @@ from router.outlier import report as report_ejection
 from router.replicas import Registry, ReplicaStatus
 from router.request_info import ENDPOINTS, parse_body, summarize, summarize_form
 from router.retry_budget import RetryBudget, backoff_s
-from router.routing import NoRoute, Routed, Router
+from router.routing import NoRoute, Repin, Routed, Router
+from router.sessions import Lookup, Placement, Sessions
 from router.upstream import (
     BadResponse,
     ConnectError,
@@ -178,6 +179,7 @@ class Record:
         "reason",
         "replica",
         "request_id",
+        "session",
         "status",
         "ttfb",
     )
@@ -194,6 +196,7 @@ class Record:
         self.bytes_out = 0
         self.attempts = 0
         self.outcome = ""
+        self.session: str | None = None  # the X-Dp-Session value
 
     def end(self, status: int, outcome: str) -> None:
         if not self.status:
@@ -227,6 +230,7 @@ class Proxy:
         self.outlier = outlier
         self.rng = rng
         self.pool: UpstreamPool | None = None  # set when the gateway starts
+        self.sessions: Sessions | None = None  # set when the gateway starts
         self.forwarded_for = hdr.ForwardedFor(config.server.trusted_proxies)
         self._expected_output: dict[str, float] = {}
         self._targets: dict[str, Target] = {}
@@ -332,11 +336,15 @@ class Proxy:
                 "send an identity body",
             )
         body = request.body
+        data: dict[str, Any] | None = None
         if kind == "audio":
             content_type = (request.get(b"content-type") or b"").decode("latin-1")
             summary = summarize_form(body, content_type)
         else:
-            summary = summarize(kind, parse_body(body))
+            data = parse_body(body)
+            summary = summarize(kind, data)
+        sessions = self.sessions
+        key = sessions.key(request.get, data) if sessions is not None else None
         record.model = summary.model
         if self.registry.snapshot.knows_model(summary.model):
             record.model_label = summary.model
@@ -349,7 +357,7 @@ class Proxy:
             prompt_tokens=summary.prompt_tokens,
             max_tokens=summary.max_tokens,
             expected_output_tokens=expected,
-            session_key=None,  # sessions (a pin store around decide) are not wired yet
+            session_key=key,
             prompt_text=summary.prompt_text,
             request_id=record.request_id,
         )
@@ -370,21 +378,31 @@ class Proxy:
         self.budget.deposit()  # each request funds a fraction of a retry
         last_failure: AttemptFailed | None = None
         budgeted_retry = False  # a granted retry holds a budget slot until it settles
+        session: Lookup | None = None
+        if route_req.session_key is not None and self.sessions is not None:
+            session = await self.sessions.lookup(route_req.session_key)
         try:
             while True:
+                pin = session.pin if session is not None else None
+                hashed = False
+                if session is not None and pin is None:
+                    pin = self._hash_placement(route_req, session, loop.time())
+                    hashed = pin is not None
                 routed: Routed | NoRoute = NoRoute.AT_CAPACITY
                 if turn is None and not self.admission.busy(route_req.model):
-                    routed = self._decide(route_req, tried, loop.time())
+                    routed = self._decide(route_req, pin, tried, loop.time())
                 if routed is NoRoute.AT_CAPACITY:
                     if turn is None:
                         turn = self.admission.turn(route_req.model)
-                    routed = await self._route(route_req, tried, turn)
+                    routed = await self._route(route_req, pin, tried, turn)
                 if isinstance(routed, NoRoute):
                     if last_failure is not None:
                         self._give_up(exchange, record, last_failure)
                     else:
                         self._no_route(exchange, record, routed)
                     return
+                if session is not None:
+                    routed = await self._pin(route_req, session, routed, hashed, tried, record)
                 replica = routed.replica
                 ticket = dispatch(replica.load, route_req.cost_tokens)
                 self.policy.on_dispatch(route_req, replica.name, loop.time())
@@ -436,14 +454,14 @@ class Proxy:
                 self.budget.release()
 
     async def _route(
-        self, route_req: RouteRequest, tried: list[str], turn: Turn
+        self, route_req: RouteRequest, pin: str | None, tried: list[str], turn: Turn
     ) -> Routed | NoRoute:
         """Decide now, or wait (bounded, in line) until a replica has room."""
         loop = asyncio.get_running_loop()
         waited = turn.waited_s
         while True:
             if not turn.must_wait():
-                routed = self._decide(route_req, tried, loop.time())
+                routed = self._decide(route_req, pin, tried, loop.time())
                 if routed is not NoRoute.AT_CAPACITY:
                     if turn.waited_s > waited:
                         self.metrics.admission_waits.inc()
@@ -462,12 +480,86 @@ class Proxy:
                     status=exc.status,
                 ) from None
 
-    def _decide(self, route_req: RouteRequest, tried: list[str], now: float) -> Routed | NoRoute:
-        # No session pin yet: the sessions store will fetch it before this
-        # and store Routed.repin after dispatch.
+    def _decide(
+        self, route_req: RouteRequest, pin: str | None, tried: list[str], now: float
+    ) -> Routed | NoRoute:
         return self.router.decide(
-            route_req, None, self.registry.snapshot, now, exclude=tried, panic=self.panic
+            route_req, pin, self.registry.snapshot, now, exclude=tried, panic=self.panic
         )
+
+    # -- sessions (router/sessions.py) ---------------------------------------
+
+    def _hash_placement(self, route_req: RouteRequest, session: Lookup, now: float) -> str | None:
+        """A pin from the rendezvous hash, for a session without one: while the
+        store is unavailable (so gateways agree without it), or for every new
+        session with ``first_placement = "rendezvous"``."""
+        sessions = self.sessions
+        assert sessions is not None and route_req.session_key is not None
+        if not (session.fallback or sessions.rendezvous_first):
+            return None
+        return sessions.place_by_hash(
+            route_req.session_key, route_req.model, self.registry.snapshot, now
+        )
+
+    async def _pin(
+        self,
+        route_req: RouteRequest,
+        session: Lookup,
+        routed: Routed,
+        hashed: bool,
+        tried: list[str],
+        record: Record,
+    ) -> Routed:
+        """Store what ``decide`` did with the session's pin, and follow another
+        gateway's pin if it won a race for this session."""
+        sessions = self.sessions
+        assert sessions is not None
+        key = session.key
+        chosen = routed.replica.name
+        old = session.pin
+        if routed.repin is None and not hashed and (session.stored or session.fallback):
+            placement = Placement.FALLBACK if session.fallback else Placement.HIT
+            record.session = placement.value
+            self.metrics.session_requests.inc((placement.value,))
+            return routed
+        if session.fallback:
+            # The store is unavailable: remember locally, write nothing.
+            sessions.local.put(key, chosen)
+            session.pin = chosen
+            placement_value = Placement.FALLBACK.value
+            if routed.repin is not None and routed.repin is not Repin.NEW and not hashed:
+                self.metrics.session_repins.inc((routed.repin.value,))
+            record.session = placement_value
+            self.metrics.session_requests.inc((placement_value,))
+            return routed
+        if old is None or not session.stored:
+            # A first placement (the policy's, or the hash's), or a local pin
+            # the store had lost: atomic, and the loser of a race between
+            # gateways follows the winner.
+            stored = await sessions.claim(key, chosen)
+            kept = old is not None and routed.repin is None
+            placement_value = (Placement.HIT if kept else Placement.NEW).value
+        else:
+            assert routed.repin is not None
+            stored = await sessions.repin(key, old, chosen)
+            placement_value = f"{Placement.REPINNED.value}:{routed.repin.value}"
+            self.metrics.session_repins.inc((routed.repin.value,))
+        session.pin = stored
+        session.stored = True
+        if stored != chosen:
+            loop = asyncio.get_running_loop()
+            follow = self.router.follow(
+                route_req, stored, self.registry.snapshot, loop.time(), exclude=tried
+            )
+            if follow is not None:
+                routed = follow
+            else:
+                # The winner's replica cannot take this request from where we
+                # stand; go with our choice and leave the stored pin alone.
+                session.pin = chosen
+        record.session = placement_value
+        self.metrics.session_requests.inc((placement_value.partition(":")[0],))
+        return routed
 
     def _may_retry(self, failure: AttemptFailed, attempts: int) -> bool:
         """Retry only what has not started, up to max_retries, within the budget."""
@@ -684,6 +776,7 @@ class Proxy:
             upstream.headers,
             request_id=record.request_id,
             replica=replica.name.encode() if self._replica_header else None,
+            session=record.session,
         )
 
     def _relay_whole(
@@ -878,6 +971,7 @@ class Proxy:
             t1 - t0,
             record.bytes_in,
             record.bytes_out,
+            record.session,
         )
 
 

@@ -14,8 +14,9 @@ a session's pin before, storing it after dispatch) belongs to the caller.
    signature.
 3. **affinity**: a pinned session stays on its replica while that replica
    is routable, in the session's pool, not excluded and under the load bound
-   (:func:`policies.load.load_bound`, HAProxy's hash-balance-factor);
-   otherwise it is re-pinned and :class:`Repin` says why.
+   (:func:`policies.load.load_bound`, HAProxy's hash-balance-factor; a
+   replica holding fewer than ``session_load_floor`` requests is never
+   over it); otherwise it is re-pinned and :class:`Repin` says why.
 4. **policy**: picks among the candidates.
 """
 
@@ -30,6 +31,7 @@ from policies.base import BasePolicy, Decision, RouteRequest
 from policies.load import (
     DEFAULT_LOAD_BOUND_EPSILON,
     DEFAULT_REPORT_MAX_AGE_S,
+    DEFAULT_SESSION_LOAD_FLOOR,
     LoadView,
     load_bound,
 )
@@ -75,10 +77,15 @@ class Router:
     simulator one per simulated gateway)."""
 
     def __init__(
-        self, policy: BasePolicy, *, load_bound_epsilon: float = DEFAULT_LOAD_BOUND_EPSILON
+        self,
+        policy: BasePolicy,
+        *,
+        load_bound_epsilon: float = DEFAULT_LOAD_BOUND_EPSILON,
+        session_load_floor: int = DEFAULT_SESSION_LOAD_FLOOR,
     ) -> None:
         self.policy = policy
         self.epsilon = load_bound_epsilon
+        self.session_floor = session_load_floor
 
     def decide(
         self,
@@ -187,9 +194,11 @@ class Router:
         pinned = snapshot.get(pin)
         if pinned is None or not any(r.name == pin for r in candidates):
             return _why_not_candidate(pinned, request.model, now, exclude)
+        held = pinned.load.in_flight
+        if held < self.session_floor:
+            return None
         total = sum(r.load.in_flight for r in candidates)
-        bound = load_bound(total, len(candidates), self.epsilon)
-        if pinned.load.in_flight >= bound:
+        if held >= load_bound(total, len(candidates), self.epsilon):
             return Repin.OVERLOADED
         return None
 

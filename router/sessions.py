@@ -178,7 +178,11 @@ class Sessions:
             return Lookup(key, self.local.get(key), stored=False, fallback=True)
         if pin is not None:
             self.local.put(key, pin)
-        return Lookup(key, pin, stored=pin is not None, fallback=False)
+            return Lookup(key, pin, stored=True, fallback=False)
+        # Not in the store, but this gateway placed the session recently: the
+        # store lost it (restarted empty, or failed over before replicating).
+        # Keep the session where its cache is; the caller stores it again.
+        return Lookup(key, self.local.get(key), stored=False, fallback=False)
 
     def place_by_hash(
         self, key: str, model: str, snapshot: FleetSnapshot, now: float

@@ -158,7 +158,7 @@ def test_pin_to_a_removed_or_failed_replica() -> None:
 
 def test_hot_session_moves_when_its_replica_passes_the_load_bound() -> None:
     reg = registry("a", "b", "c")
-    router = Router(LeastInFlight(), load_bound_epsilon=0.25)
+    router = Router(LeastInFlight(), load_bound_epsilon=0.25, session_load_floor=0)
     hits = moves = 0
     for _ in range(30):
         r = routed(router.decide(req(session="hot"), "a", reg.snapshot, 0.0))
@@ -182,3 +182,17 @@ def test_a_policy_that_picks_outside_the_candidates_is_a_bug() -> None:
     reg = registry("a")
     with pytest.raises(RuntimeError):
         Router(Rogue()).decide(req(), None, reg.snapshot, 0.0)
+
+
+def test_a_pin_holds_below_the_session_load_floor() -> None:
+    """The second of two requests on three replicas: the bound is 1, but an
+    engine with one request is idle enough to keep its session's cache."""
+    reg = registry("a", "b", "c")
+    router = Router(LeastInFlight(), session_load_floor=2)
+    first = routed(router.decide(req(session="s"), "a", reg.snapshot, 0.0))
+    dispatch(first.replica.load, 1)
+    second = routed(router.decide(req(session="s"), "a", reg.snapshot, 0.0))
+    assert (second.replica.name, second.repin) == ("a", None)
+    dispatch(second.replica.load, 1)
+    third = routed(router.decide(req(session="s"), "a", reg.snapshot, 0.0))
+    assert (third.replica.name, third.repin) == ("b", Repin.OVERLOADED)

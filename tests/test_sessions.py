@@ -112,7 +112,9 @@ async def test_a_hot_session_never_pushes_its_replica_past_the_load_bound() -> N
     ceil((1 + eps) * (total + 1) / n); most turns of a hot key stay sticky,
     and the moves are counted as `overloaded`."""
     async with replicas(3, token_interval_s=0.01) as urls:
-        cfg = gateway_config(urls, routing={"load_bound_epsilon": 0.25, "seed": 3})
+        cfg = gateway_config(
+            urls, routing={"load_bound_epsilon": 0.25, "session_load_floor": 0, "seed": 3}
+        )
         async with gateway(cfg) as gw:
             violations: list[tuple[int, int]] = []
             original = gw.router.decide
