@@ -219,9 +219,7 @@ class Gateway:
             await stack.enter_async_context(self._expert_signal())
         if cfg.sessions.enabled:
             # Every role: workers route with it, the supervisor's admin API reads it.
-            self.proxy.sessions = await stack.enter_async_context(
-                session_store(cfg, self.metrics)
-            )
+            self.proxy.sessions = await stack.enter_async_context(session_store(cfg, self.metrics))
         if self.role is not Role.SUPERVISOR:
             self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
             stack.enter_context(self.proxy.access)
