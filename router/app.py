@@ -122,10 +122,8 @@ class Gateway:
         o = config.outlier
         h = config.health
         self.outlier: OutlierDetector | None = None
-        # Load reports (router/telemetry): run by the control plane. Set
-        # on_experts before start to receive expert counters (ExpertTelemetry.record).
+        # Load reports (router/telemetry): run by the control plane.
         self.telemetry: Telemetry | None = None
-        self.on_experts: ExpertSink | None = None
         if outlier is not None:
             self.outlier = outlier(self.registry)
         elif o.enabled:
@@ -153,6 +151,8 @@ class Gateway:
         # Per-expert (MoE) counters: telemetry sources call self.experts.record;
         # the scored policy reads the slowdown written by _expert_signal.
         self.experts = ExpertTelemetry(config.experts)
+        # Where telemetry sources deliver expert counters.
+        self.on_experts: ExpertSink | None = self.experts.record
         self.experts.set_members(self.registry.snapshot.names)
         self.metrics.watch_experts(
             lambda: self.experts.views(loop_time()), lambda: self.experts.rejected

@@ -17,7 +17,8 @@ import os
 import re
 from collections.abc import Iterable
 
-Headers = list[tuple[bytes, bytes]]
+Header = tuple[bytes, bytes]
+Headers = list[Header]
 
 HOP_BY_HOP = frozenset(
     {
@@ -39,6 +40,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-request-id",
+    # The gateway asks replicas for their load itself (router/telemetry/orca.py),
+    # and their answer is not the client's to read.
+    b"endpoint-load-metrics-format",
 }
 # The server frames and dates the response it sends; never copy these.
 _RESPONSE_DROP = HOP_BY_HOP | {
@@ -48,6 +52,7 @@ _RESPONSE_DROP = HOP_BY_HOP | {
     b"x-request-id",
     b"x-dp-replica",
     b"x-dp-session",
+    b"endpoint-load-metrics",
 }
 
 REQUEST_ID = b"x-request-id"
@@ -110,6 +115,7 @@ def upstream_request_headers(
     forwarded_for: str,
     forwarded_proto: bytes,
     api_key: str,
+    extra: Header | None = None,
 ) -> Headers:
     """What the replica sees: client headers minus hop-by-hop, plus forwarding.
 
@@ -124,6 +130,8 @@ def upstream_request_headers(
     out.append((REQUEST_ID, request_id.encode("ascii")))
     out.append((b"x-forwarded-for", forwarded_for.encode("latin-1")))
     out.append((b"x-forwarded-proto", forwarded_proto))
+    if extra is not None:
+        out.append(extra)
     return out
 
 

@@ -51,6 +51,8 @@ from router.request_info import ENDPOINTS, parse_body, summarize, summarize_form
 from router.retry_budget import RetryBudget, backoff_s
 from router.routing import NoRoute, Repin, Routed, Router
 from router.sessions import Lookup, Placement, Sessions
+from router.telemetry.orca import ORCA_REQUEST_HEADER, ORCA_RESPONSE_HEADER, on_load_header
+from router.telemetry.source import plan_for
 from router.upstream import (
     BadResponse,
     ConnectError,
@@ -159,6 +161,8 @@ class Target:
     port: int
     prefix: str
     tls: ssl.SSLContext | None
+    # Ask for the replica's load on every response (ORCA header, docs/load-report.md).
+    load_header: hdr.Header | None
 
 
 class Record:
@@ -634,6 +638,7 @@ class Proxy:
                 parts.port or (443 if tls is not None else 80),
                 parts.path.rstrip("/"),
                 tls,
+                ORCA_REQUEST_HEADER if plan_for(self.config, replica.name).reads_header else None,
             )
         return target
 
@@ -661,6 +666,7 @@ class Proxy:
             forwarded_for=self.forwarded_for.value(request.peer, request.get(b"x-forwarded-for")),
             forwarded_proto=b"http",
             api_key=replica.api_key,
+            extra=target.load_header,
         )
         deadline = loop.time() + (self._first_byte_timeout if stream else self._response_timeout)
         try:
@@ -702,6 +708,11 @@ class Proxy:
             except BadResponse as exc:
                 raise _bad_response(replica, exc, retryable=True) from None
             ttfb = time.perf_counter() - t0
+            if target.load_header is not None:
+                report = upstream.get(ORCA_RESPONSE_HEADER)
+                if report is not None:
+                    ok = on_load_header(replica.load, report, loop.time())
+                    self.metrics.count_load_header(replica.name, ok)
             status = upstream.status
             if status in _STATUS_FAILURES:
                 try:

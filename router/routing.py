@@ -108,7 +108,9 @@ class Router:
                 return NoRoute.NONE_ROUTABLE
             # Panic (Envoy): with nothing healthy, try every active replica
             # serving the model; a drain is an operator's word and holds.
-            candidates = [r for r in serving if r.admin is AdminState.ACTIVE]
+            candidates = [
+                r for r in serving if r.admin is AdminState.ACTIVE and not r.reported_draining
+            ]
             if not candidates:
                 return NoRoute.NONE_ROUTABLE
         if exclude:
@@ -210,7 +212,7 @@ def _why_not_candidate(
         return Repin.REMOVED
     if pinned.name in exclude:
         return Repin.FAILED
-    if pinned.admin is not AdminState.ACTIVE:
+    if pinned.admin is not AdminState.ACTIVE or pinned.reported_draining:
         return Repin.DRAINED
     if pinned.health is not Health.HEALTHY or pinned.ejected(now):
         return Repin.UNHEALTHY

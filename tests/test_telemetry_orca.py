@@ -101,3 +101,44 @@ def test_header_report_resets_the_local_correction() -> None:
     assert on_load_header(load, value, 1.0)
     tickets[0].close(Outcome.OK)
     assert load.queue_depth(1.0) == 3.0  # 4 reported, one settled since, floor 3 in flight
+
+
+async def test_the_gateway_asks_every_response_for_load_and_keeps_it_to_itself() -> None:
+    """Through a real gateway: the request carries the format header (the
+    client's own is dropped), the replica's answer lands in its load, and
+    neither header reaches the client."""
+    import aiohttp
+    from aiohttp import web
+
+    from tests.harness import admin, base, chat_body, gateway, gateway_config, serve_app
+
+    seen: list[str | None] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("endpoint-load-metrics-format"))
+        return web.json_response(
+            {"choices": [], "usage": {"completion_tokens": 1}},
+            headers={
+                "endpoint-load-metrics": "TEXT named_metrics.num_requests_waiting=7, "
+                "named_metrics.num_requests_running=3, named_metrics.kv_cache_usage_perc=0.25"
+            },
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serve_app(app) as url:
+        cfg = gateway_config([url], telemetry={"source": "header"})
+        async with gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            async with s.post(
+                base(gw) + "/v1/chat/completions",
+                json=chat_body(),
+                headers={"endpoint-load-metrics-format": "JSON"},
+            ) as r:
+                assert r.status == 200
+                assert "endpoint-load-metrics" not in r.headers
+            assert seen == ["TEXT"]
+            (replica,) = list(gw.registry)
+            assert replica.load.reported_queue == 10.0
+            assert replica.load.kv_usage == 0.25
+            metrics = await (await s.get(admin(gw) + "/metrics")).text()
+            assert "dp_router_load_headers_total" in metrics
