@@ -153,6 +153,8 @@ class Gateway:
         self.experts = ExpertTelemetry(config.experts)
         # Where telemetry sources deliver expert counters.
         self.on_experts: ExpertSink | None = self.experts.record
+        # Who else hears each round of slowdowns (the --workers supervisor).
+        self.on_expert_signal: Callable[[dict[str, float | None]], None] | None = None
         self.experts.set_members(self.registry.snapshot.names)
         self.metrics.watch_experts(
             lambda: self.experts.views(loop_time()), lambda: self.experts.rejected
@@ -282,8 +284,12 @@ class Gateway:
         async def refresh() -> None:
             while True:
                 now = loop_time()
+                slowdowns: dict[str, float | None] = {}
                 for status in self.registry:
-                    status.load.expert_slowdown = experts.slowdown(status.name, now)
+                    slowdown = experts.slowdown(status.name, now)
+                    status.load.expert_slowdown = slowdowns[status.name] = slowdown
+                if self.on_expert_signal is not None:
+                    self.on_expert_signal(slowdowns)
                 await asyncio.sleep(EXPERT_REFRESH_S)
 
         self.registry.subscribe(on_change)

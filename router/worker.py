@@ -57,6 +57,11 @@ async def _receive(channel: Channel, gateway: Gateway) -> None:
             apply_fleet(gateway.registry, message)
         elif kind == "load":
             apply_load_message(gateway.registry, message)
+        elif kind == "experts":
+            for name, slowdown in message[1].items():
+                status = gateway.registry.get(name)
+                if status is not None:
+                    status.load.expert_slowdown = slowdown
         elif kind == "metrics":
             channel.send(("metrics", message[1], collect_families(gateway.metrics.registry)))
         else:

@@ -132,7 +132,7 @@ from prometheus_client.registry import Collector
 from policies.load import Outcome
 from router.app import Gateway, Role
 from router.config import Config
-from router.metrics import PREFIX, WORKER_FAMILIES
+from router.metrics import EXPERT_FAMILIES, PREFIX, WORKER_FAMILIES
 from router.outlier import OutlierDetector, OutlierEvent
 from router.outlier import report as report_ejection
 from router.replicas import (
@@ -368,6 +368,10 @@ SUPERVISOR_FAMILIES = frozenset(
         "load_reports",
         "load_reports_rejected",
     )
+) | frozenset(
+    # Expert telemetry is the supervisor's; workers get the slowdowns in
+    # ``experts`` messages.
+    EXPERT_FAMILIES
 )
 REQUESTS_FAMILY = f"{PREFIX}_requests"
 _IN_FLIGHT_FAMILY = f"{PREFIX}_replica_in_flight"
@@ -532,6 +536,7 @@ class Supervisor:
         self.metrics = self.gateway.metrics
         self.outlier = self.gateway.outlier
         self.gateway.admin_app.middlewares.append(self._admin_middleware())
+        self.gateway.on_expert_signal = self._ship_experts
         self._workers = [_Worker(i) for i in range(config.server.workers)]
         self._stopping = asyncio.Event()
         self._seq = itertools.count()
@@ -796,6 +801,14 @@ class Supervisor:
                     worker.channel.send_frame(frame)
 
         return ship_reports(telemetry, self.registry, send)
+
+    def _ship_experts(self, slowdowns: dict[str, float | None]) -> None:
+        """Each replica's expert slowdown (router/experts.py), once a second,
+        so the workers' scored policy weighs what the supervisor measures."""
+        frame = pickle.dumps(("experts", slowdowns), pickle.HIGHEST_PROTOCOL)
+        for worker in self._workers:
+            if worker.channel is not None:
+                worker.channel.send_frame(frame)
 
     def _broadcast(self) -> None:
         self._broadcast_pending = False

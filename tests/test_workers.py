@@ -123,6 +123,7 @@ def _metrics(in_flight: int, healthy: bool, requests: int = 0) -> Metrics:
     """A process's metrics: replica "a" as it sees it, and ``requests`` served."""
     m = Metrics()
     m.watch_replicas(lambda: [ReplicaSample("a", in_flight, 10, healthy, healthy, False, 1.0)])
+    m.watch_experts(lambda: [], dict)  # as every gateway does (no reports yet)
     for _ in range(requests):
         m.count_request(MODEL, "a", 200)
         m.count_attempt("a", "ok")
