@@ -12,8 +12,9 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as redis_asyncio
@@ -24,12 +25,18 @@ from router.session_store import KEY_SPACE, MemoryStore, RedisStore, SessionStor
 from tests.redis_server import RedisServer, redis_sentinel, redis_server
 
 SLACK_S = 0.5
+T = TypeVar("T")
 # Short enough that a hung-Redis test takes a fraction of a second, long
 # enough that a loaded 2-core machine answers a live Redis in time.
 OP_TIMEOUT_S = 0.2
 POOL_TIMEOUT_S = 0.2
 TTL_S = 60.0
 PREFIX = "t:"
+
+
+# For the contract tests, which are about answers, not time: a loaded CI
+# machine must not turn a slow answer into a failure.
+LENIENT = {"op_timeout_s": 2.0, "pool_timeout_s": 5.0}
 
 
 def redis_cfg(srv: RedisServer, **overrides: Any) -> RedisConfig:
@@ -84,7 +91,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     async with redis_server() as srv:
 
         async def open_redis(ttl_s: float) -> SessionStore:
-            store = RedisStore.create(redis_cfg(srv), ttl_s)
+            store = RedisStore.create(redis_cfg(srv, **LENIENT), ttl_s)
             opened.append(store)
             return store
 
@@ -219,7 +226,7 @@ async def test_random_operations_match_the_memory_store_and_leave_a_ttl_on_every
     memory store is the model), and afterwards every Redis key has a TTL
     (a SET without PX would have cleared it)."""
     memory = MemoryStore(TTL_S, 10_000, FakeClock())
-    shared = RedisStore.create(redis_cfg(redis_srv), TTL_S)
+    shared = RedisStore.create(redis_cfg(redis_srv, **LENIENT), TTL_S)
     plain = redis_asyncio.Redis.from_url(redis_srv.url, decode_responses=True)
     try:
         expected = await run_random_ops(memory, seed=12345, n=1000)
@@ -303,6 +310,23 @@ def store_calls(store: RedisStore) -> dict[str, Callable[[], Awaitable[object]]]
     }
 
 
+# Set-up and recovery checks retry until this deadline: on a loaded machine a
+# single call may miss a 0.2 s budget, which is not what these tests are about.
+SETTLE_S = 5.0
+
+
+async def until_ok(call: Callable[[], Awaitable[T]]) -> T:
+    """The first successful result of ``call``, retried on store errors until SETTLE_S."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        try:
+            return await call()
+        except (redis_errors.RedisError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 async def client_count(plain: redis_asyncio.Redis) -> int:
     return len(await plain.client_list())
 
@@ -329,8 +353,9 @@ async def test_frozen_redis_fails_each_call_within_the_op_timeout(redis_srv: Red
         return time.monotonic() - started
 
     try:
-        await warm.claim("g1", "r1")
-        await asyncio.gather(*(warm.get("g1") for _ in range(8)))
+        await until_ok(lambda: warm.claim("g1", "r1"))
+        for _ in range(4):  # open a few pooled connections
+            await asyncio.gather(*(warm.get("g1") for _ in range(8)), return_exceptions=True)
         redis_srv.freeze()
         for store in (warm, cold):
             for run in (alone, as_the_caller_runs_it):
@@ -339,8 +364,8 @@ async def test_frozen_redis_fails_each_call_within_the_op_timeout(redis_srv: Red
                 assert max(durations) < OP_TIMEOUT_S + SLACK_S, (run.__name__, durations)
         redis_srv.thaw()
         for store in (warm, cold):
-            assert await store.get("g1") == "r1"
-            assert await store.repin("g1", "r1", "r1") == "r1"
+            assert await until_ok(partial(store.get, "g1")) == "r1"
+            assert await until_ok(partial(store.repin, "g1", "r1", "r1")) == "r1"
         assert await client_count(plain) <= 2 * cfg.max_connections + 1
     finally:
         redis_srv.thaw()
@@ -373,17 +398,20 @@ async def test_cancelled_calls_drop_their_connection_and_leak_no_pool_slot(
 
     try:
         for i, key in enumerate(keys):
-            await store.claim(key, f"r{i}")
+            await until_ok(partial(store.claim, key, f"r{i}"))
         redis_srv.freeze()
         # Every request is sent, then cancelled while waiting for the reply;
         # pool waiters are cancelled too.
         await asyncio.gather(*(cancelled(k) for k in keys))
         redis_srv.thaw()
         # A connection kept with its reply pending would answer the next
-        # call with the previous key's replica.
+        # call with the previous key's replica. max_connections calls at a
+        # time: every pooled connection is used, none waits for the pool.
         for _ in range(3):
-            answers = await asyncio.gather(*(store.get(k) for k in reversed(keys)))
-            assert answers == [f"r{i}" for i in reversed(range(len(keys)))]
+            for start in range(0, len(keys), cfg.max_connections):
+                chunk = list(enumerate(keys))[start : start + cfg.max_connections]
+                answers = await asyncio.gather(*(until_ok(partial(store.get, k)) for _, k in chunk))
+                assert answers == [f"r{i}" for i, _ in chunk]
         assert await client_count(plain) <= cfg.max_connections + 1
         # Every slot is still there: with Redis hung again, max_connections
         # concurrent calls all get a connection and time out on the read;
@@ -412,17 +440,24 @@ async def test_killed_redis_fails_fast_and_the_store_recovers_after_restart(
                 await call()
             assert time.monotonic() - started < OP_TIMEOUT_S + SLACK_S, name
         await redis_srv.start()
-        assert await store.claim("h1", "r1") == "r1"
-        await asyncio.gather(*(store.get("h1") for _ in range(8)))  # several pooled connections
+        assert await until_ok(lambda: store.claim("h1", "r1")) == "r1"
+        # Several pooled connections, all about to be dead.
+        await asyncio.gather(*(store.get("h1") for _ in range(8)), return_exceptions=True)
         await redis_srv.kill()
         with pytest.raises(redis_errors.ConnectionError):
             await store.get("h1")
         await redis_srv.start()
         # Every pooled connection is dead: each is checked on checkout and
         # reconnected, so no call after the restart fails.
-        results = await asyncio.gather(*(store.get("h1") for _ in range(16)))
-        assert results == [None] * 16  # not persisted: the session re-pins
-        assert await store.repin("h1", None, "r2") == "r2"  # the scripts are loaded again
+        results = await asyncio.gather(
+            *(store.get("h1") for _ in range(16)), return_exceptions=True
+        )
+        # None: not persisted, the session re-pins. (A busy machine may make
+        # a connect miss op_timeout_s; a stale connection's error is the bug.)
+        assert not any(isinstance(r, redis_errors.ConnectionError) for r in results), results
+        assert all(r is None or isinstance(r, redis_errors.TimeoutError) for r in results)
+        # The scripts are loaded again (NOSCRIPT).
+        assert await until_ok(lambda: store.repin("h1", None, "r2")) == "r2"
     finally:
         await store.close()
 
@@ -431,12 +466,13 @@ async def test_pins_survive_a_graceful_restart_with_persistence() -> None:
     async with redis_server(persist=True) as srv:
         store = RedisStore.create(redis_cfg(srv), TTL_S)
         try:
-            await store.claim("p1", "r1")
+            await until_ok(lambda: store.claim("p1", "r1"))
             await srv.restart()
-            assert await store.get("p1") == "r1"
+            assert await until_ok(lambda: store.get("p1")) == "r1"
             _, ttl = await store.describe("p1")
             assert ttl is not None and ttl > 0
-            assert await store.repin("p1", "r1", "r2") == "r2"  # NOSCRIPT -> loaded again
+            # NOSCRIPT -> loaded again
+            assert await until_ok(lambda: store.repin("p1", "r1", "r2")) == "r2"
         finally:
             await store.close()
 
@@ -447,7 +483,8 @@ async def test_pool_exhaustion_is_bounded_in_connections_and_in_time(
     cfg = redis_cfg(redis_srv, max_connections=20)
     store = RedisStore.create(cfg, TTL_S)
     plain = redis_asyncio.Redis.from_url(redis_srv.url, decode_responses=True)
-    bound = cfg.pool_timeout_s + cfg.op_timeout_s + SLACK_S
+    # Configured waits, plus the slack, plus 0.5 s for 500 callers' own CPU time.
+    bound = cfg.pool_timeout_s + cfg.op_timeout_s + SLACK_S + 0.5
 
     async def timed_get() -> tuple[float, object]:
         started = time.monotonic()
@@ -458,7 +495,7 @@ async def test_pool_exhaustion_is_bounded_in_connections_and_in_time(
         return time.monotonic() - started, result
 
     try:
-        await store.claim("q1", "r1")
+        await until_ok(lambda: store.claim("q1", "r1"))
         counts: list[int] = []
         storm = asyncio.gather(*(timed_get() for _ in range(500)))
         while not storm.done():
@@ -467,16 +504,17 @@ async def test_pool_exhaustion_is_bounded_in_connections_and_in_time(
         counts.append(await client_count(plain))
         assert max(counts) <= cfg.max_connections + 1
         assert max(d for d, _ in outcomes) < bound
-        # The losers were told the pool is full; nobody got a wrong answer.
+        # The losers were told the pool is full (or, a few, that a connect
+        # took longer than op_timeout_s); nobody got a wrong answer.
         for _, result in outcomes:
-            assert result == "r1" or isinstance(result, redis_errors.ConnectionError), result
+            assert result == "r1" or isinstance(result, redis_errors.RedisError), result
         # Hung Redis: every caller still ends, the excess after the pool wait.
         redis_srv.freeze()
         outcomes = await asyncio.gather(*(timed_get() for _ in range(500)))
         assert max(d for d, _ in outcomes) < bound
         assert all(isinstance(r, redis_errors.RedisError) for _, r in outcomes)
         redis_srv.thaw()
-        assert await store.get("q1") == "r1"
+        assert await until_ok(lambda: store.get("q1")) == "r1"
         assert await client_count(plain) <= cfg.max_connections + 1
     finally:
         redis_srv.thaw()
@@ -504,8 +542,7 @@ async def test_sentinel_store_follows_a_failover() -> None:
         store = RedisStore.create(cfg, TTL_S)
         master = redis_asyncio.Redis.from_url(setup.master.url)
         try:
-            assert await store.claim("s1", "r1") == "r1"
-            assert await store.get("s1") == "r1"
+            assert await until_ok(lambda: store.claim("s1", "r1")) == "r1"
             # Replication is asynchronous: wait for the replica to have it.
             assert await master.execute_command("WAIT", 1, 2000) == 1
             await setup.master.kill()
@@ -522,7 +559,8 @@ async def test_sentinel_store_follows_a_failover() -> None:
                     await asyncio.sleep(0.05)
             assert pinned == "r2"
             assert await setup.master_port() == setup.replica.port
-            assert await store.get("s1") == "r1"  # the pin made before the failover
+            # The pin made before the failover.
+            assert await until_ok(lambda: store.get("s1")) == "r1"
         finally:
             await master.aclose()
             await store.close()
