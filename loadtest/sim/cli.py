@@ -298,6 +298,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             seed=args.seed,
             expected_output=args.expected_output,
             mean_output=mean_o,
+            sessions=args.sessions,
         )
         conv: Iterator[SimArrival] = open_workload(
             args.workload,
@@ -344,6 +345,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             "readmit_hit": res.readmit_hit,
             "preemptions": res.preemptions,
             "rejected": res.rejected,
+            "sessions": "sticky" if args.sessions else "none",
+            "session_placements": res.sessions,
             "reasons": res.reasons,
             "sim_time_s": res.sim_time,
             "wall_s": res.wall_s,
@@ -378,6 +381,7 @@ def format_table(recs: list[dict[str, Any]]) -> str:
         f"rate={r0['rate']:.3f}/s load={r0['load']:.2f} seed={r0['seed']} "
         f"requests={r0['requests']} slow_replica={r0['slow_replica']:g} "
         f"gateways={r0['gateways']} report_interval={r0['report_interval']:g} "
+        f"sessions={r0.get('sessions', 'none')} "
         f"capacity={r0['capacity_rps']:.2f} req/s"
         + (f" gpus={r0['gpus']}" if r0.get("gpus") else "")
         + "\n"
@@ -489,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(itertools.chain(BUILTIN, ["<loadtest workload>", "PATH"]))
     p.add_argument("--workload", default="exp", help=f"workload: {names}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sessions",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="sticky sessions: each conversation pinned to a replica by the gateway's "
+        "affinity rules (pins shared by all --gateways, as through Redis)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per policy on stdout")
     p.add_argument(
         "--slow-replica",

@@ -31,7 +31,7 @@ from loadtest.engine.engine import DEFAULT_PRESET
 from loadtest.sim.queue_model import PrefixCache, QueueModel
 from loadtest.sim.workload import SimArrival, SimTurn
 from policies.base import BasePolicy, RouteRequest
-from policies.load import Outcome
+from policies.load import DEFAULT_LOAD_BOUND_EPSILON, Outcome
 from policies.prefix import BLOCK_TOKENS
 from router.config import ReplicaConfig
 from router.load import Ticket, dispatch
@@ -62,6 +62,11 @@ class SimConfig:
     # "mean" = the workload's mean output (an EWMA's steady state), "oracle" = exact.
     expected_output: str = "mean"
     mean_output: float = 100.0
+    # Sticky sessions: each conversation is a session, its pin shared by every
+    # simulated gateway (as through Redis) and kept by the gateway's affinity
+    # rules (router/routing.py); off: every turn is placed by the policy alone.
+    sessions: bool = False
+    load_bound_epsilon: float = DEFAULT_LOAD_BOUND_EPSILON
 
 
 @dataclass
@@ -92,6 +97,8 @@ class SimResult:
     # Requests the engine refused (could never fit in its KV cache: vLLM's
     # 400); not in the latencies; a refused turn ends its conversation.
     rejected: int = 0
+    # With sessions: placements by X-Dp-Session value (hit, new, repinned:<reason>).
+    sessions: dict[str, int] = field(default_factory=dict)
 
     @property
     def unstable(self) -> bool:
@@ -195,7 +202,10 @@ def run(
         ReplicaConfig(url=f"sim://{name}", name=name, models=(MODEL,)) for name in names
     )
     registries = [Registry(configs) for _ in range(gws)]
-    routers = [Router(p) for p in pols]
+    routers = [Router(p, load_bound_epsilon=cfg.load_bound_epsilon) for p in pols]
+    sticky = cfg.sessions
+    pins: dict[str, str] = {}  # conversation -> replica, shared by the gateways
+    placements: dict[str, int] = {}
     # Per gateway, replica i's live load (shared by every snapshot of the registry).
     views = [[reg.snapshot.replicas[name].load for name in names] for reg in registries]
     index = {name: i for i, name in enumerate(names)}
@@ -335,9 +345,20 @@ def run(
             request_id=arr.id,
         )
         g = dispatched % gws
-        routed = routers[g].decide(req, None, registries[g].snapshot, t)
+        pin = None
+        if sticky:
+            req.session_key = arr.id
+            pin = pins.get(arr.id)
+        routed = routers[g].decide(req, pin, registries[g].snapshot, t)
         if isinstance(routed, NoRoute):
             raise RuntimeError(f"no route ({routed}) although every replica is routable")
+        if sticky:
+            if routed.repin is None:
+                placement = "hit"
+            else:
+                pins[arr.id] = routed.replica.name
+                placement = "new" if pin is None else f"repinned:{routed.repin.value}"
+            placements[placement] = placements.get(placement, 0) + 1
         reason = routed.decision.reason
         reasons[reason] = reasons.get(reason, 0) + 1
         name = routed.replica.name
@@ -470,4 +491,5 @@ def run(
         readmit_hit=readmit_hit,
         preemptions=preemptions,
         rejected=rejected,
+        sessions=placements,
     )
