@@ -536,18 +536,21 @@ class Proxy:
             record.session = placement_value
             self.metrics.session_requests.inc((placement_value,))
             return routed
-        if old is None or not session.stored:
+        if old is None:  # the policy's or the hash's first placement
+            placement_value = Placement.NEW.value
+        elif routed.repin is None:
+            placement_value = Placement.HIT.value  # a local pin the store had lost
+        else:
+            placement_value = f"{Placement.REPINNED.value}:{routed.repin.value}"
+            self.metrics.session_repins.inc((routed.repin.value,))
+        if session.stored:
+            assert old is not None
+            stored = await sessions.repin(key, old, chosen)
+        else:
             # A first placement (the policy's, or the hash's), or a local pin
             # the store had lost: atomic, and the loser of a race between
             # gateways follows the winner.
             stored = await sessions.claim(key, chosen)
-            kept = old is not None and routed.repin is None
-            placement_value = (Placement.HIT if kept else Placement.NEW).value
-        else:
-            assert routed.repin is not None
-            stored = await sessions.repin(key, old, chosen)
-            placement_value = f"{Placement.REPINNED.value}:{routed.repin.value}"
-            self.metrics.session_repins.inc((routed.repin.value,))
         session.pin = stored
         session.stored = True
         if stored != chosen:
