@@ -412,3 +412,38 @@ async def test_workers_share_sessions_through_redis(tmp_path: Path) -> None:
                 assert len(workers) == 2 and all(float(w.split()[-1]) > 0 for w in workers)
             finally:
                 await gw.stop()
+
+
+async def test_redis_restarted_empty_keeps_sessions_and_is_reseeded() -> None:
+    """A Redis without persistence comes back empty: the sessions this
+    gateway placed stay on their replicas (its local pins), and their pins
+    are written again."""
+    async with (
+        redis_server() as srv,
+        replicas(3) as urls,
+        gateway(
+            gateway_config(urls, redis=_redis(srv.url), routing={"policy": "weighted_random"})
+        ) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        placed = {}
+        for i in range(10):
+            status, replica, how, _ = await _turn(s, gw, f"empty-{i}")
+            assert (status, how) == (200, "new")
+            placed[f"empty-{i}"] = replica
+        await srv.restart()  # no persistence: empty
+        assert int((await srv.info("keyspace")).get("db0", "keys=0").split(",")[0][5:]) == 0
+
+        async def all_kept() -> bool:
+            for key, replica in placed.items():
+                status, again, how, _ = await _turn(s, gw, key)
+                assert status == 200 and again == replica, (key, how)
+            return True
+
+        assert await eventually(all_kept, BREAKER_OPEN_S + 2.0)
+        client = aioredis.Redis.from_url(srv.url, decode_responses=True)
+        try:
+            for key, replica in placed.items():
+                assert await client.get(_stored_key(key)) == replica
+        finally:
+            await client.aclose()
