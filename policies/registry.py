@@ -10,6 +10,7 @@ from policies.least_request import LeastRequest
 from policies.least_tokens import LeastTokens
 from policies.p2c import PowerOfChoices
 from policies.peak_ewma import PeakEwmaPolicy
+from policies.predicted_ttft import PredictedTtft
 from policies.prefix_affinity import PrefixAffinity
 from policies.queue_depth import QueueDepth
 from policies.round_robin import RoundRobin
@@ -27,6 +28,7 @@ POLICIES: dict[str, type[BasePolicy]] = {
         QueueDepth,
         PeakEwmaPolicy,
         PrefixAffinity,
+        PredictedTtft,
         Scored,
     )
 }
