@@ -26,13 +26,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from policies import registry as policy_registry
 from router import config as config_mod
-from router import discovery
+from router import discovery, tracing
 from router.admin import EXPERTS_KEY, create_admin_app
 from router.admission import Admission
 from router.config import Config, ServerConfig, UpstreamConfig
@@ -49,6 +50,9 @@ from router.session_store import create_store
 from router.sessions import Sessions
 from router.telemetry import ExpertSink, Telemetry, load_telemetry
 from router.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("dp_router")
 
@@ -78,6 +82,8 @@ class Gateway:
     detection, built on its registry (``router.workers.RemoteOutlier`` sends
     the evidence to the supervisor); by default it is built from config.
     ``data_plane``: the supervisor's, entered instead of a data listener.
+    ``span_exporter``: where this process's spans go instead of the
+    configured exporter, when ``[tracing]`` is enabled (tests).
     """
 
     def __init__(
@@ -87,12 +93,14 @@ class Gateway:
         role: Role = Role.SINGLE,
         outlier: Callable[[Registry], OutlierDetector | None] | None = None,
         data_plane: DataPlane | None = None,
+        span_exporter: SpanExporter | None = None,
     ) -> None:
         if (role is Role.SUPERVISOR) != (data_plane is not None):
             raise ValueError("a supervisor, and only a supervisor, is given a data plane")
         self.config = config
         self.role = role
         self._data_plane = data_plane
+        self._span_exporter = span_exporter
         self.metrics = Metrics()
         self.registry = Registry(
             config.replicas,
@@ -223,6 +231,11 @@ class Gateway:
             # Every role: workers route with it, the supervisor's admin API reads it.
             self.proxy.sessions = await stack.enter_async_context(session_store(cfg, self.metrics))
         if self.role is not Role.SUPERVISOR:
+            # Spans from the data path only: before the pool, so that it is
+            # flushed after the data listener has drained.
+            self.proxy.tracer = await stack.enter_async_context(
+                tracing.provider(cfg.tracing, self._span_exporter)
+            )
             self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
             stack.enter_context(self.proxy.access)
             stack.enter_context(self._watch_fleet())

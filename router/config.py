@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from policies import registry
 from policies.load import DEFAULT_LOAD_BOUND_EPSILON, DEFAULT_SESSION_LOAD_FLOOR
+from router import tracing
 from router.session_key import parse_sources
 
 ENV_OVERRIDES = {
@@ -238,6 +239,21 @@ class ExpertsConfig:
     stale_s: float = 15.0
 
 
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry spans (docs/tracing.md): off unless enabled, and then
+    the ``tracing`` extra (the OpenTelemetry SDK) must be installed."""
+
+    enabled: bool = False
+    exporter: str = "otlp"  # OTLP over HTTP (protobuf), or "console" (stdout)
+    # The collector's traces URL, e.g. http://otel-collector:4318/v1/traces;
+    # "" leaves it to OTEL_EXPORTER_OTLP_ENDPOINT (else localhost:4318).
+    endpoint: str = ""
+    service_name: str = "dp-router"
+    # Share of new traces kept; a client's traceparent decides for its own.
+    sample_ratio: float = 1.0
+
+
 TELEMETRY_SOURCES = ("auto", "scrape", "push", "header", "none")
 TELEMETRY_ENGINES = ("auto", "vllm", "sglang", "trtllm", "custom")
 TELEMETRY_METRIC_KEYS = ("waiting", "running", "kv_usage", "waiting_prompt_tokens")
@@ -273,6 +289,7 @@ class Config:
     sessions: SessionsConfig = SessionsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     experts: ExpertsConfig = ExpertsConfig()
+    tracing: TracingConfig = TracingConfig()
 
 
 _SECTIONS: dict[str, type] = {
@@ -287,6 +304,7 @@ _SECTIONS: dict[str, type] = {
     "sessions": SessionsConfig,
     "telemetry": TelemetryConfig,
     "experts": ExpertsConfig,
+    "tracing": TracingConfig,
 }
 
 
@@ -537,6 +555,7 @@ def _validate(cfg: Config) -> None:
     _validate_sessions(cfg)
     _validate_telemetry(cfg)
     _validate_experts(cfg.experts)
+    _validate_tracing(cfg.tracing)
     if not cfg.replicas:
         raise ConfigError("replicas: at least one replica is required")
     seen: set[str] = set()
@@ -591,6 +610,28 @@ def _validate_experts(e: ExpertsConfig) -> None:
         raise ConfigError("experts.top_k: must be in [1, experts.max_experts]")
     if not 0.0 <= e.moe_share <= 1.0:
         raise ConfigError(f"experts.moe_share: must be in [0, 1], got {e.moe_share}")
+
+
+def _validate_tracing(t: TracingConfig) -> None:
+    if t.exporter not in tracing.EXPORTERS:
+        raise ConfigError(f"tracing.exporter: one of {', '.join(tracing.EXPORTERS)}")
+    if t.endpoint:
+        if t.exporter != "otlp":
+            raise ConfigError('tracing.endpoint: only for exporter "otlp"')
+        parts = urlsplit(t.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"tracing.endpoint: expected an http(s) URL, got {t.endpoint!r}")
+    if not t.service_name:
+        raise ConfigError("tracing.service_name: must not be empty")
+    if not 0.0 <= t.sample_ratio <= 1.0:
+        raise ConfigError(f"tracing.sample_ratio: must be in [0, 1], got {t.sample_ratio}")
+    if t.enabled:
+        missing = tracing.missing_modules(t.exporter)
+        if missing:
+            raise ConfigError(
+                f"tracing.enabled: exporter {t.exporter!r} needs {', '.join(missing)}, "
+                f"which is not installed ({tracing.INSTALL_HINT})"
+            )
 
 
 def _validate_telemetry(cfg: Config) -> None:

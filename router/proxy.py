@@ -53,6 +53,7 @@ from router.routing import NoRoute, Repin, Routed, Router
 from router.sessions import Lookup, Placement, Sessions
 from router.telemetry.orca import ORCA_REQUEST_HEADER, ORCA_RESPONSE_HEADER, on_load_header
 from router.telemetry.source import plan_for
+from router.tracing import AttemptTrace, RequestTrace, Tracing
 from router.upstream import (
     BadResponse,
     ConnectError,
@@ -185,6 +186,7 @@ class Record:
         "request_id",
         "session",
         "status",
+        "trace",
         "ttfb",
     )
 
@@ -201,6 +203,7 @@ class Record:
         self.attempts = 0
         self.outcome = ""
         self.session: str | None = None  # the X-Dp-Session value
+        self.trace: RequestTrace | None = None  # only while tracing is on
 
     def end(self, status: int, outcome: str) -> None:
         if not self.status:
@@ -235,6 +238,9 @@ class Proxy:
         self.rng = rng
         self.pool: UpstreamPool | None = None  # set when the gateway starts
         self.sessions: Sessions | None = None  # set when the gateway starts
+        # Set when the gateway starts, if [tracing] is on; None costs the data
+        # path one check per request and per attempt (router/tracing.py).
+        self.tracer: Tracing | None = None
         self.forwarded_for = hdr.ForwardedFor(config.server.trusted_proxies)
         self._expected_output: dict[str, float] = {}
         self._targets: dict[str, Target] = {}
@@ -308,6 +314,8 @@ class Proxy:
         t0 = time.perf_counter()
         record = Record(hdr.request_id_from(request.get(hdr.REQUEST_ID)))
         record.bytes_in = len(request.body)
+        if self.tracer is not None:
+            record.trace = self.tracer.request(request, record.request_id)
         try:
             await self._serve(request, exchange, kind, record, t0)
         except GatewayError as exc:
@@ -324,6 +332,8 @@ class Proxy:
             if exchange.started:
                 record.end(exchange.status, Outcome.OK.value)
             self._finish(record, t0, time.perf_counter(), request)
+            if record.trace is not None:
+                record.trace.end(record)
 
     async def _serve(
         self, request: Request, exchange: Exchange, kind: str, record: Record, t0: float
@@ -419,8 +429,13 @@ class Proxy:
                 outcome = Outcome.INTERNAL  # what an unexpected exception leaves
                 status: int | None = None
                 failure: AttemptFailed | None = None
+                trace = None
+                if record.trace is not None:
+                    trace = self._trace_attempt(record.trace, record, replica, routed, last_failure)
                 try:
-                    result = await self._attempt(request, exchange, route_req, replica, t0, record)
+                    result = await self._attempt(
+                        request, exchange, route_req, replica, t0, record, trace
+                    )
                     outcome, status = result.outcome, result.status
                     record.ttfb = result.ttfb
                     if outcome is not Outcome.OK:
@@ -436,6 +451,9 @@ class Proxy:
                     raise
                 finally:
                     self._settle(ticket, route_req, replica, outcome, status, loop.time())
+                    if trace is not None:
+                        reason = failure.reason.value if failure is not None else None
+                        trace.end(outcome.value, status, reason, record.ttfb)
                     if budgeted_retry:
                         self.budget.release()
                         budgeted_retry = False
@@ -625,6 +643,23 @@ class Proxy:
             avg = self._expected_output.get(route_req.model, float(DEFAULT_EXPECTED_OUTPUT_TOKENS))
             self._expected_output[route_req.model] = avg + OUTPUT_EWMA_ALPHA * (tokens - avg)
 
+    def _trace_attempt(
+        self,
+        trace: RequestTrace,
+        record: Record,
+        replica: ReplicaStatus,
+        routed: Routed,
+        last_failure: AttemptFailed | None,
+    ) -> AttemptTrace:
+        target = self._target(replica)
+        return trace.attempt(
+            replica.name,
+            (target.host, target.port),
+            record.attempts,
+            routed.decision.reason,
+            last_failure.reason.value if last_failure is not None else None,
+        )
+
     # -- one upstream attempt ----------------------------------------------
 
     def _target(self, replica: ReplicaStatus) -> Target:
@@ -653,6 +688,7 @@ class Proxy:
         replica: ReplicaStatus,
         t0: float,
         record: Record,
+        trace: AttemptTrace | None = None,
     ) -> Attempted:
         """One upstream try. Everything up to the first byte we would send the
         client (headers, plus the first chunk of a stream or the whole body
@@ -671,6 +707,8 @@ class Proxy:
             api_key=replica.api_key,
             extra=target.load_header,
         )
+        if trace is not None:
+            headers = trace.headers(headers)  # this attempt's traceparent
         deadline = loop.time() + (self._first_byte_timeout if stream else self._response_timeout)
         try:
             upstream = await pool.request(
