@@ -71,10 +71,9 @@ with several gateways each sees only its share of the queue, and an evicted
 prefix looks cached until the LRU ages it out); it predicts the prefill
 phase only, so a replica full of decoding requests looks free until the tie
 rule, the token bound or the learned rate (slower iterations mean a larger
-s_r) catches it; when the router reports TTFTs only at the end of a request
-(the gateway does today: ``observe`` comes with the completion) the queued
-prefill of a request is counted until it completes, which makes ``queued_r``
-the uncached prompt tokens in flight: still the right order, a coarser one.
+s_r) catches it; a router that reported TTFTs only at the end of a request
+would leave each request's prefill counted as queued until it completes (the
+gateway and the simulator call ``observe`` with the TTFT at the first token).
 Prompt lengths in the gateway are estimates (4 characters a token).
 
 Parameters: ``epsilon`` (0.5, the gateway's ``load_bound_epsilon``),

@@ -625,18 +625,16 @@ class Proxy:
         now: float,
         elapsed: float,
     ) -> None:
-        """Feed latency and output-length observations back into load signals."""
+        """Feed per-token time and output length back into load signals (the
+        time to first token was fed when it came: :meth:`_first_token`)."""
         if result.outcome is not Outcome.OK or result.status != 200:
             return
         load = replica.load
-        ttft = result.ttfb
-        load.ttft.add(ttft, now)
         tokens = result.output_tokens
-        tpot = None
         if tokens is not None and tokens > 1:
-            tpot = (elapsed - ttft) / (tokens - 1)
+            tpot = (elapsed - result.ttfb) / (tokens - 1)
             load.tpot.add(tpot, now)
-        self.policy.observe(replica.name, ttft, tpot, now)
+            self.policy.observe(replica.name, None, tpot, now)
         if tokens is None or tokens <= 0:
             return
         if self.registry.snapshot.knows_model(route_req.model):
@@ -659,6 +657,14 @@ class Proxy:
             routed.decision.reason,
             last_failure.reason.value if last_failure is not None else None,
         )
+
+    def _first_token(self, replica: ReplicaStatus, ttft: float, now: float) -> None:
+        """The replica's time to first token (from this attempt's send), fed at
+        once: a policy that counts prefill queued ahead (``predicted_ttft``)
+        must learn a request has left the queue when its first token comes,
+        not when its stream ends."""
+        replica.load.ttft.add(ttft, now)
+        self.policy.observe(replica.name, ttft, None, now)
 
     # -- one upstream attempt ----------------------------------------------
 
@@ -699,6 +705,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         stream = route_req.stream
         target = self._target(replica)
+        sent = time.perf_counter()
         headers = hdr.upstream_request_headers(
             request.headers,
             request_id=record.request_id,
@@ -755,6 +762,8 @@ class Proxy:
                     ok = on_load_header(replica.load, report, loop.time())
                     self.metrics.count_load_header(replica.name, ok)
             status = upstream.status
+            if status == 200:
+                self._first_token(replica, time.perf_counter() - sent, loop.time())
             if status in _STATUS_FAILURES:
                 try:
                     data = await upstream.read_all(64 * 1024, deadline)
