@@ -78,3 +78,23 @@ async def test_m17_slow_replica_gets_a_small_share(client: aiohttp.ClientSession
             fast_latency.sort()
             assert slow_latency, "the slow replica was never tried"
             assert fast_latency[len(fast_latency) // 2] < 0.5 * min(slow_latency)
+
+
+async def test_time_to_first_token_is_learned_at_the_first_token() -> None:
+    """Policies hear a stream's TTFT when its first token comes, not when it
+    ends: a policy counting queued prefill must see it leave the queue."""
+    import aiohttp
+
+    from tests.harness import base, chat_body, gateway, gateway_config, replicas
+
+    async with replicas(1, token_interval_s=0.2) as urls, gateway(gateway_config(urls)) as gw:
+        (replica,) = list(gw.registry)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                base(gw) + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=10)
+            ) as r:
+                await r.content.readline()  # the first event
+                assert replica.load.ttft.value is not None
+                assert replica.load.tpot.value is None  # the stream is still going
+                await r.read()
+        assert replica.load.tpot.value is not None
