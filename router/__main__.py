@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "loadtest.redis_faults",
         "sticky sessions through a Redis outage (killed, frozen, stalling), full length",
     ),
+    "compare-live": ("loadtest.live_compare", "gateway policies vs sglang-router, one live fleet"),
 }
 
 
