@@ -630,7 +630,7 @@ def _validate_tracing(t: TracingConfig) -> None:
         if missing:
             raise ConfigError(
                 f"tracing.enabled: exporter {t.exporter!r} needs {', '.join(missing)}, "
-                f"which is not installed ({tracing.INSTALL_HINT})"
+                f"not installed ({tracing.INSTALL_HINT})"
             )
 
 

@@ -51,9 +51,9 @@ TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 # holds up a restart (and a worker the supervisor is waiting for) when the
 # collector is down; shorter loses the last seconds of a drain.
 FLUSH_ON_EXIT_S = 5.0
-# A model name is the client's string: kept whole in the access log, cut here
-# so one request cannot make a span of megabytes.
-MAX_ATTRIBUTE_CHARS = 256
+# A model name is the client's string, cut as in the access log: one request
+# must not make a span of megabytes.
+MAX_ATTRIBUTE_CHARS = 128
 
 
 def missing_modules(exporter: str) -> list[str]:
@@ -158,20 +158,23 @@ class RequestTrace:
     def end(self, record: Record) -> None:
         """What the access log says of the request, on its span; a 5xx is an
         error of the gateway's, a 4xx (499 included) the client's."""
-        span = self.span
+        attributes: dict[str, str | int | float] = {
+            "dp.outcome": record.outcome,
+            "dp.attempts": record.attempts,
+        }
         if record.status:
-            span.set_attribute("http.response.status_code", record.status)
+            attributes["http.response.status_code"] = record.status
         if record.model is not None:
-            span.set_attribute("gen_ai.request.model", record.model[:MAX_ATTRIBUTE_CHARS])
-        span.set_attribute("dp.outcome", record.outcome)
-        span.set_attribute("dp.attempts", record.attempts)
+            attributes["gen_ai.request.model"] = record.model[:MAX_ATTRIBUTE_CHARS]
         if record.replica is not None:
-            span.set_attribute("dp.replica", record.replica)
-            span.set_attribute("dp.decision_reason", record.reason)
+            attributes["dp.replica"] = record.replica
+            attributes["dp.decision_reason"] = record.reason
         if record.session is not None:
-            span.set_attribute("dp.session", record.session)
+            attributes["dp.session"] = record.session
         if record.ttfb is not None:
-            span.set_attribute("dp.ttfb_s", record.ttfb)
+            attributes["dp.ttfb_s"] = record.ttfb
+        span = self.span
+        span.set_attributes(attributes)
         if record.status >= 500:
             span.set_status(self._tracing._error, record.outcome)
         span.end()
@@ -200,15 +203,15 @@ class AttemptTrace:
         self, outcome: str, status: int | None, failure: str | None, ttfb: float | None
     ) -> None:
         """``failure``: why the attempt failed (the retry reasons' vocabulary)."""
-        span = self.span
-        span.set_attribute("dp.outcome", outcome)
+        attributes: dict[str, str | int | float] = {"dp.outcome": outcome}
         if status is not None:
-            span.set_attribute("http.response.status_code", status)
+            attributes["http.response.status_code"] = status
         if ttfb is not None:
-            span.set_attribute("dp.ttfb_s", ttfb)
+            attributes["dp.ttfb_s"] = ttfb
         if failure is not None:
-            span.set_attribute("dp.failure", failure)
-            span.set_attribute("error.type", failure)
+            attributes["dp.failure"] = attributes["error.type"] = failure
+        span = self.span
+        span.set_attributes(attributes)
         if outcome != "ok":
             span.set_status(self._tracing._error, failure or outcome)
         span.end()
