@@ -147,6 +147,12 @@ class ReplicaStatus:
             "reported_draining": self.reported_draining,
             "report_age_s": None if (age := load.report_age(now)) is None else round(age, 3),
             "reported_by": load.reported_by,
+            "reported_waiting": load.reported_waiting,
+            "reported_running": load.reported_running,
+            # This process's EWMAs (with --workers N the supervisor routes
+            # nothing, so it has none).
+            "ttft_ewma_s": _rounded(load.ttft.value),
+            "tpot_ewma_s": _rounded(load.tpot.value),
         }
 
 
@@ -401,3 +407,7 @@ def _configured_entries(config: ReplicaConfig) -> dict[str, dict[str, Any]]:
         m: {"id": m, "object": "model", "created": 0, "owned_by": "dp-router"}
         for m in (config.models or ())
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
