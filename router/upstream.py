@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import ssl
 from collections import deque
@@ -124,7 +125,14 @@ _Key = tuple[str, int, ssl.SSLContext | None]
 
 
 class _Connection(asyncio.Protocol):
-    """One socket to a replica; carries one response at a time."""
+    """One socket to a replica; carries one response at a time.
+
+    The parser and the timer belong to the socket, not to a response: llhttp
+    starts the next message by itself after a complete one, and building a
+    parser per response cost about 5% of a small request's CPU
+    (docs/performance.md). The parser's callbacks are here, working on
+    ``self.response``; the response feeds the bytes and owns the state.
+    """
 
     def __init__(self, pool: UpstreamPool, key: _Key) -> None:
         self.pool = pool
@@ -135,6 +143,12 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        # One timer per socket for every deadline of its responses (the wait
+        # for a head or body, the relay's silence and stall), re-armed only
+        # when it fires or a deadline comes earlier than it: a timer made
+        # and cancelled per wait cost more than the wait (uvloop, ~3 us).
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -162,6 +176,9 @@ class _Connection(asyncio.Protocol):
             # clean close that ends a close-delimited body.
             exc = ConnectionAbortedError("closed by the gateway")
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -189,10 +206,115 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             # abort, not close: nothing queued for this socket matters any
             # more, and the engine must see the disconnect now.
             self.transport.abort()
+
+    def arm(self, due: float) -> None:
+        """Make sure the timer fires at ``due`` or earlier."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self._timer = self.pool.loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        response = self.response
+        if response is not None:
+            due = response._on_timer()
+            if due is not None and not self.lost:
+                self._timer = self.pool.loop.call_at(due, self._on_timer)
+
+    # -- httptools callbacks: the parse state is the response's ---------------
+
+    def on_message_begin(self) -> None:
+        r = self.response
+        assert r is not None
+        if r._complete:
+            raise _Trailing
+        r.headers = []
+        r._nfields = 0
+        r.content_length = None
+        r._chunked = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        r = self.response
+        assert r is not None
+        limits = r._limits
+        r._nfields += 1
+        if r._nfields > limits.max_headers:
+            raise BadResponse(f"more than {limits.max_headers} response header fields")
+        if len(name) + len(value) > limits.max_line_bytes:
+            raise BadResponse(f"a response header field exceeds {limits.max_line_bytes} bytes")
+        if r._head_done:
+            return  # a trailer field: dropped (RFC 9110 §6.5.1)
+        name = name.lower()
+        if name == b"content-length":
+            r.content_length = int(value)  # llhttp checked: digits, once
+        elif name == b"transfer-encoding":
+            # llhttp would read "gzip" as close-delimited and hand us coded
+            # bytes; we decode no transfer coding, so we cannot relay them.
+            if value.strip(b" \t").lower() != b"chunked":
+                raise BadResponse("unsupported transfer coding in the response")
+            r._chunked = True
+        r.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        r = self.response
+        assert r is not None
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise BadResponse("101 Switching Protocols to a request that asked for none")
+            r._interim = True  # 100 Continue, 103 Early Hints: skip it
+            return
+        r.status = status
+        r.http_version = parser.get_http_version()
+        r._head_done = True
+        if r._head_request:
+            # llhttp cannot be told this answers a HEAD, and would wait for
+            # the body its Content-Length announces: the message ends here,
+            # and the connection is not reused.
+            r._trailing = True
+            r._done()
+
+    def on_body(self, body: bytes) -> None:
+        r = self.response
+        assert r is not None
+        sink = r._sink
+        if sink is not None:
+            sink.write(body)
+            r._last = r._loop.time()
+            if r._on_chunk is not None:
+                r._on_chunk(body)
+            return
+        r._buffer.append(body)
+        r._buffered += len(body)
+        if r._accumulate:
+            if r._buffered > r._limit_bytes:
+                r._wake()  # read_all gives up; otherwise it waits for the end
+            return
+        if r._buffered > _BUFFER_HIGH:
+            r._pause_reading()  # nobody is taking the bytes yet
+        r._wake()
+
+    def on_message_complete(self) -> None:
+        r = self.response
+        assert r is not None
+        if r._interim:
+            r._interim = False
+            return
+        if r._complete:
+            return
+        r.keep_alive = self.parser.should_keep_alive()
+        r._done()
 
 
 class UpstreamResponse:
@@ -227,7 +349,6 @@ class UpstreamResponse:
         "_loop",
         "_nfields",
         "_on_chunk",
-        "_parser",
         "_paused_since",
         "_pool",
         "_reading_paused",
@@ -240,8 +361,8 @@ class UpstreamResponse:
         "_settled",
         "_sink",
         "_stall_s",
-        "_timer",
         "_trailing",
+        "_wait_until",
         "_waiter",
         "content_length",
         "headers",
@@ -277,7 +398,7 @@ class UpstreamResponse:
         self._result = RelayResult.COMPLETE
         self._sink: Exchange | None = None
         self._on_chunk: Callable[[bytes], None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._wait_until = 0.0  # the deadline of the wait in progress
         self._idle_s = 0.0
         self._stall_s = 0.0
         self._last = 0.0
@@ -290,7 +411,6 @@ class UpstreamResponse:
 
     def _reset_parse(self) -> None:
         """Fresh parse state, for the first attempt and for the one retry."""
-        self._parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
@@ -428,9 +548,9 @@ class UpstreamResponse:
             self._stall_s = idle_timeout_s if stall_timeout_s is None else stall_timeout_s
             self._last = loop.time()
             relay = self._relay = loop.create_future()
-            # One timer, re-armed only when it fires: chunks just stamp
-            # ``_last``, which costs nothing like a timeout per chunk.
-            self._timer = loop.call_at(self._last + min(self._idle_s, self._stall_s), self._tick)
+            # The connection's one timer, re-armed only when it fires: chunks
+            # just stamp ``_last``, which costs nothing like a timeout per chunk.
+            self._conn.arm(self._last + min(self._idle_s, self._stall_s))
             exchange.set_flow_listener(self)
             if not exchange.paused:
                 self._resume_reading()
@@ -445,9 +565,6 @@ class UpstreamResponse:
             self._sink = None
             self._on_chunk = None
             self._relay = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             exchange.set_flow_listener(None)
 
     def release(self) -> None:
@@ -485,15 +602,16 @@ class UpstreamResponse:
         return result
 
     async def _wait(self, deadline: float | None) -> None:
-        loop = self._loop
-        waiter = self._waiter = loop.create_future()
-        timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
+        waiter = self._waiter = self._loop.create_future()
+        if deadline is None:
+            self._wait_until = math.inf
+        else:
+            self._wait_until = deadline
+            self._conn.arm(deadline)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -556,24 +674,33 @@ class UpstreamResponse:
             self._reading_paused = False
             transport.resume_reading()
 
-    def _tick(self) -> None:
-        """The relay's one timer: replica silence, or client stall."""
-        self._timer = None
-        relay = self._relay
-        if relay is None or relay.done():
-            return
+    def _on_timer(self) -> float | None:
+        """The connection's timer fired: a wait's deadline, or the relay's
+        replica silence or client stall. Returns when to look again (None:
+        nothing to watch until the next wait or relay arms it)."""
         now = self._loop.time()
-        if self._client_paused:
-            due = self._paused_since + self._stall_s
-            if now >= due:
-                relay.set_result(RelayResult.CLIENT_STALLED)
-                return
-        else:
-            due = self._last + self._idle_s
-            if now >= due:
-                relay.set_result(RelayResult.IDLE_TIMEOUT)
-                return
-        self._timer = self._loop.call_at(due, self._tick)
+        relay = self._relay
+        if relay is not None:
+            if relay.done():
+                return None
+            if self._client_paused:
+                due = self._paused_since + self._stall_s
+                if now >= due:
+                    relay.set_result(RelayResult.CLIENT_STALLED)
+                    return None
+            else:
+                due = self._last + self._idle_s
+                if now >= due:
+                    relay.set_result(RelayResult.IDLE_TIMEOUT)
+                    return None
+            return due
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return None
+        if now >= self._wait_until:
+            waiter.set_exception(TimeoutError())
+            return None
+        return self._wait_until
 
     # -- FlowListener (the client side of a relay) ---------------------------
 
@@ -594,10 +721,8 @@ class UpstreamResponse:
     def _rearm(self, due: float) -> None:
         """Bring the relay timer forward if the new deadline is earlier (only
         on a pause or resume, never per chunk)."""
-        timer = self._timer
-        if timer is not None and timer.when() > due:
-            timer.cancel()
-            self._timer = self._loop.call_at(due, self._tick)
+        if self._relay is not None:
+            self._conn.arm(due)
 
     def client_lost(self) -> None:
         relay = self._relay
@@ -611,7 +736,7 @@ class UpstreamResponse:
         if not self._head_done:
             self._head_bytes += len(data)
         try:
-            self._parser.feed_data(data)
+            self._conn.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(BadResponse("upgrade response to a request that asked for none"))
             return
@@ -651,89 +776,9 @@ class UpstreamResponse:
             and self.status not in (204, 304)
         )
 
-    # -- httptools callbacks ----------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._complete:
-            raise _Trailing
-        self.headers = []
-        self._nfields = 0
-        self.content_length = None
-        self._chunked = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self._limits
-        self._nfields += 1
-        if self._nfields > limits.max_headers:
-            raise BadResponse(f"more than {limits.max_headers} response header fields")
-        if len(name) + len(value) > limits.max_line_bytes:
-            raise BadResponse(f"a response header field exceeds {limits.max_line_bytes} bytes")
-        if self._head_done:
-            return  # a trailer field: dropped (RFC 9110 §6.5.1)
-        name = name.lower()
-        if name == b"content-length":
-            self.content_length = int(value)  # llhttp checked: digits, once
-        elif name == b"transfer-encoding":
-            # llhttp would read "gzip" as close-delimited and hand us coded
-            # bytes; we decode no transfer coding, so we cannot relay them.
-            if value.strip(b" \t").lower() != b"chunked":
-                raise BadResponse("unsupported transfer coding in the response")
-            self._chunked = True
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        status = parser.get_status_code()
-        if status < 200:
-            if status == 101:
-                raise BadResponse("101 Switching Protocols to a request that asked for none")
-            self._interim = True  # 100 Continue, 103 Early Hints: skip it
-            return
-        self.status = status
-        self.http_version = parser.get_http_version()
-        self._head_done = True
-        if self._head_request:
-            # llhttp cannot be told this answers a HEAD, and would wait for
-            # the body its Content-Length announces: the message ends here,
-            # and the connection is not reused.
-            self._trailing = True
-            self._done()
-
-    def on_body(self, body: bytes) -> None:
-        sink = self._sink
-        if sink is not None:
-            sink.write(body)
-            self._last = self._loop.time()
-            if self._on_chunk is not None:
-                self._on_chunk(body)
-            return
-        self._buffer.append(body)
-        self._buffered += len(body)
-        if self._accumulate:
-            if self._buffered > self._limit_bytes:
-                self._wake()  # read_all gives up; otherwise it waits for the end
-            return
-        if self._buffered > _BUFFER_HIGH:
-            self._pause_reading()  # nobody is taking the bytes yet
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        if self._complete:
-            return
-        self.keep_alive = self._parser.should_keep_alive()
-        self._done()
-
 
 class _Trailing(Exception):
     """A second message began on a connection whose response is complete."""
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class UpstreamPool:
