@@ -57,13 +57,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -430,7 +431,9 @@ class Exchange:
         self.end()
 
 
-Handler = Callable[[Request, Exchange], Awaitable[None]]
+# The handler returns the coroutine that answers: the server runs it as the
+# request's task (an ``async def`` handler is one).
+Handler = Callable[[Request, Exchange], Coroutine[Any, Any, None]]
 RejectHook = Callable[[int, str], None]
 
 
@@ -739,28 +742,43 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, request: Request) -> None:
         exchange = Exchange(self, request)
         self._exchange = exchange
-        task = self._loop.create_task(self._run(request, exchange))
-        self._task = task
-        self._server._track(task)
-
-    async def _run(self, request: Request, exchange: Exchange) -> None:
         try:
-            await self._server.handler(request, exchange)
-        except asyncio.CancelledError:
+            work = self._server.handler(request, exchange)
+        except Exception as exc:
+            # Raised before its coroutine existed: answered like any failure,
+            # from the task, never inside the parser's callback.
+            work = _raise(exc)
+        # The handler's coroutine is the task: no wrapper coroutine, whose
+        # frame every resumption of the request would walk through; how it
+        # ended is read in one done callback.
+        task = self._loop.create_task(work)
+        self._task = task
+        self._server._tasks.add(task)
+        task.add_done_callback(functools.partial(self._handler_done, request, exchange))
+
+    def _handler_done(self, request: Request, exchange: Exchange, task: asyncio.Task[None]) -> None:
+        self._server._tasks.discard(task)
+        if task.cancelled():
             # The client left (connection_lost) or the server stopped waiting.
             if not exchange.ended:
                 exchange.abort()
-        except Exception:
-            log.exception("request handler failed on %s %s", request.method, request.path[:128])
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error(
+                "request handler failed on %s %s",
+                request.method,
+                request.path[:128],
+                exc_info=exc,
+            )
             self._answer_failure(exchange)
-        else:
-            if not exchange.ended:
-                log.error(
-                    "request handler returned without ending the response: %s %s",
-                    request.method,
-                    request.path[:128],
-                )
-                self._answer_failure(exchange)
+        elif not exchange.ended:
+            log.error(
+                "request handler returned without ending the response: %s %s",
+                request.method,
+                request.path[:128],
+            )
+            self._answer_failure(exchange)
 
     @staticmethod
     def _answer_failure(exchange: Exchange) -> None:
@@ -896,6 +914,10 @@ class _Connection(asyncio.Protocol):
             self._reject(_Reject(ErrorKind.REQUEST_TIMEOUT, "request body not received in time"))
 
 
+async def _raise(exc: Exception) -> None:
+    raise exc
+
+
 class HttpServer:
     """The data listener. Stop order (uvicorn's): stop accepting, close idle
     connections, let in-flight requests finish within a timeout, cancel the
@@ -947,10 +969,6 @@ class HttpServer:
     def port(self) -> int:
         """The bound port (the OS's pick when started with port 0)."""
         return self._port
-
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     @property
     def in_flight(self) -> int:

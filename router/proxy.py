@@ -29,6 +29,7 @@ import random
 import re
 import ssl
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -278,13 +279,22 @@ class Proxy:
 
     # -- entry point ------------------------------------------------------
 
-    async def handle(self, request: Request, exchange: Exchange) -> None:
-        """The data listener's one handler: routes by path, then proxies."""
+    def handle(self, request: Request, exchange: Exchange) -> Coroutine[Any, Any, None]:
+        """The data listener's one handler: routes by path, then proxies.
+
+        Not itself a coroutine: it returns the one that answers, so a
+        proxied request's task runs ``_proxy`` with no frame above it to walk
+        through at every resumption (docs/performance.md)."""
         path = request.path.partition("?")[0]
         kind = ENDPOINTS.get(path)
         if kind is not None and request.method == "POST":
-            await self._proxy(request, exchange, kind)
-            return
+            return self._proxy(request, exchange, kind)
+        return self._local(request, exchange, path, kind)
+
+    async def _local(
+        self, request: Request, exchange: Exchange, path: str, kind: str | None
+    ) -> None:
+        """What the gateway answers itself: model list, probes, 404 and 405."""
         if path in _INFO_ROUTES and request.method in ("GET", "HEAD"):
             if path == "/v1/models":
                 payload: dict[str, Any] = {"object": "list", "data": self.registry.model_list()}
@@ -317,7 +327,8 @@ class Proxy:
         if self.tracer is not None:
             record.trace = self.tracer.request(request, record.request_id)
         try:
-            await self._serve(request, exchange, kind, record, t0)
+            route_req = self._parse(request, kind, record)
+            await self._forward(request, exchange, route_req, record, t0)
         except GatewayError as exc:
             self._fail(exchange, record, exc.kind, exc.message, exc.retry_after_s, exc.status)
         except asyncio.CancelledError:
@@ -335,9 +346,8 @@ class Proxy:
             if record.trace is not None:
                 record.trace.end(record)
 
-    async def _serve(
-        self, request: Request, exchange: Exchange, kind: str, record: Record, t0: float
-    ) -> None:
+    def _parse(self, request: Request, kind: str, record: Record) -> RouteRequest:
+        """What routing needs from the request; GatewayError if it cannot be routed."""
         if self.shutting_down:
             raise GatewayError(ErrorKind.SHUTTING_DOWN, "the gateway is shutting down")
         encoding = request.get(b"content-encoding")
@@ -365,7 +375,7 @@ class Proxy:
         expected = summary.max_tokens
         if expected is None:
             expected = int(self._expected_output.get(summary.model, DEFAULT_EXPECTED_OUTPUT_TOKENS))
-        route_req = RouteRequest(
+        return RouteRequest(
             summary.model,
             stream=summary.stream,
             prompt_tokens=summary.prompt_tokens,
@@ -375,7 +385,6 @@ class Proxy:
             prompt_text=summary.prompt_text,
             request_id=record.request_id,
         )
-        await self._forward(request, exchange, route_req, record, t0)
 
     async def _forward(
         self,
