@@ -131,6 +131,8 @@ class Admission:
 
     def notify(self) -> None:
         """Capacity may have freed: wake the head of every key with nobody deciding."""
+        if not self._waiting:
+            return  # every request settles here: nobody queued is the common case
         for key in list(self._queues):
             if not self._woken.get(key):
                 self._wake_head(key)

@@ -44,6 +44,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
     # and their answer is not the client's to read.
     b"endpoint-load-metrics-format",
 }
+# With a per-replica API key, the client's Authorization is replaced.
+_REQUEST_AUTH_DROP = _REQUEST_DROP | {b"authorization"}
 # The server frames and dates the response it sends; never copy these.
 _RESPONSE_DROP = HOP_BY_HOP | {
     b"content-length",
@@ -62,6 +64,10 @@ SESSION_PLACEMENT_HEADER = b"x-dp-session"
 # A replica that is shutting down answers 503 with this header (or body code
 # "draining"): retried elsewhere, never counted as a replica failure.
 DRAINING_HEADER = b"x-dp-draining"
+# Rendered field prefixes for the one-pass blocks below.
+_REQUEST_ID_FIELD = REQUEST_ID + b": "
+_REPLICA_FIELD = REPLICA_HEADER + b": "
+_SESSION_FIELD = SESSION_PLACEMENT_HEADER + b": "
 
 # Generated ids: a random per-process prefix and a counter. Unique across
 # gateways like a uuid4, at a tenth of its cost on the hot path.
@@ -80,9 +86,13 @@ def render_fields(headers: Headers, drop: frozenset[bytes], what: str) -> bytes:
     the sender's choosing: ValueError. One count per byte kind on the joined
     block is cheaper than a check per field.
     """
-    lines = [name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]
-    block = b"".join(lines)
+    # Two joins in C, no concatenation per field (a third cheaper).
+    lines = [b": ".join(field) for field in headers if field[0].lower() not in drop]
     n = len(lines)
+    if not n:
+        return b""
+    lines.append(b"")  # the last field's CRLF
+    block = b"\r\n".join(lines)
     if block.count(b"\n") != n or block.count(b"\r") != n:
         raise ValueError(f"CR or LF inside a {what} header")
     return block
@@ -133,6 +143,70 @@ def upstream_request_headers(
     if extra is not None:
         out.append(extra)
     return out
+
+
+def upstream_request_block(
+    client_headers: Headers,
+    *,
+    request_id: str,
+    forwarded_for: str,
+    forwarded_proto: bytes,
+    api_key: str,
+    extra: Header | None = None,
+) -> bytes:
+    """:func:`upstream_request_headers`, rendered (``render_fields``) in one
+    pass: the data path's form, with no list of pairs built and filtered
+    twice. ``client_headers`` names are lower case (as the server parses
+    them)."""
+    drop = _drop_set(client_headers, _REQUEST_AUTH_DROP if api_key else _REQUEST_DROP)
+    lines = [b": ".join(field) for field in client_headers if field[0] not in drop]
+    if api_key:
+        lines.append(b"authorization: Bearer " + api_key.encode("latin-1"))
+    lines.append(_REQUEST_ID_FIELD + request_id.encode("ascii"))
+    lines.append(b"x-forwarded-for: " + forwarded_for.encode("latin-1"))
+    lines.append(b"x-forwarded-proto: " + forwarded_proto)
+    if extra is not None:
+        lines.append(b": ".join(extra))
+    return _checked(lines, "request")
+
+
+def client_response_block(
+    upstream_headers: Headers,
+    *,
+    request_id: str,
+    replica: bytes | None,
+    session: str | None = None,
+) -> bytes:
+    """:func:`client_response_headers`, rendered in one pass (see
+    :func:`upstream_request_block`); names lower case, as the upstream pool
+    parses them."""
+    drop = _drop_set(upstream_headers, _RESPONSE_DROP)
+    lines = [b": ".join(field) for field in upstream_headers if field[0] not in drop]
+    lines.append(_REQUEST_ID_FIELD + request_id.encode("ascii"))
+    if replica is not None:
+        lines.append(_REPLICA_FIELD + replica)
+        if session is not None:
+            lines.append(_SESSION_FIELD + session.encode("ascii"))
+    return _checked(lines, "response")
+
+
+def _drop_set(headers: Headers, drop: frozenset[bytes]) -> frozenset[bytes]:
+    """``drop`` plus the names a Connection field lists (hop-by-hop too)."""
+    for name, _ in headers:
+        if name == b"connection":
+            return drop | connection_tokens(headers)
+    return drop
+
+
+def _checked(lines: list[bytes], what: str) -> bytes:
+    """Field lines joined, CRLF-terminated; CR or LF inside one is a
+    ValueError (as in :func:`render_fields`)."""
+    n = len(lines)
+    lines.append(b"")
+    block = b"\r\n".join(lines)
+    if block.count(b"\n") != n or block.count(b"\r") != n:
+        raise ValueError(f"CR or LF inside a {what} header")
+    return block
 
 
 def client_response_headers(

@@ -312,7 +312,7 @@ class Exchange:
     def start(
         self,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | bytes,
         *,
         content_length: int | None,
     ) -> None:
@@ -320,14 +320,21 @@ class Exchange:
         as chunked (close-delimited for an HTTP/1.0 client, which has no
         chunked coding). Framing fields in ``headers`` (Content-Length,
         Transfer-Encoding, Connection, Keep-Alive) are dropped: the server
-        writes those. Other hop-by-hop fields are the caller's to strip."""
+        writes those. Other hop-by-hop fields are the caller's to strip.
+        As bytes, ``headers`` is a field block already rendered and checked
+        by ``router.headers`` without framing fields
+        (``client_response_block``), sent as is."""
         if self.status:
             raise RuntimeError("response already started")
         if not 200 <= status <= 599:
             raise ValueError(f"status {status} cannot start a response")
         # Framing is the server's alone (response smuggling); CR or LF in a
         # field is refused (response splitting).
-        block = render_fields(headers, _FRAMING_FIELDS, "response")
+        block = (
+            headers
+            if isinstance(headers, bytes)
+            else render_fields(headers, _FRAMING_FIELDS, "response")
+        )
         self.status = status
         conn = self._conn
         # The last response before a close says so; queued (pipelined)
@@ -424,7 +431,7 @@ class Exchange:
             self.ended = True
             self._conn.response_done(self, True, abort=True)
 
-    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]] | bytes, body: bytes) -> None:
         """A whole response in one ``transport.write``."""
         self.start(status, headers, content_length=len(body))
         self.write(body)

@@ -114,7 +114,7 @@ class Answer:
     """A whole response held back (a 502/503/504 passed on if nothing better comes)."""
 
     status: int
-    headers: hdr.Headers
+    headers: bytes  # rendered: hdr.client_response_block
     body: bytes
 
 
@@ -450,7 +450,14 @@ class Proxy:
                     if outcome is not Outcome.OK:
                         midstream = route_req.stream and result.status == 200
                         record.end(result.status, f"stream_{outcome}" if midstream else outcome)
-                    self._learn(route_req, replica, result, loop.time(), time.perf_counter() - t0)
+                    self._learn(
+                        route_req,
+                        replica,
+                        result,
+                        loop.time(),
+                        time.perf_counter() - t0,
+                        known=record.model_label is not UNKNOWN,
+                    )
                     return
                 except AttemptFailed as exc:
                     failure = exc
@@ -633,9 +640,13 @@ class Proxy:
         result: Attempted,
         now: float,
         elapsed: float,
+        *,
+        known: bool,
     ) -> None:
         """Feed per-token time and output length back into load signals (the
-        time to first token was fed when it came: :meth:`_first_token`)."""
+        time to first token was fed when it came: :meth:`_first_token`).
+        ``known``: the fleet served the model when the request was parsed;
+        only those models' output lengths are kept (clients name models)."""
         if result.outcome is not Outcome.OK or result.status != 200:
             return
         load = replica.load
@@ -646,7 +657,7 @@ class Proxy:
             self.policy.observe(replica.name, None, tpot, now)
         if tokens is None or tokens <= 0:
             return
-        if self.registry.snapshot.knows_model(route_req.model):
+        if known:
             avg = self._expected_output.get(route_req.model, float(DEFAULT_EXPECTED_OUTPUT_TOKENS))
             self._expected_output[route_req.model] = avg + OUTPUT_EWMA_ALPHA * (tokens - avg)
 
@@ -715,16 +726,28 @@ class Proxy:
         stream = route_req.stream
         target = self._target(replica)
         sent = time.perf_counter()
-        headers = hdr.upstream_request_headers(
-            request.headers,
-            request_id=record.request_id,
-            forwarded_for=self.forwarded_for.value(request.peer, request.get(b"x-forwarded-for")),
-            forwarded_proto=b"http",
-            api_key=replica.api_key,
-            extra=target.load_header,
-        )
-        if trace is not None:
-            headers = trace.headers(headers)  # this attempt's traceparent
+        forwarded_for = self.forwarded_for.value(request.peer, request.get(b"x-forwarded-for"))
+        headers: hdr.Headers | bytes
+        if trace is None:
+            headers = hdr.upstream_request_block(
+                request.headers,
+                request_id=record.request_id,
+                forwarded_for=forwarded_for,
+                forwarded_proto=b"http",
+                api_key=replica.api_key,
+                extra=target.load_header,
+            )
+        else:
+            headers = trace.headers(  # this attempt's traceparent
+                hdr.upstream_request_headers(
+                    request.headers,
+                    request_id=record.request_id,
+                    forwarded_for=forwarded_for,
+                    forwarded_proto=b"http",
+                    api_key=replica.api_key,
+                    extra=target.load_header,
+                )
+            )
         deadline = loop.time() + (self._first_byte_timeout if stream else self._response_timeout)
         try:
             upstream = await pool.request(
@@ -841,8 +864,8 @@ class Proxy:
 
     def _response_headers(
         self, upstream: UpstreamResponse, replica: ReplicaStatus, record: Record
-    ) -> hdr.Headers:
-        return hdr.client_response_headers(
+    ) -> bytes:
+        return hdr.client_response_block(
             upstream.headers,
             request_id=record.request_id,
             replica=replica.name.encode() if self._replica_header else None,

@@ -832,7 +832,7 @@ class UpstreamPool:
         port: int,
         method: str,
         target: str,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | bytes,
         body: bytes,
         *,
         connect_timeout_s: float,
@@ -843,7 +843,9 @@ class UpstreamPool:
         ``headers`` go out as given (names as they should be written),
         except Host, Content-Length, Transfer-Encoding, Connection and
         Keep-Alive, which the pool writes itself; the caller strips the
-        other hop-by-hop fields. ``tls``: an https replica's context
+        other hop-by-hop fields. As bytes, ``headers`` is a field block
+        already rendered and checked by ``router.headers`` without those
+        fields (``upstream_request_block``), sent as is. ``tls``: an https replica's context
         (connections are pooled per context). Raises
         :class:`ConnectError` if no connection could be made.
         """
@@ -852,7 +854,11 @@ class UpstreamPool:
         key = (url_host, port, tls)
         # Host and framing are the pool's: a client's Content-Length or
         # Transfer-Encoding next to ours would be request smuggling.
-        block = render_fields(headers, _OWN_FIELDS, "request")
+        block = (
+            headers
+            if isinstance(headers, bytes)
+            else render_fields(headers, _OWN_FIELDS, "request")
+        )
         host = self._host_headers.get(key)
         if host is None:
             host = self._host_headers[key] = _host_header(url_host, port, tls is not None)
