@@ -24,10 +24,7 @@ class KeySource:
 
     kind: str  # "header" | "body"
     name: str
-
-    @property
-    def header(self) -> bytes:
-        return self.name.encode("latin-1")
+    header: bytes = b""  # the header's lower-case name, encoded once
 
 
 def parse_sources(specs: tuple[str, ...]) -> tuple[KeySource, ...]:
@@ -40,7 +37,7 @@ def parse_sources(specs: tuple[str, ...]) -> tuple[KeySource, ...]:
         kind = kind.strip().lower()
         name = name.strip()
         if kind == "header" and name and name.isascii() and " " not in name:
-            sources.append(KeySource("header", name.lower()))
+            sources.append(KeySource("header", name.lower(), name.lower().encode("latin-1")))
         elif kind == "body" and name in BODY_FIELDS:
             sources.append(KeySource("body", name))
         else:

@@ -85,7 +85,9 @@ async def test_streaming_heavy_phase_counts_paced_chunks() -> None:
     # 5 paced chunks + the final usage/[DONE] event, per stream
     assert load.chunks >= streams * 6
     summary = load.summary()
-    assert summary["cpu_us_per_chunk"] is not None and summary["cpu_us_per_chunk"] > 0
+    # Measured (not None); it may read 0 here: /proc counts CPU in 10 ms
+    # ticks, and this short run can stay under one (the bench runs seconds).
+    assert summary["cpu_us_per_chunk"] is not None and summary["cpu_us_per_chunk"] >= 0
     assert load.seconds >= 5 * 0.020  # one stream at least ran its paced course
 
 
