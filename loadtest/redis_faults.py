@@ -60,6 +60,7 @@ class RedisFaultReport:
     p50_ms: dict[str, float]
     p99_ms: dict[str, float]
     sticky_share: float  # turns on the conversation's first replica
+    moves: int  # turns on another replica than the conversation's previous turn
     placements: dict[str, int]
 
 
@@ -185,10 +186,13 @@ def _report(scenario: str, turns: list[Turn], marks: dict[str, float]) -> RedisF
         "after": [t.latency_s for t in turns if t.start_s >= back],
     }
     first: dict[int, str | None] = {}
-    sticky = 0
+    last: dict[int, str | None] = {}
+    sticky = moves = 0
     for t in sorted(turns, key=lambda t: t.start_s):
         home = first.setdefault(t.conversation, t.replica)
         sticky += t.replica == home
+        moves += last.get(t.conversation, t.replica) != t.replica
+        last[t.conversation] = t.replica
     return RedisFaultReport(
         scenario=scenario,
         requests=len(turns),
@@ -196,6 +200,7 @@ def _report(scenario: str, turns: list[Turn], marks: dict[str, float]) -> RedisF
         p50_ms={k: round(percentile(sorted(v), 0.5) * 1e3, 2) for k, v in phases.items() if v},
         p99_ms={k: round(percentile(sorted(v), 0.99) * 1e3, 2) for k, v in phases.items() if v},
         sticky_share=round(sticky / len(turns), 4) if turns else 0.0,
+        moves=moves,
         placements=dict(Counter(t.placement or "none" for t in turns)),
     )
 
@@ -228,7 +233,8 @@ def main(argv: list[str]) -> int:
             print(
                 f"{report.scenario}: {report.requests} requests, {report.failed} failed; "
                 f"p50 ms {report.p50_ms}; p99 ms {report.p99_ms}; "
-                f"sticky {report.sticky_share:.1%}; {report.placements}"
+                f"on first replica {report.sticky_share:.1%}, moves {report.moves}; "
+                f"{report.placements}"
             )
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=2))

@@ -561,14 +561,22 @@ class Proxy:
             self.metrics.session_requests.inc((placement.value,))
             return routed
         if session.fallback:
-            # The store is unavailable: remember locally, write nothing.
-            sessions.local.put(key, chosen)
+            # The store is unavailable, so gateways cannot agree on a move:
+            # keep only what every gateway would choose alike. A held hash
+            # choice is remembered; an overloaded pin stays (this request
+            # spills, the session does not move); a pin that broke for
+            # another reason is forgotten, so the next turn goes to the
+            # rendezvous hash over the replicas left, on every gateway.
+            repin = routed.repin
+            if repin is None:
+                sessions.local.put(key, chosen)
+            elif not hashed and repin is not Repin.OVERLOADED:
+                sessions.local.discard(key)
+            if repin is not None and not hashed:
+                self.metrics.session_repins.inc((repin.value,))
             session.pin = chosen
-            placement_value = Placement.FALLBACK.value
-            if routed.repin is not None and routed.repin is not Repin.NEW and not hashed:
-                self.metrics.session_repins.inc((routed.repin.value,))
-            record.session = placement_value
-            self.metrics.session_requests.inc((placement_value,))
+            record.session = Placement.FALLBACK.value
+            self.metrics.session_requests.inc((Placement.FALLBACK.value,))
             return routed
         if old is None:  # the policy's or the hash's first placement
             placement_value = Placement.NEW.value

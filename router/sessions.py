@@ -82,6 +82,9 @@ class LocalPins:
         while len(pins) > self.capacity:
             pins.popitem(last=False)
 
+    def discard(self, key: str) -> None:
+        self._pins.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._pins)
 
