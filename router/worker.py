@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import dataclasses
 import logging
 import os
@@ -105,6 +106,7 @@ async def run(sock: socket.socket) -> int:
     receiver.add_done_callback(receiver_done)
     try:
         await gateway.start()
+        gc.freeze()  # as router/cli.py does: start-up objects out of the collector's way
         channel.send(("ready", os.getpid(), gateway.data_port))
         await stop.wait()
         if orphaned:
