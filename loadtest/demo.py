@@ -665,7 +665,8 @@ def main(argv: list[str]) -> int:
     _say(
         f"{opts.replicas} x {opts.engine}{fleet_note}, "
         f"runs: {', '.join(r.label for r in runs)}; "
-        f"{opts.duration_s:g} s each at {opts.rate:.2f} conversations/s"
+        f"{opts.duration_s:g} s each at {opts.rate:.2f} conversations/s; "
+        "sticky sessions on (each conversation sends X-Session-ID)"
     )
 
     async def guarded() -> list[RunOutput]:
