@@ -35,21 +35,24 @@ iteration, which the request count sees and the prefill count does not.
 - ``uncached_r``: prompt tokens minus the leading blocks r probably holds
   (``PrefixIndex.match_depths`` x ``policies.prefix.BLOCK_TOKENS``): the
   gateway's map of what it sent where, as ``prefix_affinity`` keeps it.
-- ``s_r``: r's seconds per prefill token, learned from its own TTFTs: each
-  TTFT divided by the work predicted for that request when it was sent
-  (queued + uncached, samples under ``min_sample_tokens`` skipped: their TTFT
-  is one iteration's fixed cost, not prefill), averaged in log space with
-  weight ``alpha`` per sample after clipping each sample to within
-  ``clip`` x the current estimate: one stalled request (a preemption, a
-  GC pause) moves it by at most alpha x ln(clip), and a replica that is twice
-  as slow is learned in about ln 2 / (alpha x ln clip) ~ 6 samples. Before
-  its first sample a replica uses the median of the fleet's learned rates,
-  or ``1 / prior_tokens_per_s`` when none has one; with equal rates the
-  choice is by tokens alone, so the prior only matters between replicas of
-  different speed. A replica's own rate is used only where it differs from
-  the fleet median by more than RATE_DEADBAND (1.3x), and then by the excess:
-  on identical replicas learned rates differ by noise, and noise was enough
-  to tilt traffic onto the replica that looked fastest.
+- ``s_r``: seconds per prefill token, learned from TTFTs in two parts. A
+  sample is a TTFT divided by the work predicted for that request when it
+  was sent (queued + uncached; samples under ``min_sample_tokens`` skipped:
+  their TTFT is one iteration's fixed cost, not prefill), in log space,
+  clipped to within ``clip`` x the estimate it corrects. The fleet's rate
+  learns every sample with weight ``alpha``: it scales every candidate's cost
+  alike, so it sets the unit of the predictions and may follow load quickly
+  (the fleet's first sample replaces ``1 / prior_tokens_per_s``). Each
+  replica's offset from it learns what the fleet's rate does not explain,
+  with weight ``replica_alpha`` (0.01: ~100 of its samples): only the offsets
+  change the choice, so they wait for evidence. One stalled request (a
+  preemption, a GC pause) moves an offset by at most replica_alpha x
+  ln(clip). s_r is the median replica's rate, moved by r's offset from the
+  median offset where that exceeds RATE_DEADBAND (1.3x), and then by the
+  excess; a replica without samples is the median. On identical replicas
+  offsets differ by noise, and noise learned at 0.1 a sample crossed the
+  dead band through a burst near overload and tilted traffic (sharegpt,
+  seed 0, load 0.8: mean TTFT 38 ms vs queue_depth's 33; 31 now).
 
 Guard: only candidates whose outstanding tokens (prompt + expected output,
 ``LoadView.outstanding_tokens``) are below
@@ -70,16 +73,18 @@ How it fails: the cache map and the queued work are this gateway's guesses
 with several gateways each sees only its share of the queue, and an evicted
 prefix looks cached until the LRU ages it out); it predicts the prefill
 phase only, so a replica full of decoding requests looks free until the tie
-rule, the token bound or the learned rate (slower iterations mean a larger
-s_r) catches it; a router that reported TTFTs only at the end of a request
-would leave each request's prefill counted as queued until it completes (the
-gateway and the simulator call ``observe`` with the TTFT at the first token).
+rule, the token bound or the learned offset (slower iterations mean a larger
+s_r; ~50 of its samples before a 2x slowdown counts) catches it; a router
+that reported TTFTs only at the end of a request would leave each request's
+prefill counted as queued until it completes (the gateway and the simulator
+call ``observe`` with the TTFT at the first token).
 Prompt lengths in the gateway are estimates (4 characters a token).
 
 Parameters: ``epsilon`` (0.5, the gateway's ``load_bound_epsilon``),
-``prior_tokens_per_s`` (10,000), ``alpha`` (0.1), ``clip`` (3.0),
-``min_sample_tokens`` (256), ``uncached_weight`` (4), ``slack_tokens`` (512),
-``capacity_blocks`` (per replica, 4,096), ``max_blocks`` (per prompt, 256).
+``prior_tokens_per_s`` (10,000), ``alpha`` (0.1), ``replica_alpha`` (0.01),
+``clip`` (3.0), ``min_sample_tokens`` (256), ``uncached_weight`` (4),
+``slack_tokens`` (512), ``capacity_blocks`` (per replica, 4,096),
+``max_blocks`` (per prompt, 256).
 """
 
 from __future__ import annotations
@@ -100,9 +105,19 @@ from policies.prefix_index import DEFAULT_CAPACITY_BLOCKS, DEFAULT_MAX_BLOCKS, P
 # Only the ratio between replicas matters to the choice, so a wrong prior
 # costs nothing while the fleet is uniform.
 DEFAULT_PRIOR_TOKENS_PER_S = 10_000.0
-# One sample's weight in the log-space average: ~10 samples to move most of
-# the way, slow enough that a burst of queueing noise does not swing it.
+# One sample's weight in the fleet's log-space average: ~10 samples (of any
+# replica) to move most of the way. The fleet rate scales every candidate's
+# cost alike, so it sets the predictions' unit, not the choice: it may follow
+# a change in load quickly.
 DEFAULT_ALPHA = 0.1
+# One sample's weight in a replica's offset from the fleet rate: ~100 of its
+# own samples to move most of the way. The offset changes the choice, so it
+# must rest on evidence: at 0.1 its noise alone (~20% on identical replicas,
+# more through a burst near overload, when every TTFT is mostly queueing)
+# crossed the dead band and tilted traffic (sharegpt, seed 0, load 0.8: mean
+# TTFT 38 ms vs queue_depth's 33); at 0.01 it is ~3x smaller, and a replica
+# twice as slow still crosses the dead band after ~50 of its samples.
+DEFAULT_REPLICA_ALPHA = 0.01
 # A sample further than 3x from the estimate counts as 3x: a preempted or
 # stalled request (TTFT 50x the prediction) must not teach "this replica is
 # 50x slower".
@@ -119,12 +134,11 @@ DEFAULT_UNCACHED_WEIGHT = 4.0
 # the same first iteration in a chunked-prefill engine: the shorter queue
 # decides among them, because decoding requests slow every iteration.
 DEFAULT_SLACK_TOKENS = 512
-# A replica's rate counts only where it differs from the fleet's median by
-# more than this factor (and then by the excess): on identical replicas the
-# learned rates differ by sampling noise alone (~20% at alpha 0.1), and a
-# replica that looks 10% faster by chance drew 20% more traffic than its
-# share in the simulator (sharegpt, load 0.8: mean TTFT +23% over
-# queue_depth). A replica 2x slower still counts as 1.5x slower.
+# A replica's offset counts only beyond this factor (and then by the excess):
+# on identical replicas offsets differ by sampling noise alone, and a replica
+# that looked 10% faster by chance drew 20% more traffic than its share in
+# the simulator (sharegpt, load 0.8: mean TTFT +23% over queue_depth). A
+# replica 2x slower still counts as 1.5x slower.
 RATE_DEADBAND = 1.3
 # A request whose first token is never observed and whose completion never
 # arrives (a bug upstream of the policy) must not grow memory without bound.
@@ -151,15 +165,16 @@ class _Pending:
 class _Replica:
     """What this policy learned about one replica."""
 
-    __slots__ = ("log_spt", "pending", "queued", "samples", "unmatched_ttft")
+    __slots__ = ("log_offset", "pending", "queued", "unmatched_ttft")
 
     def __init__(self) -> None:
         # Keyed by the request object (identity hash): the router passes the
         # same RouteRequest to on_dispatch and on_complete.
         self.pending: dict[RouteRequest, _Pending] = {}
         self.queued = 0  # sum of pending tokens
-        self.log_spt: float | None = None  # ln(seconds per prefill token)
-        self.samples = 0
+        # ln(this replica's seconds per prefill token / the fleet's): 0 until
+        # its own samples say otherwise.
+        self.log_offset = 0.0
         # A TTFT that matched no pending request by time (it came with the
         # completion): the next on_complete on this replica pairs with it.
         self.unmatched_ttft: float | None = None
@@ -193,6 +208,7 @@ class PredictedTtft(BasePolicy):
         epsilon: float = DEFAULT_EPSILON,
         prior_tokens_per_s: float = DEFAULT_PRIOR_TOKENS_PER_S,
         alpha: float = DEFAULT_ALPHA,
+        replica_alpha: float = DEFAULT_REPLICA_ALPHA,
         clip: float = DEFAULT_CLIP,
         min_sample_tokens: int = DEFAULT_MIN_SAMPLE_TOKENS,
         capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
@@ -207,8 +223,10 @@ class PredictedTtft(BasePolicy):
         prior = _number(self.name, "prior_tokens_per_s", prior_tokens_per_s, 0.0, True)
         self.prior_log_spt = -math.log(prior)
         self.alpha = _number(self.name, "alpha", alpha, 0.0, True)
-        if self.alpha > 1.0:
-            raise TypeError(f"{self.name}: alpha must be in (0, 1], got {alpha!r}")
+        self.replica_alpha = _number(self.name, "replica_alpha", replica_alpha, 0.0, True)
+        for label, a in (("alpha", alpha), ("replica_alpha", replica_alpha)):
+            if a > 1.0:
+                raise TypeError(f"{self.name}: {label} must be in (0, 1], got {a!r}")
         self.log_clip = math.log(_number(self.name, "clip", clip, 1.0, True))
         for label, v in (
             ("min_sample_tokens", min_sample_tokens),
@@ -222,7 +240,9 @@ class PredictedTtft(BasePolicy):
         self.slack_tokens = slack_tokens
         self.index = PrefixIndex(capacity_blocks, max_blocks)
         self._replicas: dict[str, _Replica] = {}
-        self._fleet_log_spt: float | None = None  # the median, until a sample or member moves
+        # ln(seconds per prefill token) over all samples; None until the first.
+        self._fleet_log_spt: float | None = None
+        self._median: float | None = None  # of the replicas' offsets, until one moves
         # The last choose()'s uncached tokens per candidate, reused by the
         # on_dispatch that follows it for the same request.
         self._last: tuple[RouteRequest | None, dict[str, int]] = (None, {})
@@ -233,40 +253,47 @@ class PredictedTtft(BasePolicy):
         self.index.forget(names)
         for gone in [r for r in self._replicas if r not in names]:
             del self._replicas[gone]
-        self._fleet_log_spt = None
+        self._median = None
 
     def _state(self, replica: str) -> _Replica:
         st = self._replicas.get(replica)
         if st is None:
             st = self._replicas[replica] = _Replica()
+            self._median = None
         return st
 
+    def _median_offset(self) -> float:
+        # The fleet's rate is an average over every sample, which a slow
+        # replica pulls by its share of them (1/3 of ln 2 with three replicas
+        # sampled alike); the median replica is what "typical" means.
+        if self._median is None:
+            offsets = sorted(st.log_offset for st in self._replicas.values())
+            k = len(offsets)
+            if k == 0:
+                self._median = 0.0
+            else:
+                self._median = (
+                    offsets[k // 2] if k % 2 else 0.5 * (offsets[k // 2 - 1] + offsets[k // 2])
+                )
+        return self._median
+
     def fleet_log_spt(self) -> float:
-        """Median learned ln(seconds per token) over the replicas that have one, else the prior."""
-        if self._fleet_log_spt is not None:
-            return self._fleet_log_spt
-        learned = sorted(st.log_spt for st in self._replicas.values() if st.log_spt is not None)
-        if not learned:
+        """ln(seconds per prefill token) of the fleet's median replica, else the prior."""
+        if self._fleet_log_spt is None:
             return self.prior_log_spt
-        k = len(learned)
-        mid = learned[k // 2] if k % 2 else 0.5 * (learned[k // 2 - 1] + learned[k // 2])
-        self._fleet_log_spt = mid
-        return mid
+        return self._fleet_log_spt + self._median_offset()
 
     def seconds_per_token(self, replica: str) -> float:
         """The prefill cost of one token on ``replica`` that predictions use: the
-        fleet's median, moved by this replica's own rate where that differs by
-        more than RATE_DEADBAND."""
+        median replica's, moved by this replica's offset from it beyond
+        RATE_DEADBAND."""
         return math.exp(self._log_spt(self._replicas.get(replica), self.fleet_log_spt()))
 
-    @staticmethod
-    def _log_spt(st: _Replica | None, fleet: float) -> float:
-        if st is None or st.log_spt is None:
-            return fleet
-        d = st.log_spt - fleet
+    def _log_spt(self, st: _Replica | None, fleet: float) -> float:
+        d = 0.0 if st is None else st.log_offset - self._median_offset()
         if abs(d) <= _LOG_DEADBAND:
             return fleet
-        return st.log_spt - _LOG_DEADBAND if d > 0 else st.log_spt + _LOG_DEADBAND
+        return fleet + d - _LOG_DEADBAND if d > 0 else fleet + d + _LOG_DEADBAND
 
     def queued_tokens(self, replica: str) -> int:
         """Prefill tokens this gateway sent to ``replica`` that have no first token yet."""
@@ -392,16 +419,16 @@ class PredictedTtft(BasePolicy):
         if work < self.min_sample_tokens or ttft_s <= 0:
             return
         sample = math.log(ttft_s / work)
-        if st.log_spt is None:
-            if all(r.log_spt is None for r in self._replicas.values()):
-                # The fleet's first sample replaces the prior outright: a prior
-                # 10x off would otherwise take ~20 clipped steps to unlearn.
-                st.log_spt = sample
-                st.samples = 1
-                self._fleet_log_spt = None
-                return
-            st.log_spt = self.fleet_log_spt()
-        delta = max(-self.log_clip, min(self.log_clip, sample - st.log_spt))
-        st.log_spt += self.alpha * delta
-        st.samples += 1
-        self._fleet_log_spt = None
+        fleet = self._fleet_log_spt
+        if fleet is None:
+            # The fleet's first sample replaces the prior outright: a prior
+            # 10x off would otherwise take ~20 clipped steps to unlearn.
+            self._fleet_log_spt = sample
+            return
+        clip = self.log_clip
+        # The fleet learns every sample as it is, fast; the replica learns,
+        # slowly, what the fleet's rate does not explain.
+        self._fleet_log_spt = fleet + self.alpha * max(-clip, min(clip, sample - fleet))
+        excess = sample - fleet - st.log_offset
+        st.log_offset += self.replica_alpha * max(-clip, min(clip, excess))
+        self._median = None

@@ -160,6 +160,8 @@ def test_first_token_takes_the_request_off_the_queue_and_teaches_the_rate() -> N
 
 
 def test_an_outlier_moves_the_rate_by_at_most_alpha_ln_clip() -> None:
+    """The fleet's rate moves by alpha x ln 3, the replica's offset from it by
+    replica_alpha x ln 3; alone, r0 is the fleet's median replica, so both count."""
     p = policy()
     loads = loads_with(0)
     first = request(blocks("a", 16))
@@ -167,8 +169,8 @@ def test_an_outlier_moves_the_rate_by_at_most_alpha_ln_clip() -> None:
     p.observe("r0", 0.1024, None, 0.1024)  # 1e-4 s a token
     stalled = request(blocks("b", 16))
     route(p, loads, stalled, now=1.0)
-    p.observe("r0", 10.24, None, 11.24)  # 100x slower: clipped to 3x, weight 0.1
-    assert p.seconds_per_token("r0") == pytest.approx(1e-4 * 3**0.1)
+    p.observe("r0", 10.24, None, 11.24)  # 100x slower: clipped to 3x
+    assert p.seconds_per_token("r0") == pytest.approx(1e-4 * 3 ** (0.1 + 0.01))
 
 
 def test_a_ttft_reported_with_the_completion_pairs_with_that_request() -> None:
@@ -197,14 +199,20 @@ def test_a_failed_request_leaves_the_queue_and_teaches_nothing() -> None:
 
 def test_a_slow_replica_is_learned_and_avoided() -> None:
     """r0 takes 2x as long per token as r1 and r2: it is learned to cost 2 / 1.3 x
-    as much (the fleet median is the fast rate; the dead band comes off)."""
+    as much (the median replica is a fast one; the dead band comes off). Its
+    offset moves 1% of the way a sample: 600 samples each is 99.8% of it."""
     p = policy()
     loads = loads_with(0, 0, 0)
     choose(p, request(blocks("z", 1)), loads)  # membership seen
     now = 0.0
-    for k in range(60):
+    order = random.Random(1)
+    rates = [("r0", 2e-4), ("r1", 1e-4), ("r2", 1e-4)]
+    for k in range(600):
         req = request(blocks(f"u{k}", 8))  # 512 tokens, nothing shared
-        for name, spt in (("r0", 2e-4), ("r1", 1e-4), ("r2", 1e-4)):
+        # In an order that varies, as TTFTs arrive: in a fixed one, r1 would
+        # always learn just after r0 had pulled the fleet's rate up.
+        order.shuffle(rates)
+        for name, spt in rates:
             load = next(c for c in loads if c.name == name)
             t = dispatch(load, req.cost_tokens)
             p.on_dispatch(req, name, now)
@@ -213,7 +221,10 @@ def test_a_slow_replica_is_learned_and_avoided() -> None:
             p.on_complete(req, name, Outcome.OK, now + 1.0)
         now += 2.0
     assert p.seconds_per_token("r1") == pytest.approx(1e-4, rel=0.01)
-    assert p.seconds_per_token("r0") == pytest.approx(2e-4 / 1.3, rel=0.02)
+    # Within 4%: the fleet's rate moves 10% a sample, so when r0 answers it
+    # has mostly heard from the fast replicas since r0's last sample, and
+    # r0's offset takes up that difference too (~3% here).
+    assert p.seconds_per_token("r0") == pytest.approx(2e-4 / 1.3, rel=0.04)
     # 2,048 tokens queued on r1 and r2, 1,024 on r0: r0 is predicted slower
     # ((1024 + 4 x 512) x 1.54e-4 = 0.47 s vs (2048 + 4 x 512) x 1e-4 = 0.41 s).
     for name, n_blocks in (("r0", 16), ("r1", 32), ("r2", 32)):
@@ -223,11 +234,37 @@ def test_a_slow_replica_is_learned_and_avoided() -> None:
     assert d.inputs["cost_s"] == pytest.approx((2048 + 4 * 512) * 1e-4, rel=0.01)
 
 
+def test_noise_on_identical_replicas_never_sets_them_apart() -> None:
+    """Four replicas of one speed whose TTFTs scatter by a factor e^0.5 (a
+    burst's queueing): the choice must stay on tokens and queues alone. With
+    each replica's rate learned at 0.1 a sample (this policy until 2026-11),
+    two of them differed by round 8; offsets learned at 0.01 stay within the
+    1.3x dead band."""
+    p = policy()
+    loads = loads_with(0, 0, 0, 0)
+    choose(p, request(blocks("z", 1)), loads)  # membership seen
+    noise = random.Random(3)
+    names = ["r0", "r1", "r2", "r3"]
+    now = 0.0
+    for k in range(500):
+        req = request(blocks(f"u{k}", 8))  # 512 tokens
+        noise.shuffle(names)
+        for name in names:
+            ttft = 512 * 1e-4 * math.exp(noise.gauss(0.0, 0.5))
+            p.on_dispatch(req, name, now)
+            p.observe(name, ttft, None, now + ttft)
+        now += 2.0
+        rates = {p.seconds_per_token(name) for name in names}
+        assert len(rates) == 1, (k, rates)
+
+
 def test_rejects_bad_parameters() -> None:
     for bad in (
         {"prior_tokens_per_s": 0},
         {"alpha": 0},
         {"alpha": 1.5},
+        {"replica_alpha": 0},
+        {"replica_alpha": 2},
         {"clip": 1.0},
         {"uncached_weight": 0.5},
         {"slack_tokens": 0},
