@@ -89,8 +89,9 @@ def create_admin_app(proxy: Proxy, token: str) -> web.Application:
 
     async def session(request: web.Request) -> web.Response:
         """Where a session is pinned, and whether that pin would hold now.
-        ``{id}`` is the client's session id; ``?source=`` picks the source it
-        came from (default: the first configured one)."""
+        ``{id}`` is the client's session id; ``?model=`` the model (pins are
+        per model; optional when the fleet serves one); ``?source=`` the
+        source it came from (default: the first configured one)."""
         if not _authorized(request, token):
             return error_response(ErrorKind.UNAUTHORIZED, "missing or wrong admin token")
         sessions = proxy.sessions
@@ -103,6 +104,16 @@ def create_admin_app(proxy: Proxy, token: str) -> web.Application:
                 sources = parse_sources((source,))
             except ValueError as exc:
                 return error_response(ErrorKind.BAD_FIELD, f"source: {exc}")
+        models = [m["id"] for m in proxy.registry.model_list()]
+        model = request.query.get("model")
+        if model is None:
+            if len(models) != 1:
+                return error_response(
+                    ErrorKind.BAD_FIELD,
+                    "give ?model=: session pins are per model, and the fleet serves "
+                    f"{len(models)} models",
+                )
+            model = models[0]
         raw = request.match_info["id"]
         first = sources[0]
         try:
@@ -111,12 +122,14 @@ def create_admin_app(proxy: Proxy, token: str) -> web.Application:
                 lambda name: raw.encode("utf-8") if first.kind == "header" else None,
                 {first.name: raw} if first.kind == "body" else None,
                 sessions.max_key_length,
+                model,
             )
         except GatewayError as exc:
             return error_response(exc.kind, exc.message)
         assert key is not None
         view = await sessions.describe(key)
         view["source"] = f"{first.kind}:{first.name}"
+        view["model"] = model
         pinned = view.get("replica") or view.get("local_pin")
         status = proxy.registry.snapshot.get(pinned) if pinned else None
         now = asyncio.get_running_loop().time()

@@ -56,6 +56,11 @@ class CircuitBreaker:
         self._probing = False
         self.state = BreakerState.CLOSED
 
+    def abandon(self) -> None:
+        """A call that ended without a verdict (cancelled, or refused for a
+        local reason): a half-open probe may go out again."""
+        self._probing = False
+
     def failure(self, now: float) -> None:
         self._probing = False
         if self.state is BreakerState.HALF_OPEN:

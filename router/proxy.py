@@ -368,7 +368,7 @@ class Proxy:
             data = parse_body(body)
             summary = summarize(kind, data)
         sessions = self.sessions
-        key = sessions.key(request.get, data) if sessions is not None else None
+        key = sessions.key(request.get, data, summary.model) if sessions is not None else None
         record.model = summary.model
         if self.registry.snapshot.knows_model(summary.model):
             record.model_label = summary.model
@@ -424,13 +424,27 @@ class Proxy:
                     else:
                         self._no_route(exchange, record, routed)
                     return
-                if session is not None:
-                    routed = await self._pin(route_req, session, routed, hashed, tried, record)
                 replica = routed.replica
+                # Counted at once, before any await: requests deciding while
+                # this one stores its pin see the replica's load (no herd, no
+                # concurrency limit overshot).
                 ticket = dispatch(replica.load, route_req.cost_tokens)
-                self.policy.on_dispatch(route_req, replica.name, loop.time())
                 if turn is not None:
                     turn.close()  # dispatched: the next waiter may try
+                if session is not None:
+                    try:
+                        pinned = await self._pin(route_req, session, routed, hashed, tried, record)
+                    except BaseException:
+                        ticket.close(Outcome.CLIENT_DISCONNECT)
+                        self.admission.notify()
+                        raise
+                    if pinned.replica is not replica:
+                        # Another gateway's pin won: the load moves with the request.
+                        ticket.close(Outcome.OK)
+                        routed, replica = pinned, pinned.replica
+                        ticket = dispatch(replica.load, route_req.cost_tokens)
+                        self.admission.notify()
+                self.policy.on_dispatch(route_req, replica.name, loop.time())
                 record.replica = replica.name
                 record.reason = routed.decision.reason
                 record.attempts += 1
@@ -560,6 +574,14 @@ class Proxy:
             record.session = placement.value
             self.metrics.session_requests.inc((placement.value,))
             return routed
+        if routed.repin is Repin.FAILED:
+            # A retry moves this attempt only (Envoy's retries keep the hash):
+            # one reset must not throw the session's cache away. The pin
+            # moves once its replica is unhealthy, ejected or drained.
+            record.session = f"{Placement.REPINNED.value}:{Repin.FAILED.value}"
+            self.metrics.session_repins.inc((Repin.FAILED.value,))
+            self.metrics.session_requests.inc((Placement.REPINNED.value,))
+            return routed
         if session.fallback:
             # The store is unavailable, so gateways cannot agree on a move:
             # keep only what every gateway would choose alike. A held hash
@@ -593,6 +615,15 @@ class Proxy:
             # the store had lost: atomic, and the loser of a race between
             # gateways follows the winner.
             stored = await sessions.claim(key, chosen)
+        if stored is None:
+            # The store failed just now: this request, and its retries, go
+            # on without it (one wait on the store per request, not one per
+            # attempt).
+            session.fallback = True
+            session.pin = chosen
+            record.session = Placement.FALLBACK.value
+            self.metrics.session_requests.inc((Placement.FALLBACK.value,))
+            return routed
         session.pin = stored
         session.stored = True
         if stored != chosen:

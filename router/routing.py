@@ -179,6 +179,8 @@ class Router:
             or pin in exclude
             or not replica.routable(now)
             or not replica.load.has_capacity()
+            # A warming replica keeps its slow-start share: no waiver there.
+            or (replica.ramp is not None and replica.ramp.active(now))
         ):
             return None
         return Routed(replica, Decision(pin, PIN_HELD))

@@ -57,13 +57,17 @@ def session_key(
     header: Callable[[bytes], bytes | None],
     body: Mapping[str, Any] | None,
     max_length: int,
+    model: str,
 ) -> str | None:
     """The stored form of the request's session key, or None for no session.
 
     The first source present wins. A present but invalid key (too long, not
     a string, control characters) is the client's error (400), not a silent
-    loss of stickiness. The stored form is a hash of source and value: a
-    fixed 32 hex characters whatever the client sent.
+    loss of stickiness. The stored form is a hash of source, value and model:
+    a fixed 32 hex characters whatever the client sent, and one pin per model
+    (a KV cache is per model: a session that alternates a chat model and a
+    small title model must not drag one model's pin to the other's replica
+    on every request).
     """
     for source in sources:
         if source.kind == "header":
@@ -94,5 +98,6 @@ def session_key(
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{source.kind}:{source.name}\0".encode())
         digest.update(value)
+        digest.update(b"\0" + model.encode("utf-8", "surrogatepass"))
         return digest.hexdigest()
     return None

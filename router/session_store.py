@@ -31,6 +31,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from router.config import RedisConfig, SessionsConfig
@@ -42,6 +43,7 @@ __all__ = [
     "RedisStore",
     "SessionStore",
     "create_store",
+    "is_pool_exhausted",
 ]
 
 # Under the configured key_prefix, so that other data can share the prefix later.
@@ -52,6 +54,14 @@ KEY_SPACE = "sess:"
 # "No connection available"; TimeoutError of a socket) and the caller's own
 # asyncio.timeout. Anything else is a bug and should be loud.
 STORE_ERRORS: tuple[type[Exception], ...] = (RedisError, TimeoutError)
+# redis-py's message when BlockingConnectionPool waited pool_timeout_s in vain.
+_POOL_EXHAUSTED = "No connection available"
+
+
+def is_pool_exhausted(exc: BaseException) -> bool:
+    """This process had no free connection in time: a local burst, which says
+    nothing about the store's health (the breaker must not count it)."""
+    return isinstance(exc, RedisConnectionError) and _POOL_EXHAUSTED in str(exc)
 
 
 class SessionStore(Protocol):
@@ -308,7 +318,12 @@ class RedisStore:
         return cast("str | None", await self._client.getex(self.key(key), px=self._ttl_ms))
 
     async def claim(self, key: str, replica: str) -> str:
-        return str(await self._claim(keys=[self.key(key)], args=[replica, self._ttl_ms]))
+        winner = await self._claim(keys=[self.key(key)], args=[replica, self._ttl_ms])
+        # The script always answers a name; nil would mean a script bug, and
+        # the string "None" must never become a pin.
+        if winner is None:
+            raise RedisError("claim script returned nil")
+        return str(winner)
 
     async def repin(self, key: str, old: str | None, new: str) -> str:
         args: list[str | int] = [new, self._ttl_ms]

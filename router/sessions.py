@@ -26,6 +26,7 @@ bound). This module does what that pure step cannot:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -39,7 +40,7 @@ from router.config import RedisConfig, SessionsConfig
 from router.metrics import Metrics
 from router.replicas import FleetSnapshot
 from router.session_key import parse_sources, session_key
-from router.session_store import SessionStore
+from router.session_store import SessionStore, is_pool_exhausted
 
 T = TypeVar("T")
 
@@ -55,29 +56,42 @@ class Placement(StrEnum):
 
 
 class LocalPins:
-    """The pins this gateway read or wrote recently: an LRU of bounded size.
+    """The pins this gateway read or wrote recently: an LRU of bounded size,
+    each pin good for one session TTL after it was last used.
 
-    Consulted only while the store is unavailable, so that the sessions this
-    gateway has seen stay where they are through an outage.
+    Consulted while the store is unavailable (or lost a pin), so that the
+    sessions this gateway has seen stay where they are through an outage; a
+    pin older than the TTL is gone here as it is in the store.
     """
 
-    __slots__ = ("_pins", "capacity")
+    __slots__ = ("_clock", "_pins", "capacity", "ttl_s")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self, capacity: int, ttl_s: float = math.inf, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.capacity = capacity
-        self._pins: OrderedDict[str, str] = OrderedDict()
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def get(self, key: str) -> str | None:
-        replica = self._pins.get(key)
-        if replica is not None:
-            self._pins.move_to_end(key)
+        entry = self._pins.get(key)
+        if entry is None:
+            return None
+        replica, expires = entry
+        now = self._clock()
+        if now >= expires:
+            del self._pins[key]
+            return None
+        self._pins[key] = (replica, now + self.ttl_s)  # sliding, as the store's
+        self._pins.move_to_end(key)
         return replica
 
     def put(self, key: str, replica: str) -> None:
         if self.capacity <= 0:
             return
         pins = self._pins
-        pins[key] = replica
+        pins[key] = (replica, self._clock() + self.ttl_s)
         pins.move_to_end(key)
         while len(pins) > self.capacity:
             pins.popitem(last=False)
@@ -127,7 +141,7 @@ class Sessions:
         self.remote = store.name != "memory"
         self.op_timeout_s = redis.op_timeout_s
         self.breaker = CircuitBreaker(redis.breaker_failures, redis.breaker_open_s)
-        self.local = LocalPins(config.local_cache_size if self.remote else 0)
+        self.local = LocalPins(config.local_cache_size if self.remote else 0, config.ttl_s)
         self.rendezvous_first = (
             config.first_placement == "rendezvous"
             if first_placement_rendezvous is None
@@ -137,9 +151,12 @@ class Sessions:
         metrics.session_local_pins.set_function(lambda: float(len(self.local)))
 
     def key(
-        self, header: Callable[[bytes], bytes | None], body: Mapping[str, Any] | None
+        self,
+        header: Callable[[bytes], bytes | None],
+        body: Mapping[str, Any] | None,
+        model: str,
     ) -> str | None:
-        return session_key(self.sources, header, body, self.max_key_length)
+        return session_key(self.sources, header, body, self.max_key_length, model)
 
     async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
         """One store call: breaker, outer timeout, latency and error metrics.
@@ -157,10 +174,15 @@ class Sessions:
         except asyncio.CancelledError:
             # The request went away (or shutdown): not the store's fault, but
             # a half-open probe must not stay claimed forever.
-            if breaker.state is BreakerState.HALF_OPEN:
-                breaker.failure(loop.time())
+            breaker.abandon()
             raise
         except Exception as exc:
+            if is_pool_exhausted(exc):
+                # A burst of lookups on this gateway, not a sick store: fall
+                # back for this request without tripping the breaker.
+                self.metrics.session_store_errors.labels(op, "pool").inc()
+                breaker.abandon()
+                raise Unavailable(op) from exc
             error = "timeout" if isinstance(exc, TimeoutError) else _error_kind(exc)
             self.metrics.session_store_errors.labels(op, error).inc()
             was_open = breaker.state is BreakerState.OPEN
@@ -197,26 +219,28 @@ class Sessions:
         weights = {r.name: r.weight for r in healthy}
         return rendezvous(key, names, weights.__getitem__)
 
-    async def claim(self, key: str, replica: str) -> str:
+    async def claim(self, key: str, replica: str) -> str | None:
         """Store a first pin atomically; returns the winner (another gateway's
-        pin if it got there first). On an outage, our own choice stands."""
+        pin if it got there first), or None if the store is unavailable (our
+        own choice stands, remembered locally)."""
         self.local.put(key, replica)
         try:
             winner = await self._call("claim", lambda: self.store.claim(key, replica))
         except Unavailable:
-            return replica
+            return None
         if winner != replica:
             self.local.put(key, winner)
         return winner
 
-    async def repin(self, key: str, old: str | None, new: str) -> str:
+    async def repin(self, key: str, old: str | None, new: str) -> str | None:
         """Move a pin by compare-and-set; returns what the store holds now
-        (another gateway's re-pin if it moved the session first)."""
+        (another gateway's re-pin if it moved the session first), or None if
+        the store is unavailable."""
         self.local.put(key, new)
         try:
             current = await self._call("repin", lambda: self.store.repin(key, old, new))
         except Unavailable:
-            return new
+            return None
         if current != new:
             self.local.put(key, current)
         return current

@@ -176,3 +176,22 @@ async def test_sessions_can_be_turned_off() -> None:
         async with gateway(cfg) as gw, aiohttp.ClientSession() as s:
             status, _, how, _ = await _post(s, base(gw), {"X-Session-ID": "a"})
             assert status == 200 and how is None
+
+
+async def test_a_retry_moves_the_attempt_not_the_session() -> None:
+    """One 503 from the pinned replica: the request is retried elsewhere, but
+    the session's pin (and its KV cache) stays where it was."""
+    async with replicas(2) as urls, gateway(gateway_config(urls)) as gw:
+        async with aiohttp.ClientSession() as s:
+            headers = {"X-Session-ID": "steady"}
+            _, home, how, _ = await _post(s, base(gw), headers)
+            assert how == "new"
+            async with s.post(f"http://{home}/_sim/config", json={"status": 503}) as r:
+                assert r.status == 200
+            status, other, how, _ = await _post(s, base(gw), headers)
+            async with s.post(f"http://{home}/_sim/config", json={"status": None}) as r:
+                assert r.status == 200
+            assert status == 200 and other != home
+            assert how == "repinned:failed"
+            _, again, how, _ = await _post(s, base(gw), headers)
+            assert (again, how) == (home, "hit")

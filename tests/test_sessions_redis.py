@@ -92,6 +92,7 @@ def _stored_key(session_id: str) -> str:
         lambda _: session_id.encode(),
         None,
         256,
+        MODEL,
     )
     assert key is not None
     return "dp:sess:" + key
@@ -447,3 +448,28 @@ async def test_redis_restarted_empty_keeps_sessions_and_is_reseeded() -> None:
                 assert await client.get(_stored_key(key)) == replica
         finally:
             await client.aclose()
+
+
+async def test_new_sessions_never_overfill_a_replica_while_pins_are_stored() -> None:
+    """The first pin is stored (a Redis round trip) before the request goes
+    out; the replica's load is counted before that wait, so concurrent new
+    sessions see it and a concurrency limit holds."""
+    async with redis_server() as srv, replicas(2, token_interval_s=0.02) as urls:
+        limited = [{"url": u, "models": [MODEL], "max_concurrency": 2} for u in urls]
+        cfg = gateway_config(urls, replicas=limited, redis=_redis(srv.url, op_timeout_s=1.0))
+        async with gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            peak = 0
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, *(r.load.in_flight for r in gw.registry))
+                    await asyncio.sleep(0)
+
+            watcher = asyncio.create_task(watch())
+            results = await asyncio.gather(*(_turn(s, gw, f"fill-{i}") for i in range(12)))
+            done.set()
+            await watcher
+            assert all(r[0] == 200 for r in results)
+            assert peak <= 2
