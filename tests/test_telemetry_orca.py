@@ -58,6 +58,8 @@ def test_the_simulated_replica_round_trips(fmt: str) -> None:
         b'JSON {"named_metrics": [1]}',
         b'JSON {"named_metrics": {"num_requests_waiting": "2"}}',
         b'JSON {"named_metrics": {"num_requests_waiting": true}}',
+        b'JSON {"named_metrics": {"num_requests_waiting": ' + b"9" * 400 + b"}}",
+        b"TEXT named_metrics.num_requests_waiting=" + b"9" * 400,  # inf
         b"TEXT " + b"named_metrics.x=1, " * (MAX_HEADER_BYTES // 18),
     ],
 )
@@ -83,6 +85,14 @@ def test_header_without_running_borrows_a_fresh_one_else_counts_our_in_flight() 
     # ... and not after: it was reported at 11, not at 15
     assert on_load_header(load, b"TEXT named_metrics.num_requests_waiting=4", 16.5)
     assert load.reported_queue == 4.0 + 3.0
+
+
+def test_running_without_waiting_is_half_a_queue_and_records_nothing() -> None:
+    load = ReplicaLoad("r")
+    # well-formed (not counted as malformed), but half a queue: not recorded
+    assert on_load_header(load, b"TEXT named_metrics.num_requests_running=3", 1.0)
+    assert (load.reported_at, load.reported_running) == (None, None)
+    assert record(load, Reading(waiting=None, running=3.0), 1.0, Source.SCRAPE) is False
 
 
 def test_kv_only_header_updates_kv_and_not_the_queue_time() -> None:

@@ -126,7 +126,7 @@ def _json_metrics(rest: str) -> dict[str, float] | None:
 def _number(raw: str | float) -> float | None:
     try:
         value = float(raw)
-    except ValueError:
+    except (ValueError, OverflowError):  # JSON's integers have no bound
         return None
     if not math.isfinite(value) or value < 0:
         return None

@@ -103,9 +103,19 @@ def _number(doc: dict[str, Any], key: str, *, required: bool) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ReportError("invalid", f"{key}: expected a number")
-    if not math.isfinite(value) or value < 0:
+    number = _float(value, key)
+    if not math.isfinite(number) or number < 0:
         raise ReportError("invalid", f"{key}: must be finite and >= 0")
-    return float(value)
+    return number
+
+
+def _float(value: float, where: str) -> float:
+    """JSON's integers have no bound: one beyond a float's range is refused,
+    not an OverflowError out of the handler."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ReportError("invalid", f"{where}: too large") from None
 
 
 def _count(doc: dict[str, Any], key: str, *, required: bool) -> float | None:
@@ -158,7 +168,7 @@ def _vector(raw: Any, where: str, max_experts: int) -> tuple[float, ...]:
     for v in raw:
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
             raise ReportError("invalid", f"{where}: counts must be finite numbers >= 0")
-    return tuple(float(v) for v in raw)
+    return tuple(_float(v, where) for v in raw)
 
 
 __all__ = ["SCHEMA_VERSION", "STATES", "LoadReport", "ReportError", "parse_report"]
