@@ -74,11 +74,16 @@ class ExpertSample:
     ``overflow``: tokens dropped by a capacity factor, per expert, or None
     for dropless engines (vLLM, SGLang), whose imbalance is the signal.
     ``layer``: the MoE layer, or None when the source aggregates layers.
+    ``rank``: the DP rank whose counters these are, or None for the whole
+    replica. Each rank restarts on its own, so deltas are taken per
+    (layer, rank) and summed after: summing counters first would read one
+    rank's restart as the whole replica's (Prometheus: rate, then sum).
     """
 
     layer: int | None
     tokens: tuple[float, ...]
     overflow: tuple[float, ...] | None = None
+    rank: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +195,10 @@ class _Replica:
     def __init__(self) -> None:
         self.experts = 0
         self.layered: bool | None = None  # per-layer samples, or one aggregate
-        # layer (None: aggregate) -> the last cumulative (tokens, overflow)
-        self.last: dict[int | None, tuple[tuple[float, ...], tuple[float, ...] | None]] = {}
+        # (layer (None: aggregate), rank) -> the last cumulative (tokens, overflow)
+        self.last: dict[
+            tuple[int | None, str | None], tuple[tuple[float, ...], tuple[float, ...] | None]
+        ] = {}
         self.buckets: deque[_Bucket] = deque(maxlen=WINDOW_BUCKETS + 2)
         self.reported_at: float | None = None
         self.cached: tuple[float, float | None] | None = None  # (at, step slowdown)
@@ -264,20 +271,20 @@ class ExpertTelemetry:
             self._reject("unknown_replica", max(1, len(samples)))
             return 0
         good: list[ExpertSample] = []
-        seen: set[int | None] = set()
+        seen: set[tuple[int | None, str | None]] = set()
         for s in samples:
             reason = self._check(s)
             if reason is None and good and len(s.tokens) != len(good[0].tokens):
                 reason = "length_mismatch"
             if reason is None and (
-                s.layer in seen or (seen and (None in seen) != (s.layer is None))
+                (s.layer, s.rank) in seen or (good and (good[0].layer is None) != (s.layer is None))
             ):
                 # A layer twice, or an aggregate mixed with layers (double counting).
                 reason = "duplicate_layer"
             if reason is not None:
                 self._reject(reason)
                 continue
-            seen.add(s.layer)
+            seen.add((s.layer, s.rank))
             good.append(s)
         if not good:
             return 0
@@ -297,16 +304,23 @@ class ExpertTelemetry:
     def _add(self, state: _Replica, samples: list[ExpertSample], now: float) -> None:
         deltas: list[tuple[int | None, list[float], list[float] | None]] = []
         for s in samples:
-            prev = state.last.get(s.layer)
-            state.last[s.layer] = (s.tokens, s.overflow)
+            prev = state.last.get((s.layer, s.rank))
+            state.last[s.layer, s.rank] = (s.tokens, s.overflow)
             if prev is None:
                 continue  # a baseline: no interval to attribute yet
             d_tok = _delta(s.tokens, prev[0])
             d_over = None if s.overflow is None or prev[1] is None else _delta(s.overflow, prev[1])
             deltas.append((s.layer, d_tok, d_over))
-        if not deltas or state.reported_at is None or now <= state.reported_at:
+        if not deltas or state.reported_at is None:
             return
-        bucket = self._bucket(state, now, all(d[2] is not None for d in deltas))
+        if now > state.reported_at:
+            bucket = self._bucket(state, now, all(d[2] is not None for d in deltas))
+        elif state.buckets:
+            # Two reports at one clock reading (a scrape and a push in one
+            # loop turn): no new interval, but the tokens did happen.
+            bucket = state.buckets[-1]
+        else:
+            return  # no interval yet to put them in; the counters carry them on
         per_layer = self.config.per_layer
         for layer, d_tok, d_over in deltas:
             _add_into(bucket.tokens, d_tok)
@@ -318,7 +332,7 @@ class ExpertTelemetry:
                     bucket.layers[layer] = list(d_tok)
                 else:
                     _add_into(acc, d_tok)
-        bucket.end = now
+        bucket.end = max(bucket.end, now)
 
     def _bucket(self, state: _Replica, now: float, with_overflow: bool) -> _Bucket:
         buckets = state.buckets

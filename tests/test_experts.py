@@ -77,6 +77,36 @@ def test_a_lost_report_loses_nothing_and_a_decrease_is_a_restart() -> None:
     assert v is not None and sum(v.tokens_per_s) * v.window_s == pytest.approx(660)
 
 
+def test_one_dp_rank_restarting_leaves_imbalance_and_slowdown_unchanged() -> None:
+    """Deltas per rank, then summed: a sum of counters taken first would read
+    rank 1's restart as the whole replica's and lose rank 0's interval."""
+
+    def ranks(r0: tuple[float, ...], r1: tuple[float, ...]) -> list[ExpertSample]:
+        return [ExpertSample(None, r0, rank="0"), ExpertSample(None, r1, rank="1")]
+
+    steady, restarted = telemetry(), telemetry()
+    for t in (steady, restarted):
+        t.record("a", ranks((1000, 1000), (1000, 1000)), 0.0)
+        t.record("a", ranks((1300, 1100), (1300, 1100)), 1.0)
+    steady.record("a", ranks((1600, 1200), (1600, 1200)), 2.0)
+    restarted.record("a", ranks((1600, 1200), (300, 100)), 2.0)  # rank 1 restarted at 1.0
+    a, b = steady.view("a", 2.0), restarted.view("a", 2.0)
+    assert a is not None and b is not None
+    assert b.tokens_per_s == pytest.approx(a.tokens_per_s) == (600.0, 200.0)
+    assert b.imbalance == pytest.approx(a.imbalance) == pytest.approx(1.5)
+    assert b.slowdown == pytest.approx(a.slowdown)
+
+
+def test_a_report_at_the_same_instant_adds_to_the_current_bucket() -> None:
+    t = telemetry()
+    t.record("a", agg(0, 0), 0.0)
+    t.record("a", agg(100, 100), 1.0)
+    t.record("a", agg(150, 250), 1.0)  # a second source in the same loop turn
+    v = t.view("a", 1.0)
+    assert v is not None and v.window_s == pytest.approx(1.0)
+    assert v.tokens_per_s == pytest.approx((150.0, 250.0))  # nothing thrown away
+
+
 def test_old_buckets_leave_the_window_and_memory_stays_bounded() -> None:
     t = telemetry()
     for k in range(500):

@@ -17,7 +17,8 @@ from loadtest.replica.push import pushing
 from router.app import Gateway
 from router.experts import ExpertSample
 from router.replicas import ReplicaStatus
-from router.telemetry.push import PATH
+from router.telemetry.push import PATH, create_push_app, push_listener, token_key
+from router.telemetry.report import LoadReport
 from tests.harness import MODEL, base, chat_body, eventually, gateway_config, replicas
 
 TOKENS = {"a": "token-of-a", "b": "token-of-b"}
@@ -162,6 +163,10 @@ async def test_tokens_name_the_replica(client: aiohttp.ClientSession) -> None:
         ),
         (report(experts=[{"tokens": [1, 2], "overflow": [1]}]), 400, "invalid"),
         (report(experts=[{"tokens": [-1]}]), 400, "invalid"),
+        # JSON integers are unbounded; beyond a float's range is bad input, not a 500
+        (report(timestamp=10**400), 400, "invalid"),
+        (report(waiting=10**400), 400, "invalid"),
+        (report(experts=[{"tokens": [10**400]}]), 400, "invalid"),
         (b"{" + b" " * 5000 + b"}", 413, "too_large"),
     ],
 )
@@ -221,3 +226,88 @@ async def test_the_simulated_replica_pushes(client: aiohttp.ClientSession) -> No
                 assert await eventually(lambda: a().reported_draining, 1 + SLACK)
                 state.apply_config({"drain": False})
                 assert await eventually(lambda: not a().reported_draining, 1 + SLACK)
+
+
+# --- the listener's own bounds: slow senders and too many connections ---------------
+
+
+@contextlib.asynccontextmanager
+async def bare_listener(
+    counted: list[str], **bounds: Any
+) -> AsyncIterator[tuple[int, list[LoadReport]]]:
+    """The push app alone, with short bounds; yields (port, accepted reports)."""
+    accepted: list[LoadReport] = []
+    app = create_push_app(
+        {token_key(TOKENS["a"]): "a"},
+        lambda owner, rep: accepted.append(rep),
+        counted.append,
+        max_bytes=4096,
+        max_experts=8,
+        max_layers=4,
+        body_timeout=bounds.pop("body_timeout", 0.3),
+    )
+    async with push_listener(app, "127.0.0.1:0", count_rejected=counted.append, **bounds) as port:
+        yield port, accepted
+
+
+async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """What the server sent before closing; fails if it is still open at ``timeout``."""
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+async def test_a_half_sent_head_is_closed_within_the_keepalive_timeout() -> None:
+    timeout = 0.3
+    async with bare_listener([], keepalive_timeout=timeout) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /load-report HTTP/1.1\r\nHost: x\r\n")  # never finished
+        await closed_within(reader, timeout + SLACK)
+        writer.close()
+
+
+async def test_a_slow_body_gets_408_within_the_body_timeout() -> None:
+    counted: list[str] = []
+    async with bare_listener(counted, body_timeout=0.3) as (port, accepted):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /load-report HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Authorization: Bearer " + TOKENS["a"].encode() + b"\r\n\r\n{"
+        )
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 0.3 + SLACK)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert counted == ["timeout"] and accepted == []
+
+
+async def test_connections_beyond_the_limit_are_closed_and_counted(
+    client: aiohttp.ClientSession,
+) -> None:
+    counted: list[str] = []
+    async with bare_listener(counted, max_connections=2) as (port, accepted):
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.05)  # both accepted
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_within(reader, SLACK) == b""
+        writer.close()
+        assert counted == ["too_many_connections"]
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.05)  # both gone: room again
+        url = f"http://127.0.0.1:{port}{PATH}"
+        assert (await post(client, url, report()))[0] == 204
+        assert len(accepted) == 1
+
+
+async def test_a_drain_nobody_renews_expires(client: aiohttp.ClientSession) -> None:
+    async with pushed_gateway() as (gw, url, _):
+        assert gw.telemetry is not None
+        lease = gw.telemetry.drain_lease_s = 0.3
+        assert (await post(client, url, report(state="draining")))[0] == 204
+        assert replica(gw, "a").reported_draining
+        await asyncio.sleep(lease / 2)
+        # renewed: the lease runs from this push on
+        assert (await post(client, url, report(state="draining", timestamp=1001.0)))[0] == 204
+        await asyncio.sleep(lease * 0.75)
+        assert replica(gw, "a").reported_draining
+        # the pusher died: back in rotation
+        assert await eventually(lambda: not replica(gw, "a").reported_draining, lease + SLACK)
+        assert replica(gw, "a").routable(0.0)

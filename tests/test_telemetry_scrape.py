@@ -11,7 +11,16 @@ from aiohttp import web
 
 from loadtest.replica.metrics import render_metrics
 from loadtest.replica.model import ModelLoad
-from router.telemetry.scrape import PRESETS, ScrapeError, custom_preset, detect, parse_metrics
+from router.telemetry.scrape import (
+    MAX_LABEL_LENGTH,
+    MAX_RANKS,
+    MAX_SERIES_LINES,
+    PRESETS,
+    ScrapeError,
+    custom_preset,
+    detect,
+    parse_metrics,
+)
 from tests.harness import base, eventually, gateway, gateway_config, replicas, serve_app
 
 DATA = Path(__file__).parent / "data"
@@ -41,16 +50,12 @@ def test_vllm_deprecated_kv_name_is_the_fallback() -> None:
     assert parse_metrics(both, None).kv_usage == 0.25  # the current name wins
 
 
-def test_sglang_ranks_and_eplb_heat_map_per_ep_rank() -> None:
+def test_sglang_ranks_and_the_eplb_heat_map_is_not_parsed() -> None:
     r = parse_metrics(text("sglang_metrics_eplb.txt"), None)
     assert (r.waiting, r.running, r.kv_usage) == (2.0, 38.0, pytest.approx(0.45))
     assert len(r.ranks) == 2
-    # cumulative le="0".."3" buckets back to per-GPU-rank counts, per layer
-    assert [(s.layer, s.tokens) for s in r.ep_ranks] == [
-        (0, (100.0, 150.0, 50.0, 100.0)),
-        (1, (90.0, 110.0, 90.0, 110.0)),
-    ]
-    assert r.experts == ()
+    # nothing consumes per-GPU-rank counts: not parsed, not handed on
+    assert (r.ep_ranks, r.experts) == ((), ())
 
 
 def test_trtllm_preset_and_its_path() -> None:
@@ -81,7 +86,32 @@ def test_expert_counters_per_layer_and_rank_and_bounded() -> None:
         'vllm:num_requests_waiting{engine="0"} 0',
     ]
     r = parse_metrics("\n".join(lines) + "\n", None, max_experts=8, max_layers=4)
-    assert [(s.layer, s.tokens) for s in r.experts] == [(0, (3.0, 0.0, 4.0)), (1, (8.0,))]
+    # one sample per (rank, layer): each rank's counters restart on their own
+    assert [(s.rank, s.layer, s.tokens) for s in r.experts] == [
+        ("0", 0, (1.0, 0.0, 4.0)),
+        ("0", 1, (8.0, 0.0, 0.0)),
+        ("1", 0, (2.0, 0.0, 0.0)),
+    ]
+
+
+def test_too_many_matching_lines_fail_the_scrape_before_parsing() -> None:
+    line = 'vllm:num_requests_waiting{engine="0",x="%d"} 1\n'
+    ok = "".join(line % i for i in range(MAX_SERIES_LINES))
+    assert parse_metrics(ok, None).waiting == MAX_SERIES_LINES
+    with pytest.raises(ScrapeError) as exc:
+        parse_metrics(ok + line % -1, None)
+    assert exc.value.reason == "too_many_series"
+
+
+def test_ranks_beyond_the_cap_are_summed_but_not_kept_apart() -> None:
+    long_rank = "r" * (MAX_LABEL_LENGTH + 1)
+    ranks = [str(i) for i in range(MAX_RANKS + 10)] + [long_rank]
+    body = "".join(f'vllm:num_requests_waiting{{engine="{k}"}} 1\n' for k in ranks)
+    r = parse_metrics(body, None)
+    assert r.waiting == len(ranks)  # every rank still counts in the queue
+    assert len(r.ranks) == MAX_RANKS
+    assert all(len(k.rank) <= MAX_LABEL_LENGTH for k in r.ranks)
+    assert r.ranks_dropped == 11
 
 
 def test_custom_names_and_bad_values() -> None:
@@ -195,3 +225,25 @@ async def test_stale_reports_stop_counting(client: aiohttp.ClientSession) -> Non
             assert load.queue_depth(at + 5.1) == 0.0  # stale: in-flight (0)
             assert gw.telemetry.stale(status, at + 5.1) is True
             assert base(gw)
+
+
+async def test_running_without_waiting_is_rejected_not_accepted(
+    client: aiohttp.ClientSession,
+) -> None:
+    async def half(request: web.Request) -> web.Response:
+        return web.Response(text="vllm:num_requests_running 3\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", half)
+    async with serve_app(app) as url:
+        async with gateway(gateway_config([url], telemetry=FAST)) as gw:
+            name = url.removeprefix("http://")
+
+            def rejected() -> float:
+                return gw.metrics.load_reports_rejected.labels("scrape", "no_waiting")._value.get()
+
+            assert await eventually(lambda: rejected() >= 2, 1 + SLACK)
+            accepted = gw.metrics.load_reports.labels(name, "scrape")._value.get()
+            status = gw.registry.get(name)
+            assert status is not None
+            assert (accepted, status.load.reported_at) == (0.0, None)

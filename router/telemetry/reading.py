@@ -45,7 +45,10 @@ class Reading:
     ranks: a sum of fractions means nothing). ``draining``: the replica's
     own state, None when the source does not say (scrapes, headers).
     ``experts``: per-expert counters (router/experts.py); ``ep_ranks``: the
-    same shape per GPU rank instead of per expert (SGLang's EPLB heat map).
+    same shape per GPU rank instead of per expert (no source fills it yet:
+    SGLang's EPLB heat map is not scraped, router/telemetry/scrape.py).
+    ``ranks_dropped``: DP ranks beyond the scrape's caps, counted in the
+    sums but not kept apart (router/telemetry/scrape.py).
     """
 
     waiting: float | None
@@ -56,6 +59,7 @@ class Reading:
     ranks: tuple[RankReading, ...] = ()
     experts: tuple[ExpertSample, ...] = ()
     ep_ranks: tuple[ExpertSample, ...] = ()
+    ranks_dropped: int = 0
 
 
 def record(
@@ -68,9 +72,10 @@ def record(
 ) -> bool:
     """Write ``reading`` on ``load`` as a report received at ``now``.
 
-    False (nothing written) when the reading has no queue figure at all.
-    A KV-only reading updates ``kv_usage`` alone: it says nothing of the
-    queue, so it must not refresh the queue's timestamp.
+    False (nothing written) when the reading has no queue figure at all, or
+    a running count without a waiting one (half a queue: the caller counts
+    it as rejected). A KV-only reading updates ``kv_usage`` alone: it says
+    nothing of the queue, so it must not refresh the queue's timestamp.
 
     A reading without ``running`` (vLLM's ORCA header carries only
     ``num_requests_waiting`` and KV usage) borrows the running count of the
@@ -80,7 +85,7 @@ def record(
     """
     waiting = reading.waiting
     if waiting is None:
-        if reading.kv_usage is None:
+        if reading.kv_usage is None or reading.running is not None:
             return False
         load.kv_usage = reading.kv_usage
         return True

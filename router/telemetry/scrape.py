@@ -23,11 +23,17 @@ last-series-wins read would see one rank of eight. The ranks are kept
 apart only as metrics.
 
 Expert counters: the simulated replica's ``dp_sim:expert_tokens`` and
-``dp_sim:expert_overflow`` (label ``expert``, optional ``layer``), summed
-over ranks, become :class:`~router.experts.ExpertSample` values. SGLang's
-``sglang:eplb_gpu_physical_count`` is a per-layer histogram whose buckets
-are GPU ranks (``le="r"``), not experts: it becomes per-layer samples
-indexed by EP rank, a separate signal (``Reading.ep_ranks``).
+``dp_sim:expert_overflow`` (label ``expert``, optional ``layer``) become
+:class:`~router.experts.ExpertSample` values, one per (DP rank, layer):
+each rank's counter restarts on its own, so deltas are taken per rank and
+summed after (router/experts.py). SGLang's ``sglang:eplb_gpu_physical_count``
+(a per-layer histogram of GPU ranks, not experts) is not read: nothing in
+the gateway consumes it.
+
+Bounded per scrape: at most ``MAX_SERIES_LINES`` sample lines reach the
+parser (else the scrape fails, ``too_many_series``), at most ``MAX_RANKS``
+DP ranks are kept apart, and a rank label longer than ``MAX_LABEL_LENGTH``
+is not kept apart (both still count in the sums, ``Reading.ranks_dropped``).
 
 Only the lines of the wanted families reach prometheus_client's parser
 (``text_string_to_metric_families``): a vLLM exposition is mostly
@@ -85,9 +91,22 @@ _DETECT = (("vllm", "vllm:"), ("sglang", "sglang:"), ("trtllm", "trtllm_"))
 
 EXPERT_TOKENS = "dp_sim:expert_tokens"
 EXPERT_OVERFLOW = "dp_sim:expert_overflow"
-EPLB_COUNT = "sglang:eplb_gpu_physical_count"
 # Labels that name a DP rank: vLLM's engine, SGLang's dp_rank.
 _RANK_LABELS = ("engine", "dp_rank")
+# prometheus_client's parser costs ~16 us a line (10,000 short lines: 0.16 s
+# on the 2-core test machine), the longest one replica's scrape may block
+# the event loop; 4 MiB of matching lines blocked it for 1.3 s. A vLLM
+# replica of 8 DP engines has a few dozen lines of the load gauges; the
+# simulated replica's expert counters are 2 x 256 lines (DeepSeek-V3's
+# routed experts, layers aggregated).
+MAX_SERIES_LINES = 10_000
+# DP ranks kept apart per replica (metrics label values): vLLM and SGLang
+# run at most a few dozen DP ranks per server; more is a broken exporter.
+MAX_RANKS = 64
+# A rank label is a small integer; a longer value is not kept as a label.
+MAX_LABEL_LENGTH = 32
+# The key under which ranks beyond the caps are summed (never a label).
+_OTHER_RANK = "\x00other"
 
 
 class ScrapeError(ValueError):
@@ -132,24 +151,29 @@ def parse_metrics(
         preset = detect(text)
         if preset is None:
             raise ScrapeError("no_load_metrics", "no vLLM, SGLang or TensorRT-LLM metrics")
-    wanted = (*preset.names(), EXPERT_TOKENS, EXPERT_OVERFLOW, EPLB_COUNT)
+    wanted = (*preset.names(), EXPERT_TOKENS, EXPERT_OVERFLOW)
     samples = _samples(_filter(text, wanted))
     per_name: dict[str, dict[str, list[float]]] = {}
-    experts: dict[str, dict[int | None, dict[int, float]]] = {
+    experts: dict[str, dict[tuple[str, int | None], dict[int, float]]] = {
         EXPERT_TOKENS: {},
         EXPERT_OVERFLOW: {},
     }
-    eplb: dict[int, dict[float, float]] = {}
+    kept: set[str] = set()
+    dropped: set[str] = set()
     for name, labels, value in samples:
         if not math.isfinite(value) or value < 0:
             continue
+        rank = next((labels[k] for k in _RANK_LABELS if k in labels), "")
+        if rank not in kept:
+            if len(rank) <= MAX_LABEL_LENGTH and len(kept) < MAX_RANKS:
+                kept.add(rank)
+            else:
+                dropped.add(rank)
+                rank = _OTHER_RANK
         base = name.removesuffix("_total")
         if base in experts:
-            _add_expert(experts[base], labels, value, max_experts, max_layers)
-        elif name == EPLB_COUNT + "_bucket":
-            _add_eplb(eplb, labels, value, max_layers)
+            _add_expert(experts[base], rank, labels, value, max_experts, max_layers)
         else:
-            rank = next((labels[k] for k in _RANK_LABELS if k in labels), "")
             per_name.setdefault(name, {}).setdefault(rank, []).append(value)
 
     def pick(names: tuple[str, ...]) -> dict[str, list[float]] | None:
@@ -159,7 +183,7 @@ def parse_metrics(
     if waiting is None and running is None:
         raise ScrapeError("no_load_metrics", f"no {preset.engine} waiting or running gauge")
     kv, prompt_tokens = pick(preset.kv_usage), pick(preset.waiting_prompt_tokens)
-    ranks = sorted({*(waiting or {}), *(running or {}), *(kv or {})})
+    ranks = sorted({*(waiting or {}), *(running or {}), *(kv or {})} - {_OTHER_RANK})
     return Reading(
         waiting=_total(waiting),
         running=_total(running),
@@ -179,7 +203,7 @@ def parse_metrics(
             else ()
         ),
         experts=_expert_samples(experts[EXPERT_TOKENS], experts[EXPERT_OVERFLOW]),
-        ep_ranks=_eplb_samples(eplb),
+        ranks_dropped=len(dropped),
     )
 
 
@@ -189,14 +213,23 @@ def parse_metrics(
 def _filter(text: str, names: Iterable[str]) -> str:
     """Only the sample lines of ``names`` (with or without ``_total`` /
     ``_bucket``); comments dropped, so every family reaches the parser
-    untyped and keeps its sample names as written."""
+    untyped and keeps its sample names as written. More than
+    ``MAX_SERIES_LINES`` fails the scrape: the parser's cost is per line."""
     prefixes = tuple(
         f"{name}{suffix}{sep}"
         for name in names
         for suffix in ("", "_total", "_bucket")
         for sep in ("{", " ")
     )
-    return "\n".join(line for line in text.splitlines() if line.startswith(prefixes)) + "\n"
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(prefixes):
+            if len(lines) == MAX_SERIES_LINES:
+                raise ScrapeError(
+                    "too_many_series", f"more than {MAX_SERIES_LINES} load or expert series"
+                )
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -211,7 +244,8 @@ def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def _add_expert(
-    acc: dict[int | None, dict[int, float]],
+    acc: dict[tuple[str, int | None], dict[int, float]],
+    rank: str,
     labels: Mapping[str, str],
     value: float,
     max_experts: int,
@@ -224,47 +258,31 @@ def _add_expert(
         return
     if not 0 <= expert < max_experts or (layer is not None and not 0 <= layer < max_layers):
         return
-    per_expert = acc.setdefault(layer, {})
-    per_expert[expert] = per_expert.get(expert, 0.0) + value  # ranks summed
-
-
-def _add_eplb(
-    acc: dict[int, dict[float, float]], labels: Mapping[str, str], value: float, max_layers: int
-) -> None:
-    try:
-        layer = int(labels["layer"])
-        le = float(labels["le"])
-    except (KeyError, ValueError):
-        return
-    if 0 <= layer < max_layers and math.isfinite(le):
-        acc.setdefault(layer, {})[le] = value
+    per_expert = acc.setdefault((rank, layer), {})
+    per_expert[expert] = per_expert.get(expert, 0.0) + value  # ranks beyond the caps summed
 
 
 def _expert_samples(
-    tokens: dict[int | None, dict[int, float]], overflow: dict[int | None, dict[int, float]]
+    tokens: dict[tuple[str, int | None], dict[int, float]],
+    overflow: dict[tuple[str, int | None], dict[int, float]],
 ) -> tuple[ExpertSample, ...]:
+    """One sample per (rank, layer), all as wide as the widest (a rank
+    that saw no token for the last expert has no series for it)."""
+    if not tokens:
+        return ()
+    n = max(max(per_expert) for per_expert in tokens.values()) + 1
     out = []
-    for layer in sorted(tokens, key=lambda lay: -1 if lay is None else lay):
-        per_expert = tokens[layer]
-        n = max(per_expert) + 1
-        over = overflow.get(layer)
+    for rank, layer in sorted(tokens, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
+        per_expert = tokens[rank, layer]
+        over = overflow.get((rank, layer))
         out.append(
             ExpertSample(
                 layer=layer,
                 tokens=tuple(per_expert.get(i, 0.0) for i in range(n)),
                 overflow=None if over is None else tuple(over.get(i, 0.0) for i in range(n)),
+                rank=rank,
             )
         )
-    return tuple(out)
-
-
-def _eplb_samples(buckets: dict[int, dict[float, float]]) -> tuple[ExpertSample, ...]:
-    """Cumulative ``le`` buckets (0, 1, ..., ep_size - 1) back to per-rank counts."""
-    out = []
-    for layer in sorted(buckets):
-        cumulative = [buckets[layer][le] for le in sorted(buckets[layer])]
-        per_rank = [b - a for a, b in zip([0.0, *cumulative], cumulative, strict=False)]
-        out.append(ExpertSample(layer=layer, tokens=tuple(max(0.0, c) for c in per_rank)))
     return tuple(out)
 
 

@@ -23,6 +23,10 @@ the replica's own "draining" is status, written with
 it and every worker hears of it with the next fleet snapshot. Expert
 counters go to the ``on_experts`` callback (``ExpertTelemetry.record``).
 
+A reported drain is a lease (``DRAIN_LEASE_S``): each push that says
+"draining" renews it, and one that nobody renews expires, so a replica
+whose pusher died returns to rotation (health checks still guard it).
+
 Scrape loops are jittered (+-10 % per interval, and a random first delay
 so a fleet is not scraped in lockstep), bounded (``scrape_timeout_s``,
 ``scrape_max_bytes``) and back off on failures (up to
@@ -67,6 +71,10 @@ MAX_BACKOFF_FACTOR = 8
 # starts a new order (refusing it would leave the replica stale for as long
 # as its clock went back).
 ORDER_WINDOW_S = 30.0
+# A reported drain lasts this long unless a push renews it: ten reports'
+# worth of max age, so a few lost pushes never end a drain, and a pusher
+# that died (its replica draining forever) is undone within a minute.
+DRAIN_LEASE_S = 10 * DEFAULT_REPORT_MAX_AGE_S
 _READ_CHUNK = 64 * 1024
 
 
@@ -140,6 +148,8 @@ class Telemetry:
         self._ranks: dict[str, tuple[RankReading, ...]] = {}
         self._push_order: dict[str, float] = {}
         self._listeners: list[ReportListener] = []
+        self._drain_leases: dict[str, asyncio.TimerHandle] = {}
+        self.drain_lease_s = DRAIN_LEASE_S
         self.push_port: int | None = None
 
     # --- what others read ---------------------------------------------------------
@@ -273,8 +283,13 @@ class Telemetry:
             del self._ranks[gone]
         for gone in [n for n in self._push_order if n not in snapshot.names]:
             del self._push_order[gone]
+        for gone in [n for n in self._drain_leases if n not in snapshot.names]:
+            self._drain_leases.pop(gone).cancel()
 
     async def stop(self) -> None:
+        for lease in self._drain_leases.values():
+            lease.cancel()
+        self._drain_leases.clear()
         tasks = [task for _, task in self._tasks.values()]
         self._tasks.clear()
         for task in tasks:
@@ -302,12 +317,23 @@ class Telemetry:
     def accept(self, status: ReplicaStatus, reading: Reading, source: Source, now: float) -> None:
         """Write ``reading`` (received at ``now``) on ``status``'s replica."""
         name = status.name
-        record(status.load, reading, now, source)
-        if reading.draining is not None and reading.draining != status.reported_draining:
-            self._registry.update(name, reported_draining=reading.draining)
+        if not record(status.load, reading, now, source):
+            # Half a queue (running without waiting), or nothing at all.
+            self._metrics.load_reports_rejected.labels(source.value, "no_waiting").inc()
+            return
+        if reading.ranks_dropped:
             log.warning(
-                "replica %s reports %s", name, "draining" if reading.draining else "ready again"
+                "replica %s reports %d DP ranks beyond the caps: summed, not kept apart",
+                name,
+                reading.ranks_dropped,
             )
+        if reading.draining is not None:
+            self._lease_drain(name, reading.draining)
+            if reading.draining != status.reported_draining:
+                self._registry.update(name, reported_draining=reading.draining)
+                log.warning(
+                    "replica %s reports %s", name, "draining" if reading.draining else "ready again"
+                )
         self._metrics.load_reports.labels(name, source.value).inc()
         for sink, samples in (
             (self._on_experts, reading.experts),
@@ -321,6 +347,27 @@ class Telemetry:
                     log.exception("expert counters of %s were not recorded", name)
         for listener in self._listeners:
             listener(name)
+
+    def _lease_drain(self, name: str, draining: bool) -> None:
+        """Renew ``name``'s drain lease (``draining``) or end it."""
+        old = self._drain_leases.pop(name, None)
+        if old is not None:
+            old.cancel()
+        if draining:
+            self._drain_leases[name] = asyncio.get_running_loop().call_later(
+                self.drain_lease_s, self._drain_expired, name
+            )
+
+    def _drain_expired(self, name: str) -> None:
+        self._drain_leases.pop(name, None)
+        status = self._registry.get(name)
+        if status is not None and status.reported_draining:
+            self._registry.update(name, reported_draining=False)
+            log.warning(
+                "replica %s: no push renewed its drain for %.0f s; back in rotation",
+                name,
+                self.drain_lease_s,
+            )
 
 
 @contextlib.asynccontextmanager
@@ -378,7 +425,9 @@ async def load_telemetry(
                 max_experts=t.push_max_experts,
                 max_layers=t.push_max_layers,
             )
-            telemetry.push_port = await stack.enter_async_context(push_listener(app, t.push_listen))
+            telemetry.push_port = await stack.enter_async_context(
+                push_listener(app, t.push_listen, count_rejected=push_rejected)
+            )
 
         def on_change(new: FleetSnapshot, old: FleetSnapshot) -> None:
             telemetry.sync(new)
