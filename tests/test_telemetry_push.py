@@ -284,29 +284,38 @@ async def test_connections_beyond_the_limit_are_closed_and_counted(
     counted: list[str] = []
     async with bare_listener(counted, max_connections=2) as (port, accepted):
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
-        await asyncio.sleep(0.05)  # both accepted
+        for r, w in held:  # an answer on each: both accepted, kept alive
+            w.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await r.readuntil(b"\r\n")).startswith(b"HTTP/1.1 404")
+        counted.clear()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await closed_within(reader, SLACK) == b""
         writer.close()
         assert counted == ["too_many_connections"]
+        counted.clear()
         for _, writer in held:
             writer.close()
-        await asyncio.sleep(0.05)  # both gone: room again
         url = f"http://127.0.0.1:{port}{PATH}"
-        assert (await post(client, url, report()))[0] == 204
+
+        async def room_again() -> bool:  # once the server has seen both close
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                return (await post(client, url, report()))[0] == 204
+            return False
+
+        assert await eventually(room_again, SLACK)
         assert len(accepted) == 1
 
 
 async def test_a_drain_nobody_renews_expires(client: aiohttp.ClientSession) -> None:
     async with pushed_gateway() as (gw, url, _):
         assert gw.telemetry is not None
-        lease = gw.telemetry.drain_lease_s = 0.3
+        lease = gw.telemetry.drain_lease_s = 0.6
         assert (await post(client, url, report(state="draining")))[0] == 204
         assert replica(gw, "a").reported_draining
-        await asyncio.sleep(lease / 2)
+        await asyncio.sleep(lease * 2 / 3)
         # renewed: the lease runs from this push on
         assert (await post(client, url, report(state="draining", timestamp=1001.0)))[0] == 204
-        await asyncio.sleep(lease * 0.75)
+        await asyncio.sleep(lease * 2 / 3)  # past the first lease's end
         assert replica(gw, "a").reported_draining
         # the pusher died: back in rotation
         assert await eventually(lambda: not replica(gw, "a").reported_draining, lease + SLACK)
