@@ -209,7 +209,9 @@ class TelemetryConfig:
     scrape_timeout_s: float = 0.5
     # vLLM's /metrics with per-engine histograms is ~100-300 KB; far beyond
     # that is a confused endpoint, not metrics.
-    scrape_max_bytes: int = 4 * 1024 * 1024
+    # 2.4x an 8-engine vLLM exposition (~441 KB): room to grow, while a
+    # runaway /metrics is cut before it costs the loop a parse.
+    scrape_max_bytes: int = 1024 * 1024
     # engine = "custom": the replica's names for waiting, running, kv_usage
     # (and waiting_prompt_tokens), e.g. { waiting = "my:queue", ... }.
     metric_names: Mapping[str, str] = field(default_factory=dict)

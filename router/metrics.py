@@ -545,10 +545,11 @@ class Metrics:
         self.load_reports_rejected = Counter(
             f"{PREFIX}_load_reports_rejected_total",
             "Load reports refused or failed, by source and reason (scrape: timeout, "
-            "connect_error, http_error, http_status, too_large, parse_error, "
-            "no_load_metrics; push: "
+            "connect_error, http_error, http_status, too_large, too_many_series, parse_error, "
+            "no_load_metrics, no_waiting; push: "
             "unauthorized, wrong_replica, unknown_replica, push_disabled, too_large, bad_json, "
-            "invalid, out_of_order, method_not_allowed, not_found).",
+            "invalid, no_waiting, out_of_order, method_not_allowed, not_found, timeout, "
+            "too_many_connections).",
             ["source", "reason"],
             registry=r,
         )
