@@ -46,7 +46,6 @@ import dataclasses
 import itertools
 import math
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -60,7 +59,7 @@ import aiohttp
 
 from loadtest import procs
 from loadtest.engine.engine import DEFAULT_REPLICA_PRESET, EngineConfig
-from loadtest.loadgen import LoadConfig, conversations, run_load, run_with_uvloop
+from loadtest.loadgen import LoadConfig, conversations, run_load
 from loadtest.procs import HOST, StartError
 from loadtest.replica.config import SimReplicaConfig
 from loadtest.report import RunResult, comparison_table, write_plots, write_results
@@ -669,24 +668,9 @@ def main(argv: list[str]) -> int:
         "sticky sessions on (each conversation sends X-Session-ID)"
     )
 
-    async def guarded() -> list[RunOutput]:
-        task = asyncio.current_task()
-        assert task is not None
-        # SIGTERM like Ctrl-C: cancel, so every `finally` stops its children.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run_demo(opts)
-
-    try:
-        outputs = run_with_uvloop(guarded())
-    except KeyboardInterrupt:
-        _say("interrupted; all processes stopped")
-        return 130
-    except asyncio.CancelledError:
-        _say("terminated; all processes stopped")
-        return 143
-    except StartError as exc:
-        print(f"dp-router demo: {exc}", file=sys.stderr)
-        return 1
+    outputs = procs.run_tool("dp-router demo", lambda: run_demo(opts))
+    if isinstance(outputs, int):
+        return outputs
     results = [o.result for o in outputs]
     print()
     print(comparison_table(results))

@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
 import statistics
 import subprocess
 import sys
@@ -62,7 +61,7 @@ import aiohttp
 
 from loadtest import procs
 from loadtest.engine.engine import DEFAULT_REPLICA_PRESET
-from loadtest.loadgen import LoadConfig, conversations, run_load, run_with_uvloop
+from loadtest.loadgen import LoadConfig, conversations, run_load
 from loadtest.procs import HOST, Child, StartError
 from loadtest.report import RunResult
 from loadtest.workloads import Conversation
@@ -624,24 +623,9 @@ def main(argv: list[str]) -> int:
         f"{opts.runs} run(s) of {', '.join(t.name for t in targets)}"
     )
 
-    async def guarded() -> list[TargetRuns]:
-        task = asyncio.current_task()
-        assert task is not None
-        # SIGTERM like Ctrl-C: cancel, so every `finally` stops its children.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await compare(opts)
-
-    try:
-        results = run_with_uvloop(guarded())
-    except KeyboardInterrupt:
-        _say("interrupted; all processes stopped")
-        return 130
-    except asyncio.CancelledError:
-        _say("terminated; all processes stopped")
-        return 143
-    except StartError as exc:
-        print(f"dp-router compare-live: {exc}", file=sys.stderr)
-        return 1
+    results = procs.run_tool("dp-router compare-live", lambda: compare(opts))
+    if isinstance(results, int):
+        return results
     data = json.dumps(to_json(opts, results, skipped), indent=1)
     if args.out:
         args.out.write_text(data + "\n")

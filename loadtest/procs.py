@@ -30,11 +30,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import uvloop
+
+T = TypeVar("T")
 
 HOST = "127.0.0.1"
 # Cold Python imports on a busy 2-core machine take seconds; a child that is
@@ -300,3 +303,32 @@ def gateway_toml(
     for replica in replicas:
         lines += ["", "[[replicas]]", *(f"{k} = {_toml_value(v)}" for k, v in replica.items())]
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def run_tool(prog: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T | int:
+    """Run a tool that starts processes (the demo, compare-live) on uvloop.
+
+    SIGTERM cancels the run like Ctrl-C does, so every ``finally`` stops the
+    children it started. Returns ``main``'s result, or the exit code to end
+    with: 130 interrupted, 143 terminated, 1 a process that would not start
+    (its reason printed).
+    """
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main()
+
+    say = f"[{prog.removeprefix('dp-router ')}]"
+    try:
+        return uvloop.run(guarded())
+    except KeyboardInterrupt:
+        print(f"{say} interrupted; all processes stopped", file=sys.stderr, flush=True)
+        return 130
+    except asyncio.CancelledError:
+        print(f"{say} terminated; all processes stopped", file=sys.stderr, flush=True)
+        return 143
+    except StartError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
