@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import random
 import statistics
 import sys
 import tempfile
@@ -502,28 +501,17 @@ def engine_capacity(cfg: EngineConfig, sample: list[Conversation], seed: int) ->
     round-robin); the rate between the 10th and 90th percent of completions,
     which leaves out the ramp-up and the last stragglers.
     """
-    from loadtest.engine import Engine, EngineRequest
+    from loadtest.engine import saturated_throughput
 
-    eng = Engine(cfg, random.Random(seed))
-    k = 0
-    for conv in sample:
-        for turn in conv.turns:
-            if eng.refusal(turn.prompt_tokens, turn.output_tokens) is None:
-                req = EngineRequest(
-                    f"c{k}", turn.prompt_tokens, turn.output_tokens, (), conv.domain
-                )
-                eng.add_request(req, 0.0)
-                k += 1
-    if k == 0:
+    turns = (
+        (turn.prompt_tokens, turn.output_tokens, conv.domain)
+        for conv in sample
+        for turn in conv.turns
+    )
+    rate = saturated_throughput(cfg, turns, seed)
+    if rate is None:
         raise StartError(f"no request of the workload fits in a {cfg.name} engine")
-    now = 0.0
-    done: list[float] = []
-    while eng.has_work():
-        res = eng.step(now)
-        now += res.duration_s
-        done.extend(now for _ in res.finished)
-    lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
-    return (hi - lo) / (done[hi - 1] - done[lo]) if hi - 1 > lo else len(done) / now
+    return rate
 
 
 def auto_rate(

@@ -18,6 +18,7 @@ from loadtest.engine.engine import (
     RequestRefused,
     StepResult,
     preset,
+    saturated_throughput,
 )
 from loadtest.engine.moe import MoEConfig
 
@@ -31,4 +32,5 @@ __all__ = [
     "RequestRefused",
     "StepResult",
     "preset",
+    "saturated_throughput",
 ]

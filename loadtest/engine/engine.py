@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -706,3 +707,31 @@ class Engine:
         self._free(seq)
         seq.computed = 0
         self._waiting.appendleft(seq)
+
+
+def saturated_throughput(
+    cfg: EngineConfig, turns: Iterable[tuple[int, int, str | None]], seed: int
+) -> float | None:
+    """Requests per second one engine sustains on ``turns`` (prompt tokens,
+    output tokens, MoE domain), all queued at once and run offline to the
+    end, nothing cached: the rate between the 10th and 90th percent of
+    completions, which leaves out the ramp-up and the last stragglers.
+    Turns the engine would refuse (larger than its KV cache) are left out,
+    as a run leaves them out; None when none fits.
+    """
+    eng = Engine(cfg, random.Random(seed))
+    k = 0
+    for prompt, output, domain in turns:
+        if eng.refusal(prompt, output) is None:
+            eng.add_request(EngineRequest(f"c{k}", prompt, output, (), domain), 0.0)
+            k += 1
+    if k == 0:
+        return None
+    now = 0.0
+    done: list[float] = []
+    while eng.has_work():
+        res = eng.step(now)
+        now += res.duration_s
+        done.extend(now for _ in res.finished)
+    lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
+    return (hi - lo) / (done[hi - 1] - done[lo]) if hi - 1 > lo else len(done) / now

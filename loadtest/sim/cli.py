@@ -183,32 +183,21 @@ def engine_capacity(
     its mean), all queued at once, without prefix hashes; requests the
     engine would refuse (larger than its KV cache) are left out, as in the run.
     """
-    import random
-
-    from loadtest.engine import Engine, EngineRequest
     from loadtest.engine import preset as make_preset
+    from loadtest.engine import saturated_throughput
 
-    cfg = make_preset(preset, **overrides)
-    eng = Engine(cfg, random.Random(seed))
-    k = 0
     total = min(requests, MAX_SAMPLE_REQUESTS)
     stride = max(1, total // CALIBRATION_REQUESTS)
     convs = open_workload(workload, seed=seed, requests=total, rate=1.0, arrivals="poisson")
-    for arr in itertools.islice(convs, 0, None, stride):
-        for t in arr.turns:
-            if eng.refusal(t.prompt_tokens, t.output_tokens) is None:
-                eng.add_request(EngineRequest(f"c{k}", t.prompt_tokens, t.output_tokens), 0.0)
-                k += 1
-    if k == 0:
+    turns = (
+        (t.prompt_tokens, t.output_tokens, None)
+        for arr in itertools.islice(convs, 0, None, stride)
+        for t in arr.turns
+    )
+    rate = saturated_throughput(make_preset(preset, **overrides), turns, seed)
+    if rate is None:
         raise ValueError(f"no request of {workload!r} fits in a {preset!r} engine's KV cache")
-    now = 0.0
-    done: list[float] = []
-    while eng.has_work():
-        res = eng.step(now)
-        now += res.duration_s
-        done.extend(now for _ in res.finished)
-    lo, hi = int(0.1 * len(done)), int(0.9 * len(done))
-    return (hi - lo) / (done[hi - 1] - done[lo]) if hi - 1 > lo else len(done) / now
+    return rate
 
 
 def engine_gpus(args: argparse.Namespace) -> int:
