@@ -569,18 +569,15 @@ class Proxy:
         key = session.key
         chosen = routed.replica.name
         old = session.pin
-        if routed.repin is None and not hashed and (session.stored or session.fallback):
-            placement = Placement.FALLBACK if session.fallback else Placement.HIT
-            record.session = placement.value
-            self.metrics.session_requests.inc((placement.value,))
+        repin = routed.repin
+        if repin is None and not hashed and (session.stored or session.fallback):
+            self._placed(record, Placement.FALLBACK if session.fallback else Placement.HIT)
             return routed
-        if routed.repin is Repin.FAILED:
+        if repin is Repin.FAILED:
             # A retry moves this attempt only (Envoy's retries keep the hash):
             # one reset must not throw the session's cache away. The pin
             # moves once its replica is unhealthy, ejected or drained.
-            record.session = f"{Placement.REPINNED.value}:{Repin.FAILED.value}"
-            self.metrics.session_repins.inc((Repin.FAILED.value,))
-            self.metrics.session_requests.inc((Placement.REPINNED.value,))
+            self._placed(record, Placement.REPINNED, Repin.FAILED)
             return routed
         if session.fallback:
             # The store is unavailable, so gateways cannot agree on a move:
@@ -589,7 +586,6 @@ class Proxy:
             # spills, the session does not move); a pin that broke for
             # another reason is forgotten, so the next turn goes to the
             # rendezvous hash over the replicas left, on every gateway.
-            repin = routed.repin
             if repin is None:
                 sessions.local.put(key, chosen)
             elif not hashed and repin is not Repin.OVERLOADED:
@@ -597,16 +593,8 @@ class Proxy:
             if repin is not None and not hashed:
                 self.metrics.session_repins.inc((repin.value,))
             session.pin = chosen
-            record.session = Placement.FALLBACK.value
-            self.metrics.session_requests.inc((Placement.FALLBACK.value,))
+            self._placed(record, Placement.FALLBACK)
             return routed
-        if old is None:  # the policy's or the hash's first placement
-            placement_value = Placement.NEW.value
-        elif routed.repin is None:
-            placement_value = Placement.HIT.value  # a local pin the store had lost
-        else:
-            placement_value = f"{Placement.REPINNED.value}:{routed.repin.value}"
-            self.metrics.session_repins.inc((routed.repin.value,))
         if session.stored:
             assert old is not None
             stored = await sessions.repin(key, old, chosen)
@@ -621,8 +609,9 @@ class Proxy:
             # attempt).
             session.fallback = True
             session.pin = chosen
-            record.session = Placement.FALLBACK.value
-            self.metrics.session_requests.inc((Placement.FALLBACK.value,))
+            if old is not None and repin is not None:
+                self.metrics.session_repins.inc((repin.value,))
+            self._placed(record, Placement.FALLBACK)
             return routed
         session.pin = stored
         session.stored = True
@@ -637,9 +626,23 @@ class Proxy:
                 # The winner's replica cannot take this request from where we
                 # stand; go with our choice and leave the stored pin alone.
                 session.pin = chosen
-        record.session = placement_value
-        self.metrics.session_requests.inc((placement_value.partition(":")[0],))
+        if old is None:  # the policy's or the hash's first placement
+            self._placed(record, Placement.NEW)
+        elif repin is None:
+            self._placed(record, Placement.HIT)  # a local pin the store had lost
+        else:
+            self._placed(record, Placement.REPINNED, repin)
         return routed
+
+    def _placed(self, record: Record, placement: Placement, repin: Repin | None = None) -> None:
+        """What sticky routing did with this request: the X-Dp-Session value
+        (``repinned:<reason>``), and its count."""
+        self.metrics.session_requests.inc((placement.value,))
+        if repin is None:
+            record.session = placement.value
+        else:
+            record.session = f"{placement.value}:{repin.value}"
+            self.metrics.session_repins.inc((repin.value,))
 
     def _may_retry(self, failure: AttemptFailed, attempts: int) -> bool:
         """Retry only what has not started, up to max_retries, within the budget."""
