@@ -83,6 +83,10 @@ _REJECTION_KINDS = {
     "shutting_down": ErrorKind.SHUTTING_DOWN,
 }
 _INFO_ROUTES = {"/v1/models", "/healthz", "/readyz"}
+# Plain strings for the per-request hot path: an enum member's ``.value`` is a
+# Python-level property call each time.
+_OK = Outcome.OK.value
+_CLIENT_DISCONNECT = Outcome.CLIENT_DISCONNECT.value
 
 
 class Failure(StrEnum):
@@ -332,7 +336,7 @@ class Proxy:
         except GatewayError as exc:
             self._fail(exchange, record, exc.kind, exc.message, exc.retry_after_s, exc.status)
         except asyncio.CancelledError:
-            record.end(499, Outcome.CLIENT_DISCONNECT.value)  # nginx's "client closed request"
+            record.end(499, _CLIENT_DISCONNECT)  # nginx's "client closed request"
             raise
         except Exception:
             # A bug, not a client or replica problem: logged once with its
@@ -341,7 +345,7 @@ class Proxy:
             self._fail(exchange, record, ErrorKind.INTERNAL, "internal gateway error")
         finally:
             if exchange.started:
-                record.end(exchange.status, Outcome.OK.value)
+                record.end(exchange.status, _OK)
             self._finish(record, t0, time.perf_counter(), request)
             if record.trace is not None:
                 record.trace.end(record)
@@ -1089,7 +1093,7 @@ class Proxy:
         m.observe_duration(model, t1 - t0)
         if record.ttfb is not None:
             m.observe_ttfb(model, record.ttfb)
-        if record.outcome != Outcome.OK.value:
+        if record.outcome != _OK:
             m.errors.labels(record.outcome).inc()
         self.access.write(
             record.request_id,

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from collections.abc import Callable
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router import request_info
 from router.errors import GatewayError
 from router.request_info import ENDPOINTS, parse_body, summarize, summarize_form
 
@@ -128,3 +134,28 @@ def test_multipart_without_a_usable_model_is_400(body: bytes, ctype: str) -> Non
     with pytest.raises(GatewayError) as info:
         summarize_form(body, ctype)
     assert info.value.status == 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
+            lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+            max_leaves=8,
+        ).map(lambda v: json.dumps({"v": v}).encode()),
+        st.binary(max_size=40).map(lambda b: b"{" + b),
+    ),
+    st.sampled_from([b"", b" ", b"\n\t ", b"x", b"{}", b"\x00"]),
+)
+def test_fast_json_path_agrees_with_json_loads(body: bytes, tail: bytes) -> None:
+    """The scanner fast path accepts and refuses exactly what json.loads does."""
+    body += tail
+
+    def outcome(parse: Callable[[bytes], object]) -> object:
+        try:
+            return ("ok", repr(parse(body)))
+        except (ValueError, RecursionError) as exc:
+            return (type(exc).__name__, str(exc))
+
+    assert outcome(request_info._loads_object) == outcome(json.loads)
