@@ -960,13 +960,8 @@ class Proxy:
             content_length=None,
         )
         sse = (upstream.get(b"content-type") or b"").startswith(b"text/event-stream")
-        events = 0
-
-        def count(chunk: bytes) -> None:
-            nonlocal events
-            events += chunk.count(_SSE_EVENT)
-
-        result = await upstream.relay(exchange, idle_timeout_s=self._idle_timeout, on_chunk=count)
+        result = await upstream.relay(exchange, idle_timeout_s=self._idle_timeout, count=_SSE_EVENT)
+        events = upstream.counted
         record.bytes_out = exchange.bytes_sent
         if result is RelayResult.COMPLETE:
             outcome = Outcome.OK
