@@ -25,7 +25,7 @@ def _bad(message: str) -> GatewayError:
 # json.loads on bytes is four Python-level calls (encoding detection, decode,
 # raw_decode) around one C scanner; a UTF-8 body that starts with "{" (every
 # API client's) goes straight to the scanner, with json.loads's own checks.
-_scan_once = json.JSONDecoder().scan_once
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _TRAILING_WS = re.compile(r"[ \t\n\r]*")
 
 
