@@ -98,6 +98,17 @@ def render_fields(headers: Headers, drop: frozenset[bytes], what: str) -> bytes:
     return block
 
 
+class _Scan:
+    """The default of ``connection=``: find the Connection fields by scanning."""
+
+
+_SCAN = _Scan()
+# (drop set, Connection values) -> drop set with the names they list. A fleet
+# sends a handful of distinct values ("keep-alive", "close"); bounded anyway.
+_HOP_DROPS: dict[tuple[frozenset[bytes], tuple[bytes, ...]], frozenset[bytes]] = {}
+_HOP_DROPS_MAX = 256
+
+
 def connection_tokens(headers: Headers) -> set[bytes]:
     """Header names listed in ``Connection`` (lower case): hop-by-hop too."""
     names: set[bytes] = set()
@@ -153,12 +164,19 @@ def upstream_request_block(
     forwarded_proto: bytes,
     api_key: str,
     extra: Header | None = None,
+    connection: list[bytes] | _Scan | None = _SCAN,
 ) -> bytes:
     """:func:`upstream_request_headers`, rendered (``render_fields``) in one
     pass: the data path's form, with no list of pairs built and filtered
     twice. ``client_headers`` names are lower case (as the server parses
-    them)."""
-    drop = _drop_set(client_headers, _REQUEST_AUTH_DROP if api_key else _REQUEST_DROP)
+    them). ``connection``: the request's Connection field values, if the
+    parser collected them (else the fields are scanned for them)."""
+    base = _REQUEST_AUTH_DROP if api_key else _REQUEST_DROP
+    drop = (
+        _drop_set(client_headers, base)
+        if isinstance(connection, _Scan)
+        else hop_drop(base, connection)
+    )
     lines = [b": ".join(field) for field in client_headers if field[0] not in drop]
     if api_key:
         lines.append(b"authorization: Bearer " + api_key.encode("latin-1"))
@@ -176,11 +194,16 @@ def client_response_block(
     request_id: str,
     replica: bytes | None,
     session: str | None = None,
+    connection: list[bytes] | _Scan | None = _SCAN,
 ) -> bytes:
     """:func:`client_response_headers`, rendered in one pass (see
     :func:`upstream_request_block`); names lower case, as the upstream pool
-    parses them."""
-    drop = _drop_set(upstream_headers, _RESPONSE_DROP)
+    parses them. ``connection`` as in :func:`upstream_request_block`."""
+    drop = (
+        _drop_set(upstream_headers, _RESPONSE_DROP)
+        if isinstance(connection, _Scan)
+        else hop_drop(_RESPONSE_DROP, connection)
+    )
     lines = [b": ".join(field) for field in upstream_headers if field[0] not in drop]
     lines.append(_REQUEST_ID_FIELD + request_id.encode("ascii"))
     if replica is not None:
@@ -188,6 +211,21 @@ def client_response_block(
         if session is not None:
             lines.append(_SESSION_FIELD + session.encode("ascii"))
     return _checked(lines, "response")
+
+
+def hop_drop(drop: frozenset[bytes], connection: list[bytes] | None) -> frozenset[bytes]:
+    """``drop`` plus the names listed by these Connection field values: the
+    parsers collect the values while reading, so rendering a block does not
+    scan every field for them, and the union is made once per distinct value."""
+    if not connection:
+        return drop
+    key = (drop, tuple(connection))
+    hit = _HOP_DROPS.get(key)
+    if hit is None:
+        hit = drop | connection_tokens([(b"connection", value) for value in connection])
+        if len(_HOP_DROPS) < _HOP_DROPS_MAX:
+            _HOP_DROPS[key] = hit
+    return hit
 
 
 def _drop_set(headers: Headers, drop: frozenset[bytes]) -> frozenset[bytes]:

@@ -95,6 +95,10 @@ _LINGER_S = 2.0
 # RFC 9110 §9.1 answers the ones a server does not implement with 501.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Request fields the server reads as well as passes on.
+_NOTED_FIELDS = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"connection", b"expect"}
+)
 # Header fields the server writes itself, dropped from a handler's list.
 _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -164,7 +168,17 @@ class Request:
     ``headers`` keep the client's order and repeats, names lower-cased.
     """
 
-    __slots__ = ("body", "headers", "http_version", "keep_alive", "method", "path", "peer")
+    __slots__ = (
+        "body",
+        "connection",
+        "get",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "method",
+        "path",
+        "peer",
+    )
 
     def __init__(
         self,
@@ -175,21 +189,23 @@ class Request:
         peer: str,
         keep_alive: bool,
         http_version: str,
+        connection: list[bytes] | None = None,
     ) -> None:
+        """``connection``: the Connection field values, collected while parsing
+        (router.headers.hop_drop); None when there is none."""
         self.method = method
+        self.connection = connection
         self.path = path
         self.headers = headers
         self.body = body
         self.peer = peer
         self.keep_alive = keep_alive
         self.http_version = http_version
-
-    def get(self, name: bytes) -> bytes | None:
-        """The first value of header ``name`` (lower case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        # ``get(name)``: the first value of header ``name`` (lower case), or
+        # None. A dict's own get, built in C (reversed, so the first of
+        # repeated fields wins): the proxy looks up four fields per request,
+        # and a Python loop over the list per lookup cost more than the build.
+        self.get: Callable[[bytes], bytes | None] = dict(reversed(headers)).get
 
     def get_all(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.headers if key == name]
@@ -451,6 +467,8 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._loop = server.loop
         self._limits = limits = server.limits
+        self._max_headers = limits.max_headers
+        self._max_line = limits.max_line_bytes
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -483,6 +501,7 @@ class _Connection(asyncio.Protocol):
         self._content_length: int | None = None
         self._chunked = False
         self._expect: bytes | None = None
+        self._connection: list[bytes] | None = None
         self._request: Request | None = None
         self._body: list[bytes] = []
         self._body_len = 0
@@ -604,6 +623,7 @@ class _Connection(asyncio.Protocol):
         self._content_length = None
         self._chunked = False
         self._expect = None
+        self._connection = None
         self._request = None
         self._body = []
         self._body_len = 0
@@ -617,8 +637,23 @@ class _Connection(asyncio.Protocol):
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self._limits
+        # Called for every field: the usual one costs a few lines; limits,
+        # trailers and the fields the server reads go the long way.
         self._nfields += 1
+        if (
+            self._nfields > self._max_headers
+            or len(name) + len(value) > self._max_line
+            or self._phase == _BODY
+        ):
+            self._unusual_field(name, value)
+            return
+        name = name.lower()
+        if name in _NOTED_FIELDS:
+            self._noted_field(name, value)
+        self._headers.append((name, value))
+
+    def _unusual_field(self, name: bytes, value: bytes) -> None:
+        limits = self._limits
         if self._nfields > limits.max_headers:
             raise _Reject(
                 ErrorKind.HEADERS_TOO_LARGE, f"more than {limits.max_headers} header fields"
@@ -628,11 +663,18 @@ class _Connection(asyncio.Protocol):
                 ErrorKind.HEADERS_TOO_LARGE,
                 f"a header field exceeds {limits.max_line_bytes} bytes",
             )
-        if self._phase == _BODY:
-            return  # a trailer field: counted, then discarded (RFC 9110 §6.5.1)
-        name = name.lower()
-        if name == b"content-length":
+        # Otherwise a trailer field: counted, then discarded (RFC 9110 §6.5.1).
+
+    def _noted_field(self, name: bytes, value: bytes) -> None:
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"content-length":
             self._content_length = int(value)  # llhttp checked: digits, once
+        elif name == b"connection":
+            if self._connection is None:
+                self._connection = [value]
+            else:
+                self._connection.append(value)
         elif name == b"transfer-encoding":
             coding = value.strip(b" \t").lower()
             if coding != b"chunked":
@@ -646,11 +688,8 @@ class _Connection(asyncio.Protocol):
                     ErrorKind.NOT_IMPLEMENTED, "only chunked transfer coding is supported"
                 )
             self._chunked = True
-        elif name == b"host":
-            self._hosts += 1
-        elif name == b"expect":
+        else:  # expect
             self._expect = value
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -700,6 +739,7 @@ class _Connection(asyncio.Protocol):
             self._peer,
             parser.should_keep_alive() and not upgrade,
             version,
+            self._connection,
         )
         self._phase = _BODY
         if self._exchange is None:

@@ -782,6 +782,7 @@ class Proxy:
                 forwarded_proto=b"http",
                 api_key=replica.api_key,
                 extra=target.load_header,
+                connection=request.connection,
             )
         else:
             headers = trace.headers(  # this attempt's traceparent
@@ -913,6 +914,7 @@ class Proxy:
     ) -> bytes:
         return hdr.client_response_block(
             upstream.headers,
+            connection=upstream.connection,
             request_id=record.request_id,
             replica=replica.name.encode() if self._replica_header else None,
             session=record.session,

@@ -74,6 +74,10 @@ _BUFFER_HIGH = 64 * 1024
 _OWN_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 )
+_NO_FIELDS: dict[bytes, bytes] = {}
+# Response fields read as well as relayed: the framing, and Connection (the
+# hop-by-hop names it lists are not relayed).
+_NOTED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 # Methods whose requests carry no body unless one is given.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
@@ -144,6 +148,8 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self._max_headers = pool.limits.max_headers
+        self._max_line = pool.limits.max_line_bytes
         # One timer per socket for every deadline of its responses (the wait
         # for a head or body, the relay's silence and stall), re-armed only
         # when it fires or a deadline comes earlier than it: a timer made
@@ -253,31 +259,53 @@ class _Connection(asyncio.Protocol):
         if r._complete:
             raise _Trailing
         r.headers = []
+        r.connection = None
         r._nfields = 0
         r.content_length = None
         r._chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        r = self.response
-        assert r is not None
-        limits = r._limits
+        # Called for every field of every response: the usual field costs a
+        # few lines; limits, trailers and framing fields go the long way.
+        r: UpstreamResponse = self.response  # type: ignore[assignment]
         r._nfields += 1
+        if (
+            r._nfields > self._max_headers
+            or len(name) + len(value) > self._max_line
+            or r._head_done
+        ):
+            self._unusual_field(r, name, value)
+            return
+        name = name.lower()
+        if name in _NOTED_FIELDS:
+            self._noted_field(r, name, value)
+        r.headers.append((name, value))
+
+    @staticmethod
+    def _unusual_field(r: UpstreamResponse, name: bytes, value: bytes) -> None:
+        limits = r._limits
         if r._nfields > limits.max_headers:
             raise BadResponse(f"more than {limits.max_headers} response header fields")
         if len(name) + len(value) > limits.max_line_bytes:
             raise BadResponse(f"a response header field exceeds {limits.max_line_bytes} bytes")
-        if r._head_done:
-            return  # a trailer field: dropped (RFC 9110 §6.5.1)
-        name = name.lower()
+        # Otherwise a trailer field: dropped (RFC 9110 §6.5.1).
+
+    @staticmethod
+    def _noted_field(r: UpstreamResponse, name: bytes, value: bytes) -> None:
+        if name == b"connection":
+            if r.connection is None:
+                r.connection = [value]
+            else:
+                r.connection.append(value)
+            return
         if name == b"content-length":
             r.content_length = int(value)  # llhttp checked: digits, once
-        elif name == b"transfer-encoding":
-            # llhttp would read "gzip" as close-delimited and hand us coded
-            # bytes; we decode no transfer coding, so we cannot relay them.
-            if value.strip(b" \t").lower() != b"chunked":
-                raise BadResponse("unsupported transfer coding in the response")
-            r._chunked = True
-        r.headers.append((name, value))
+            return
+        # llhttp would read "gzip" as close-delimited and hand us coded
+        # bytes; we decode no transfer coding, so we cannot relay them.
+        if value.strip(b" \t").lower() != b"chunked":
+            raise BadResponse("unsupported transfer coding in the response")
+        r._chunked = True
 
     def on_headers_complete(self) -> None:
         r = self.response
@@ -292,6 +320,7 @@ class _Connection(asyncio.Protocol):
         r.status = status
         r.http_version = parser.get_http_version()
         r._head_done = True
+        r.get = dict(reversed(r.headers)).get
         if r._head_request:
             # llhttp cannot be told this answers a HEAD, and would wait for
             # the body its Content-Length announces: the message ends here,
@@ -381,8 +410,10 @@ class UpstreamResponse:
         "_trailing",
         "_wait_until",
         "_waiter",
+        "connection",
         "content_length",
         "counted",
+        "get",
         "headers",
         "http_version",
         "keep_alive",
@@ -433,6 +464,12 @@ class UpstreamResponse:
         """Fresh parse state, for the first attempt and for the one retry."""
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        # The Connection field values, for hop-by-hop stripping
+        # (router.headers.hop_drop); None when there is none.
+        self.connection: list[bytes] | None = None
+        # ``get(name)``: the first value of header ``name`` (lower case), or
+        # None; a dict's own get once the head is in (as Request.get).
+        self.get: Callable[[bytes], bytes | None] = _NO_FIELDS.get
         self.content_length: int | None = None
         self.http_version = ""
         self.keep_alive = False
@@ -449,13 +486,6 @@ class UpstreamResponse:
         self._buffered = 0
 
     # -- what the caller reads ----------------------------------------------
-
-    def get(self, name: bytes) -> bytes | None:
-        """The first value of header ``name`` (lower case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
 
     @property
     def chunked(self) -> bool:
