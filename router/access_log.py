@@ -5,9 +5,10 @@ LogRecord, a handler lock, a write syscall) cost more than a small request's
 whole routing decision, on the event loop that also relays every stream; a
 thread woken per line cost more still (a GIL hand-off per request). So:
 
-- the data path formats a line with an f-string (only the client-supplied
-  fields, model and path, go through ``json.dumps`` for escaping) and appends
-  it to a list: about 2 us;
+- the data path formats a line with an f-string and appends it to a list:
+  about 2 us. The fields that may carry a quote or a newline (path, peer,
+  model, replica, session) are quoted as ``json.dumps`` quotes them, through
+  a bounded cache: they repeat from line to line (see ``_quoted``);
 - every ``FLUSH_S`` (or ``MAX_LINES`` lines) the batch goes, as one string of
   newline-separated JSON lines, to a writer thread, which logs it as one
   record on the ``dp_router.access`` logger. ``dp-router serve`` gives that
@@ -22,12 +23,12 @@ slower than the request rate), batches are dropped and their lines counted
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from types import TracebackType
 from typing import TextIO
 
@@ -38,11 +39,31 @@ MAX_LINES = 512  # or sooner, in batches of this many lines
 MAX_PENDING_BATCHES = 200  # about 100k lines waiting for a slow sink, at most
 
 _STOP = object()
-_dumps = json.dumps
+
+# The quoted JSON form of each string lines carry (and None: null), exactly
+# as json.dumps writes it: json.dumps(s) of a str is encode_basestring_ascii(s).
+# Path, model, replica and peer repeat from line to line, and a dict hit costs
+# a sixth of json.dumps (two Python frames per call, and a whole encoder built
+# for None). Bounded, since the keys come from clients: only forms of at most
+# 130 characters go in (128 plain ASCII characters and their quotes, so at
+# most about 1.5 MB), and a full cache starts over.
+QUOTE_CACHE_MAX = 4096
+QUOTED_MAX_LEN = 130
+_quoted: dict[str | None, str] = {None: "null"}
+_encode = encode_basestring_ascii
 
 
-def _ms(seconds: float | None) -> str:
-    return "null" if seconds is None else f"{seconds * 1e3:.3f}"
+def _quote(s: str | None) -> str:
+    """The miss path of ``_quoted.get(s)``."""
+    if s is None:
+        return "null"
+    q = _encode(s)
+    if len(q) <= QUOTED_MAX_LEN:
+        if len(_quoted) >= QUOTE_CACHE_MAX:
+            _quoted.clear()
+            _quoted[None] = "null"
+        _quoted[s] = q
+    return q
 
 
 class AccessLog:
@@ -83,15 +104,21 @@ class AccessLog:
             return
         # request_id is a checked token (headers.request_id_from); method,
         # reason, outcome and the numbers come from the gateway; the rest
-        # may carry a quote or a newline and is escaped.
+        # may carry a quote or a newline and is escaped. A cached string is
+        # at most 128 long (its quoted form is at most 130), so a hit on path
+        # or model is a hit on its [:128].
+        quoted = _quoted.get
         self._lines.append(
             f'{{"ts": {time.time():.3f}, "id": "{request_id}", "method": "{method}", '
-            f'"path": {_dumps(path[:128])}, "peer": {_dumps(peer)}, '
-            f'"model": {_dumps(model[:128])}, "replica": {_dumps(replica)}, '
+            f'"path": {quoted(path) or _quote(path[:128])}, '
+            f'"peer": {quoted(peer) or _quote(peer)}, '
+            f'"model": {quoted(model) or _quote(model[:128])}, '
+            f'"replica": {quoted(replica) or _quote(replica)}, '
             f'"reason": "{reason}", "status": {status}, "outcome": "{outcome}", '
-            f'"attempts": {attempts}, "ttfb_ms": {_ms(ttfb_s)}, '
-            f'"duration_ms": {_ms(duration_s)}, "bytes_in": {bytes_in}, '
-            f'"bytes_out": {bytes_out}, "session": {_dumps(session)}}}'
+            f'"attempts": {attempts}, '
+            f'"ttfb_ms": {"null" if ttfb_s is None else f"{ttfb_s * 1e3:.3f}"}, '
+            f'"duration_ms": {duration_s * 1e3:.3f}, "bytes_in": {bytes_in}, '
+            f'"bytes_out": {bytes_out}, "session": {quoted(session) or _quote(session)}}}'
         )
         if len(self._lines) >= MAX_LINES:
             self.flush()
