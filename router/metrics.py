@@ -315,9 +315,9 @@ class HotCounter:
         self.name = name
         self.help = help_
         self.labels = list(labels)
-        self.values: dict[tuple[str, ...], float] = {}
+        self.values: dict[tuple[str | int, ...], float] = {}
 
-    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+    def inc(self, key: tuple[str | int, ...], amount: float = 1.0) -> None:
         values = self.values
         values[key] = values.get(key, 0.0) + amount
 
@@ -326,14 +326,20 @@ class HotCounter:
             self.name.removesuffix("_total"), self.help, labels=self.labels
         )
         for key, value in list(self.values.items()):
-            family.add_metric(list(key), value)
+            # str: the request counter keeps the status as the int it is given.
+            family.add_metric([str(v) for v in key], value)
         return [family]
 
 
 class HotHistogram:
-    """A histogram for the per-request path (see :class:`HotCounter`)."""
+    """A histogram for the per-request path (see :class:`HotCounter`).
 
-    __slots__ = ("bounds", "counts", "help", "labels", "name", "sums")
+    A label set's state is one list: the count of each bucket (the last one
+    +Inf), then the sum of the observations; an observation updates two
+    items of it, with no dict lookup for the sum.
+    """
+
+    __slots__ = ("bounds", "counts", "help", "labels", "name")
 
     def __init__(
         self, name: str, help_: str, labels: Sequence[str], buckets: Sequence[float]
@@ -342,27 +348,31 @@ class HotHistogram:
         self.help = help_
         self.labels = list(labels)
         self.bounds = tuple(buckets)
-        self.counts: dict[tuple[str, ...], list[int]] = {}
-        self.sums: dict[tuple[str, ...], float] = {}
+        self.counts: dict[tuple[str, ...], list[float]] = {}
 
-    def observe(self, key: tuple[str, ...], value: float) -> None:
+    def child(self, key: tuple[str, ...]) -> list[float]:
+        """The label set's list (created empty): the bucket of ``value`` is
+        ``bisect_left(bounds, value)``, the sum the last item."""
         counts = self.counts.get(key)
         if counts is None:
-            counts = self.counts[key] = [0] * (len(self.bounds) + 1)
-            self.sums[key] = 0.0
+            counts = self.counts[key] = [0] * (len(self.bounds) + 1) + [0.0]
+        return counts
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        counts = self.counts.get(key) or self.child(key)
         counts[bisect_left(self.bounds, value)] += 1
-        self.sums[key] += value
+        counts[-1] += value
 
     def collect(self) -> list[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
         for key, counts in list(self.counts.items()):
-            cumulative = list(accumulate(counts))
+            cumulative = list(accumulate(counts[:-1]))
             buckets = [
                 (floatToGoString(bound), float(n))
                 for bound, n in zip(self.bounds, cumulative, strict=False)
             ]
             buckets.append(("+Inf", float(cumulative[-1])))
-            family.add_metric(list(key), buckets, self.sums[key])
+            family.add_metric(list(key), buckets, counts[-1])
         return [family]
 
 
@@ -433,6 +443,12 @@ class Metrics:
                 [self.requests, self.request_duration, self.ttfb, self.attempts, self.decisions]
             )
         )
+        # The dicts and histogram lists the per-request methods update.
+        self._requests = self.requests.values
+        self._attempts = self.attempts.values
+        self._decisions = self.decisions.values
+        self._durations: dict[str, list[float]] = {}
+        self._ttfbs: dict[str, list[float]] = {}
         self.health_transitions = Counter(
             f"{PREFIX}_health_transitions_total",
             "Active health check state changes.",
@@ -571,20 +587,38 @@ class Metrics:
         """Per-rank gauges read from ``snapshot`` (None: no ranks)."""
         self._rank_source = snapshot if snapshot is not None else tuple
 
+    # Called for every request: each is one dict update (no call into the
+    # HotCounter, whose dict it updates). The status stays an int (no str()
+    # per request): HotCounter.collect prints it.
+
     def count_request(self, model: str, replica: str, status: int) -> None:
-        self.requests.inc((model, replica, str(status)))
+        values = self._requests
+        key = (model, replica, status)
+        values[key] = values.get(key, 0.0) + 1.0
 
     def count_attempt(self, replica: str, outcome: str) -> None:
-        self.attempts.inc((replica, outcome))
+        values = self._attempts
+        key = (replica, outcome)
+        values[key] = values.get(key, 0.0) + 1.0
 
     def count_decision(self, policy: str, reason: str) -> None:
-        self.decisions.inc((policy, reason))
+        values = self._decisions
+        key = (policy, reason)
+        values[key] = values.get(key, 0.0) + 1.0
 
     def observe_duration(self, model: str, seconds: float) -> None:
-        self.request_duration.observe((model,), seconds)
+        counts = self._durations.get(model)
+        if counts is None:
+            counts = self._durations[model] = self.request_duration.child((model,))
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
 
     def observe_ttfb(self, model: str, seconds: float) -> None:
-        self.ttfb.observe((model,), seconds)
+        counts = self._ttfbs.get(model)
+        if counts is None:
+            counts = self._ttfbs[model] = self.ttfb.child((model,))
+        counts[bisect_left(TTFB_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
 
     def watch_replicas(self, snapshot: Callable[[], Iterable[ReplicaSample]]) -> None:
         self.registry.register(ReplicaCollector(snapshot))

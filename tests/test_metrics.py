@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import Metrics, ReplicaSample
+from router.metrics import LATENCY_BUCKETS, TTFB_BUCKETS, Metrics, ReplicaSample
 
 
 def families(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -60,3 +61,55 @@ def test_series_count_does_not_grow_with_request_volume() -> None:
         metrics.count_request("m", "r1", 200 if i % 2 else 503)
         metrics.observe_duration("m", i / 1000)
     assert sum(len(v) for v in families(metrics).values()) == before
+
+
+def test_hot_histograms_and_counters_export_what_prometheus_client_would() -> None:
+    """The per-request methods write the HotCounter/HotHistogram state
+    directly; /metrics must read as a prometheus_client Histogram and Counter
+    fed the same calls (the old per-key API feeds the same series)."""
+    reference = CollectorRegistry()
+    duration = Histogram(
+        "dp_router_request_duration_seconds",
+        "",
+        ["model"],
+        buckets=LATENCY_BUCKETS,
+        registry=reference,
+    )
+    ttfb = Histogram(
+        "dp_router_time_to_first_byte_seconds",
+        "",
+        ["model"],
+        buckets=TTFB_BUCKETS,
+        registry=reference,
+    )
+    requests = Counter("dp_router_requests", "", ["model", "replica", "status"], registry=reference)
+    metrics = Metrics()
+    values = [0.0, 0.005, 0.0050001, 0.3, 1e-9, 120.0, 299.99, 300.0, 301.0, 1e6]
+    for i, seconds in enumerate(values):
+        model = "m" if i % 3 else "other"
+        metrics.observe_duration(model, seconds)
+        duration.labels(model).observe(seconds)
+        metrics.ttfb.observe((model,), seconds / 10)
+        ttfb.labels(model).observe(seconds / 10)
+        metrics.count_request(model, "r1", 200 if i % 2 else 503)
+        requests.labels(model, "r1", "200" if i % 2 else "503").inc()
+
+    def samples(
+        registry: CollectorRegistry,
+    ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+            and family.name
+            in {
+                "dp_router_request_duration_seconds",
+                "dp_router_time_to_first_byte_seconds",
+                "dp_router_requests",
+            }
+        }
+
+    got, want = samples(metrics.registry), samples(reference)
+    assert got == want
+    assert len(got) == 2 * (len(LATENCY_BUCKETS) + 3) + 2 * (len(TTFB_BUCKETS) + 3) + 4
