@@ -620,6 +620,27 @@ class Metrics:
         counts[bisect_left(TTFB_BUCKETS, seconds)] += 1
         counts[-1] += seconds
 
+    def count_finished(
+        self, model: str, replica: str, status: int, seconds: float, ttfb: float | None
+    ) -> None:
+        """``count_request``, ``observe_duration`` and (unless None)
+        ``observe_ttfb`` in one call: the end of every request pays one
+        method call instead of three."""
+        values = self._requests
+        key = (model, replica, status)
+        values[key] = values.get(key, 0.0) + 1.0
+        counts = self._durations.get(model)
+        if counts is None:
+            counts = self._durations[model] = self.request_duration.child((model,))
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+        if ttfb is not None:
+            counts = self._ttfbs.get(model)
+            if counts is None:
+                counts = self._ttfbs[model] = self.ttfb.child((model,))
+            counts[bisect_left(TTFB_BUCKETS, ttfb)] += 1
+            counts[-1] += ttfb
+
     def watch_replicas(self, snapshot: Callable[[], Iterable[ReplicaSample]]) -> None:
         self.registry.register(ReplicaCollector(snapshot))
 

@@ -66,7 +66,8 @@ def test_series_count_does_not_grow_with_request_volume() -> None:
 def test_hot_histograms_and_counters_export_what_prometheus_client_would() -> None:
     """The per-request methods write the HotCounter/HotHistogram state
     directly; /metrics must read as a prometheus_client Histogram and Counter
-    fed the same calls (the old per-key API feeds the same series)."""
+    fed the same calls (the old per-key API feeds the same series), and
+    ``count_finished`` must count what its three calls count."""
     reference = CollectorRegistry()
     duration = Histogram(
         "dp_router_request_duration_seconds",
@@ -83,16 +84,21 @@ def test_hot_histograms_and_counters_export_what_prometheus_client_would() -> No
         registry=reference,
     )
     requests = Counter("dp_router_requests", "", ["model", "replica", "status"], registry=reference)
-    metrics = Metrics()
+    metrics, combined = Metrics(), Metrics()
     values = [0.0, 0.005, 0.0050001, 0.3, 1e-9, 120.0, 299.99, 300.0, 301.0, 1e6]
     for i, seconds in enumerate(values):
         model = "m" if i % 3 else "other"
+        status = 200 if i % 2 else 503
         metrics.observe_duration(model, seconds)
         duration.labels(model).observe(seconds)
         metrics.ttfb.observe((model,), seconds / 10)
         ttfb.labels(model).observe(seconds / 10)
-        metrics.count_request(model, "r1", 200 if i % 2 else 503)
-        requests.labels(model, "r1", "200" if i % 2 else "503").inc()
+        metrics.count_request(model, "r1", status)
+        requests.labels(model, "r1", str(status)).inc()
+        combined.count_finished(model, "r1", status, seconds, seconds / 10)
+    duration.labels("m").observe(0.2)
+    requests.labels("m", "r1", "200").inc()
+    combined.count_finished("m", "r1", 200, 0.2, None)  # no first byte: no TTFB
 
     def samples(
         registry: CollectorRegistry,
@@ -110,6 +116,8 @@ def test_hot_histograms_and_counters_export_what_prometheus_client_would() -> No
             }
         }
 
+    metrics.count_request("m", "r1", 200)
+    metrics.observe_duration("m", 0.2)
     got, want = samples(metrics.registry), samples(reference)
-    assert got == want
+    assert got == want == samples(combined.registry)
     assert len(got) == 2 * (len(LATENCY_BUCKETS) + 3) + 2 * (len(TTFB_BUCKETS) + 3) + 4
