@@ -1086,10 +1086,7 @@ class Proxy:
         """Count and log the request once, whatever ended it."""
         m = self.metrics
         model = record.model_label
-        m.count_request(model, record.replica or "none", record.status)
-        m.observe_duration(model, t1 - t0)
-        if record.ttfb is not None:
-            m.observe_ttfb(model, record.ttfb)
+        m.count_finished(model, record.replica or "none", record.status, t1 - t0, record.ttfb)
         if record.outcome != _OK:
             m.errors.labels(record.outcome).inc()
         self.access.write(
