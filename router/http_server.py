@@ -448,10 +448,48 @@ class Exchange:
             self._conn.response_done(self, True, abort=True)
 
     def respond(self, status: int, headers: list[tuple[bytes, bytes]] | bytes, body: bytes) -> None:
-        """A whole response in one ``transport.write``."""
-        self.start(status, headers, content_length=len(body))
-        self.write(body)
-        self.end()
+        """A whole response in one ``transport.write``.
+
+        The usual case (a rendered field block, a status with a body, not a
+        HEAD request) is :meth:`start`, :meth:`write` and :meth:`end` in one
+        call: every proxied non-streaming answer comes through here."""
+        if (
+            self.status
+            or self._head_request
+            or headers.__class__ is not bytes
+            or not 200 <= status <= 599
+            or status == 204
+            or status == 304
+        ):
+            self.start(status, headers, content_length=len(body))
+            self.write(body)
+            self.end()
+            return
+        conn = self._conn
+        n = len(body)
+        self.status = status
+        self._length = n
+        self.ended = True
+        close = not self._keep_alive or (conn.closing and not conn.has_pending)
+        if not conn.closed:
+            framing = b"content-length: %d\r\n" % n
+            if close:
+                framing += b"connection: close\r\n"
+            elif self._version10:
+                framing += b"connection: keep-alive\r\n"
+            self.bytes_sent = n
+            self.transport.write(
+                b"".join(
+                    (
+                        _STATUS_LINES.get(status) or _status_line(status),
+                        headers,  # type: ignore[arg-type]
+                        framing,
+                        b"\r\n",
+                        body,
+                    )
+                )
+            )
+        conn.response_done(self, close)
 
 
 # The handler returns the coroutine that answers: the server runs it as the
@@ -649,7 +687,12 @@ class _Connection(asyncio.Protocol):
             return
         name = name.lower()
         if name in _NOTED_FIELDS:
-            self._noted_field(name, value)
+            if name == b"host":  # every request has one
+                self._hosts += 1
+            elif name == b"content-length":  # every request with a body
+                self._content_length = int(value)  # llhttp checked: digits, once
+            else:
+                self._noted_field(name, value)
         self._headers.append((name, value))
 
     def _unusual_field(self, name: bytes, value: bytes) -> None:
@@ -666,11 +709,7 @@ class _Connection(asyncio.Protocol):
         # Otherwise a trailer field: counted, then discarded (RFC 9110 §6.5.1).
 
     def _noted_field(self, name: bytes, value: bytes) -> None:
-        if name == b"host":
-            self._hosts += 1
-        elif name == b"content-length":
-            self._content_length = int(value)  # llhttp checked: digits, once
-        elif name == b"connection":
+        if name == b"connection":
             if self._connection is None:
                 self._connection = [value]
             else:

@@ -278,7 +278,15 @@ class _Connection(asyncio.Protocol):
             return
         name = name.lower()
         if name in _NOTED_FIELDS:
-            self._noted_field(r, name, value)
+            if name == b"content-length":
+                r.content_length = int(value)  # llhttp checked: digits, once
+            elif name == b"connection":  # most replicas send "keep-alive"
+                if r.connection is None:
+                    r.connection = [value]
+                else:
+                    r.connection.append(value)
+            else:
+                self._transfer_coding(r, value)
         r.headers.append((name, value))
 
     @staticmethod
@@ -291,16 +299,7 @@ class _Connection(asyncio.Protocol):
         # Otherwise a trailer field: dropped (RFC 9110 §6.5.1).
 
     @staticmethod
-    def _noted_field(r: UpstreamResponse, name: bytes, value: bytes) -> None:
-        if name == b"connection":
-            if r.connection is None:
-                r.connection = [value]
-            else:
-                r.connection.append(value)
-            return
-        if name == b"content-length":
-            r.content_length = int(value)  # llhttp checked: digits, once
-            return
+    def _transfer_coding(r: UpstreamResponse, value: bytes) -> None:
         # llhttp would read "gzip" as close-delimited and hand us coded
         # bytes; we decode no transfer coding, so we cannot relay them.
         if value.strip(b" \t").lower() != b"chunked":
@@ -348,7 +347,9 @@ class _Connection(asyncio.Protocol):
             return
         if r._buffered > _BUFFER_HIGH:
             r._pause_reading()  # nobody is taking the bytes yet
-        r._wake()
+        waiter = r._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_message_complete(self) -> None:
         r = self.response
@@ -432,7 +433,7 @@ class UpstreamResponse:
         connect_timeout_s: float,
     ) -> None:
         self._pool = pool
-        self._loop = pool.loop
+        self._loop: asyncio.AbstractEventLoop = pool._loop  # type: ignore[assignment]
         self._limits = pool.limits
         self._conn = conn
         self._reused = reused
@@ -527,7 +528,8 @@ class UpstreamResponse:
         :class:`BadResponse`. The connection is pooled or closed on return."""
         self._accumulate = True
         self._limit_bytes = max_bytes
-        self._resume_reading()
+        if self._reading_paused:
+            self._resume_reading()
         while not self._complete:
             if self._error is not None:
                 self.close()
@@ -631,7 +633,8 @@ class UpstreamResponse:
             return
         if self._complete and self.keep_alive and self._error is None and not self._trailing:
             self._settled = True
-            self._resume_reading()  # an idle socket must still see the server's close
+            if self._reading_paused:
+                self._resume_reading()  # an idle socket must still see the server's close
             conn = self._conn
             conn.response = None
             self._pool._release(conn)
@@ -718,7 +721,9 @@ class UpstreamResponse:
             relay = self._relay
             if relay is not None and not relay.done():
                 relay.set_result(RelayResult.COMPLETE)
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _pause_reading(self) -> None:
         transport = self._conn.transport
@@ -896,6 +901,8 @@ class UpstreamPool:
         """
         if self._closed:
             raise ConnectError("upstream pool is closed")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()  # the hot paths read the attribute
         key = (url_host, port, tls)
         # Host and framing are the pool's: a client's Content-Length or
         # Transfer-Encoding next to ours would be request smuggling.
@@ -984,7 +991,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         if not idle:
             return None
-        horizon = self.loop.time() - self.keepalive_timeout_s
+        horizon = self._loop.time() - self.keepalive_timeout_s  # type: ignore[union-attr]
         while idle:
             conn = idle.pop()
             if conn.lost:
@@ -1007,7 +1014,7 @@ class UpstreamPool:
             conn.close()
             self._conns.discard(conn)
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = self._loop.time()  # type: ignore[union-attr]
         idle = self._idle.get(conn.key)
         if idle is None:
             idle = self._idle[conn.key] = deque()
