@@ -41,7 +41,9 @@ def chat_prompt_text(messages: Iterable[Any]) -> str:
     """
     parts: list[str] = []
     for message in messages:
-        if not isinstance(message, Mapping):
+        # dict first: parsed JSON is dicts, and an ABC check alone costs
+        # several times a type check.
+        if not isinstance(message, (dict, Mapping)):
             continue
         role = message.get("role")
         parts.append(role if isinstance(role, str) else "")

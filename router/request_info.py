@@ -37,9 +37,10 @@ def _loads_object(body: bytes) -> Any:
         data, end = _scan_once(text, 0)
     except StopIteration as err:
         raise json.JSONDecodeError("Expecting value", text, err.value) from None
-    end = _TRAILING_WS.match(text, end).end()  # type: ignore[union-attr]
-    if end != len(text):
-        raise json.JSONDecodeError("Extra data", text, end)
+    if end != len(text):  # trailing whitespace is allowed, anything else is not
+        end = _TRAILING_WS.match(text, end).end()  # type: ignore[union-attr]
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
     return data
 
 
