@@ -177,11 +177,18 @@ class OutlierDetector:
         status given counts (the caller said it was a server error).
         """
         snapshot = self._registry.snapshot
+        if snapshot.version != self._pruned_at_version:
+            self._forget_departed(snapshot)
+        if outcome is Outcome.OK:
+            # The common case, first: evidence of life (for a replica already
+            # ejected the count is zero already, and a departed one's is gone).
+            evidence = self._evidence.get(name)
+            if evidence is not None:
+                evidence.consecutive = 0
+            return None
         current = snapshot.replicas.get(name)
         if current is None:
             return None  # it left the fleet while the attempt ran
-        if snapshot.version != self._pruned_at_version:
-            self._forget_departed(snapshot)
         if current.ejected_until > now:
             return None  # sent before the ejection; already judged
         reason = self._failure_reason(outcome, status)

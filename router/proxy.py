@@ -417,7 +417,14 @@ class Proxy:
                     hashed = pin is not None
                 routed: Routed | NoRoute = NoRoute.AT_CAPACITY
                 if turn is None and not self.admission.busy(route_req.model):
-                    routed = self._decide(route_req, pin, tried, loop.time())
+                    routed = self.router.decide(
+                        route_req,
+                        pin,
+                        self.registry.snapshot,
+                        loop.time(),
+                        exclude=tried,
+                        panic=self.panic,
+                    )
                 if routed is NoRoute.AT_CAPACITY:
                     if turn is None:
                         turn = self.admission.turn(route_req.model)

@@ -273,20 +273,18 @@ class Registry:
             replicas[config.name] = status_from_config(config, initial_health)
             self._model_entries[config.name] = _configured_entries(config)
         self._listeners: list[Listener] = []
-        self._snapshot = FleetSnapshot.build(1, replicas)
-
-    @property
-    def snapshot(self) -> FleetSnapshot:
-        return self._snapshot
+        # The current fleet, read on every request: a plain attribute (a
+        # property is a Python call each time). Only _publish replaces it.
+        self.snapshot = FleetSnapshot.build(1, replicas)
 
     def __iter__(self) -> Iterator[ReplicaStatus]:
-        return iter(self._snapshot)
+        return iter(self.snapshot)
 
     def __len__(self) -> int:
-        return len(self._snapshot)
+        return len(self.snapshot)
 
     def get(self, name: str) -> ReplicaStatus | None:
-        return self._snapshot.get(name)
+        return self.snapshot.get(name)
 
     def subscribe(self, listener: Listener) -> None:
         """``listener(new, old)`` runs after every version change, in order."""
@@ -304,32 +302,32 @@ class Registry:
         unknown = changes.keys() - _MUTABLE_FIELDS
         if unknown:
             raise TypeError(f"not replica status fields: {sorted(unknown)}")
-        current = self._snapshot.get(name)
+        current = self.snapshot.get(name)
         if current is None:
             return False
         if all(getattr(current, k) == v for k, v in changes.items()):
             return False
         updated = dataclasses.replace(current, **changes)
-        replicas = dict(self._snapshot.replicas)
+        replicas = dict(self.snapshot.replicas)
         replicas[name] = updated
         self._publish(replicas)
         return True
 
     def add(self, config: ReplicaConfig) -> ReplicaStatus:
         """A new member (unknown health until checked, like a starting replica)."""
-        if config.name in self._snapshot.replicas:
+        if config.name in self.snapshot.replicas:
             raise ValueError(f"replica {config.name!r} already exists")
         status = status_from_config(config, self._initial_health)
         self._model_entries[config.name] = _configured_entries(config)
-        replicas = dict(self._snapshot.replicas)
+        replicas = dict(self.snapshot.replicas)
         replicas[config.name] = status
         self._publish(replicas)
         return status
 
     def remove(self, name: str) -> bool:
-        if name not in self._snapshot.replicas:
+        if name not in self.snapshot.replicas:
             return False
-        replicas = dict(self._snapshot.replicas)
+        replicas = dict(self.snapshot.replicas)
         del replicas[name]
         self._model_entries.pop(name, None)
         self._publish(replicas)
@@ -337,7 +335,7 @@ class Registry:
 
     def set_models(self, name: str, entries: list[dict[str, Any]]) -> bool:
         """A replica's discovered models (its /v1/models entries); True if the set changed."""
-        if name not in self._snapshot.replicas:
+        if name not in self.snapshot.replicas:
             return False
         self._model_entries[name] = {e["id"]: e for e in entries}
         return self.update(name, models=frozenset(e["id"] for e in entries))
@@ -360,7 +358,7 @@ class Registry:
         (same name and URL) keeps its :class:`ReplicaLoad`, so in-flight
         tickets settle on the counters they were taken from.
         """
-        old = self._snapshot.replicas
+        old = self.snapshot.replicas
         replicas: dict[str, ReplicaStatus] = {}
         for fields in statuses:
             name = fields["name"]
@@ -382,7 +380,7 @@ class Registry:
             for name, status in replicas.items()
         }
         self._publish(replicas)
-        return self._snapshot
+        return self.snapshot
 
     def model_list(self) -> list[dict[str, Any]]:
         """The union of the replicas' models, as /v1/models entries."""
@@ -393,11 +391,11 @@ class Registry:
         return [entries[m] for m in sorted(entries)]
 
     def _publish(self, replicas: dict[str, ReplicaStatus]) -> None:
-        old = self._snapshot
+        old = self.snapshot
         new = FleetSnapshot.build(old.version + 1, replicas)
         for status in new:
             status.load.weight = status.weight
-        self._snapshot = new
+        self.snapshot = new
         for listener in self._listeners:
             listener(new, old)
 
