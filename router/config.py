@@ -404,7 +404,8 @@ def _replica(i: int, data: Any) -> ReplicaConfig:
         raise ConfigError(f"{path}.url: required")
     url = parse_replica_url(f"{path}.url", _check_type(f"{path}.url", data["url"], ""))
     name = _check_type(f"{path}.name", data.get("name", default_replica_name(url)), "")
-    if not name or any(c.isspace() for c in name):
+    if not name or not name.isprintable() or any(c.isspace() for c in name):
+        # It goes out in a response header (X-Dp-Replica), unchecked per request.
         raise ConfigError(f"{path}.name: must be non-empty without spaces, got {name!r}")
     models = None
     if "models" in data:
@@ -419,6 +420,9 @@ def _replica(i: int, data: Any) -> ReplicaConfig:
         if env_name not in os.environ:
             raise ConfigError(f"{path}.api_key_env: environment variable {env_name} is not set")
         api_key = os.environ[env_name]
+    if api_key and not (api_key.isascii() and api_key.isprintable()):
+        # It goes out in a request header, unchecked per request.
+        raise ConfigError(f"{path}.api_key: must be printable ASCII")
     max_conc = data.get("max_concurrency")
     if max_conc is not None:
         max_conc = _check_type(f"{path}.max_concurrency", max_conc, 0)

@@ -938,6 +938,12 @@ class UpstreamPool:
             connect_timeout_s=connect_timeout_s,
         )
         conn.response = response
+        if len(body) <= SINGLE_WRITE_MAX:
+            # The usual request: one write, no coroutine for it (_send's
+            # first branch, in line).
+            if not conn.lost:
+                conn.transport.write(head + body if body else head)  # type: ignore[union-attr]
+            return response
         try:
             await self._send(conn, head, body)
         except BaseException:

@@ -46,6 +46,9 @@ def test_minimal_config_defaults() -> None:
             "server.trusted_proxies[0]",
         ),
         ({"nonsense": {}, "replicas": [{"url": "http://a:1"}]}, "nonsense"),
+        # Both go out in headers that are not scanned per request.
+        ({"replicas": [{"url": "http://a:1", "api_key": "k\r\nx: y"}]}, "replicas[0].api_key"),
+        ({"replicas": [{"url": "http://a:1", "name": "a\x00b"}]}, "replicas[0].name"),
         (
             {"admission": {"reject_status": 500}, "replicas": [{"url": "http://a:1"}]},
             "admission.reject_status",

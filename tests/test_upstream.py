@@ -354,6 +354,10 @@ INVALID_ANSWERS = {
     + b"\r\n",
     "bad_status_code": b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n",
     "bare_lf": b"HTTP/1.1 200 OK\ncontent-length: 0\n\n",
+    # What the client response block relies on: no CR, LF or NUL in a field
+    # reaches it (router.headers.client_response_block does not scan).
+    "bare_cr_in_field": b"HTTP/1.1 200 OK\r\nx-a: 1\rx-b: 2\r\ncontent-length: 0\r\n\r\n",
+    "nul_in_field": b"HTTP/1.1 200 OK\r\nx-a: 1\x00x\r\ncontent-length: 0\r\n\r\n",
     "cl_and_te": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
     "gzip_transfer_coding": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabc",
     "switching_protocols": b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n"
