@@ -142,9 +142,12 @@ async def test_two_gateways_agree_on_new_sessions_sent_to_both_at_once() -> None
             assert keys_found == 220
         finally:
             await client.aclose()
-        # The race was real: some first pins were lost and followed.
-        placements = [r[2] for _, ra, rb in results for r in (ra, rb)]
-        assert placements.count("new") == 400
+        # Each key was placed once, as new; its twin either lost the claim
+        # race and followed (also "new") or arrived after the claim ("hit",
+        # when one gateway answers faster than the other looks up).
+        for key, ra, rb in results:
+            assert "new" in (ra[2], rb[2]), key
+            assert {ra[2], rb[2]} <= {"new", "hit"}, key
 
 
 async def test_sessions_survive_a_gateway_restart() -> None:
