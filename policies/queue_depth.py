@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 from policies import signals
 from policies.base import NO_CANDIDATE, BasePolicy, Decision, FleetView, RouteRequest
-from policies.load import LoadView
+from policies.load import DEFAULT_REPORT_MAX_AGE_S, LoadView
 from policies.pick import argmin_ties, sample_indices
 
 
@@ -60,6 +60,12 @@ class QueueDepth(BasePolicy):
             return NO_CANDIDATE
         if 0 < self.d < n:
             candidates = [candidates[i] for i in sample_indices(n, self.d, False, self.rng)]
+        elif n <= SMALL_FLEET:
+            picked = _choose_small(candidates, now)
+            if picked is not None:
+                ties, qs = picked
+                i = ties[0] if len(ties) == 1 else ties[int(self.rng.random() * len(ties))]
+                return Decision(candidates[i].name, "queue_depth", {"queue": qs[i]})
         qs = signals.queue_depths(candidates, now)
         ties = argmin_ties(qs)
         if len(ties) > 1:
@@ -69,3 +75,61 @@ class QueueDepth(BasePolicy):
         i = ties[0] if len(ties) == 1 else ties[int(self.rng.random() * len(ties))]
         chosen, best_q = candidates[i], qs[i]
         return Decision(chosen.name, "queue_depth", {"queue": best_q})
+
+
+# Up to this many candidates, one pass in Python beats the column-wise scan
+# of signals.queue_depths + argmin_ties (callgrind, fresh reports, equal
+# queues: 21k vs 66k instructions per choose at 4 replicas, 0.55M vs 1.07M
+# at 256); the cap keeps 1,000-replica fleets on the path measured for them.
+SMALL_FLEET = 64
+
+
+def _choose_small(
+    candidates: Sequence[LoadView], now: float
+) -> tuple[list[int], list[float]] | None:
+    """The indices ``choose`` draws from, and every queue, in one pass; None
+    outside the common case (a weight other than 1, or some replicas with a
+    fresh report and some without), which the column-wise path handles.
+
+    The same numbers as signals.queue_depths followed by the two argmin_ties
+    (queue, then outstanding tokens), so the RNG draws and the pick are the
+    same: lexicographic minimum of (queue, tokens) and every index at it.
+    """
+    best_q: float = 0.0
+    best_t = 0
+    ties: list[int] = []
+    qs: list[float] = []
+    stamp_min: float | None = None
+    n_none = 0
+    i = 0
+    for c in candidates:
+        if c.weight != 1.0:
+            return None
+        f = c.in_flight
+        rq = c.reported_queue
+        if rq is None:
+            q: float = f
+            n_none += 1
+        else:
+            st = c.reported_at
+            if stamp_min is None or st < stamp_min:  # type: ignore[operator]
+                stamp_min = st
+            q = rq + c.dispatched_since_report - c.settled_since_report
+            if not q >= f:  # a report lags our own sends
+                q = f
+        qs.append(q)
+        t = c.outstanding_tokens
+        if not ties or q < best_q:
+            best_q, best_t, ties = q, t, [i]
+        elif q == best_q:
+            if t < best_t:
+                best_t, ties = t, [i]
+            elif t == best_t:
+                ties.append(i)
+        i += 1
+    if n_none:
+        if n_none != i:
+            return None
+    elif now - stamp_min > DEFAULT_REPORT_MAX_AGE_S:  # type: ignore[operator]
+        return None
+    return ties, qs
