@@ -10,7 +10,7 @@ runs in the live gateway and in loadtest's discrete-event simulator.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -81,7 +81,7 @@ class RouteRequest:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Decision:
     """A policy's answer: the chosen replica's name (None: nothing eligible),
     the inputs it compared (for debug logs) and a short, bounded reason (for a
@@ -90,6 +90,28 @@ class Decision:
     replica: str | None
     reason: str
     inputs: Mapping[str, float] = field(default_factory=dict)
+
+    def __init__(
+        self, replica: str | None, reason: str, inputs: Mapping[str, float] | None = None
+    ) -> None:
+        # One per request: the frozen dataclass's own __init__ goes through
+        # object.__setattr__ per field, 7.1k instructions against 4.9k for
+        # the slots' setters (callgrind). Still frozen: assignment raises.
+        _set_replica(self, replica)
+        _set_reason(self, reason)
+        _set_inputs(self, {} if inputs is None else inputs)
+
+
+def slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
+    """The ``__set__`` of ``cls``'s slot ``name``: how a frozen slots
+    dataclass's hand-written ``__init__`` sets a field cheaply."""
+    setter: Callable[[object, object], None] = cls.__dict__[name].__set__
+    return setter
+
+
+_set_replica = slot_setter(Decision, "replica")
+_set_reason = slot_setter(Decision, "reason")
+_set_inputs = slot_setter(Decision, "inputs")
 
 
 class FleetView(Protocol):

@@ -27,7 +27,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from policies.base import BasePolicy, Decision, RouteRequest
+from policies.base import BasePolicy, Decision, RouteRequest, slot_setter
 from policies.load import (
     DEFAULT_LOAD_BOUND_EPSILON,
     DEFAULT_REPORT_MAX_AGE_S,
@@ -59,7 +59,7 @@ class Repin(StrEnum):
     POOL_CHANGED = "pool_changed"  # the session's canary pool moved
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Routed:
     """Where the request goes. ``repin`` is None when the request has no
     session, or its pin held; otherwise the pin to store is ``replica.name``."""
@@ -67,6 +67,19 @@ class Routed:
     replica: ReplicaStatus
     decision: Decision
     repin: Repin | None = None
+
+    def __init__(
+        self, replica: ReplicaStatus, decision: Decision, repin: Repin | None = None
+    ) -> None:
+        # The slots' setters, not object.__setattr__ per field (as Decision).
+        _set_replica(self, replica)
+        _set_decision(self, decision)
+        _set_repin(self, repin)
+
+
+_set_replica = slot_setter(Routed, "replica")
+_set_decision = slot_setter(Routed, "decision")
+_set_repin = slot_setter(Routed, "repin")
 
 
 PIN_HELD = "session_pin"
@@ -86,6 +99,12 @@ class Router:
         self.policy = policy
         self.epsilon = load_bound_epsilon
         self.session_floor = session_load_floor
+        # Per model, the loads of the snapshot's healthy replicas, built once
+        # per snapshot: without ejections, retries, concurrency limits or
+        # slow start (the steady state) every request would build the same
+        # list.
+        self._views_of: FleetSnapshot | None = None
+        self._views: dict[str, tuple[LoadView, ...]] = {}
 
     def decide(
         self,
@@ -97,10 +116,12 @@ class Router:
         exclude: Collection[str] = (),
         panic: bool = False,
     ) -> Routed | NoRoute:
-        serving = snapshot.serving(request.model)
+        model = request.model
+        serving = snapshot.by_model.get(model)
         if not serving:
             return NoRoute.MODELS_PENDING if snapshot.models_pending else NoRoute.UNKNOWN_MODEL
-        candidates: Sequence[ReplicaStatus] = snapshot.healthy_by_model[request.model]
+        healthy = snapshot.healthy_by_model[model]
+        candidates: Sequence[ReplicaStatus] = healthy
         if now < snapshot.ejected_until_max:
             candidates = [r for r in candidates if r.ejected_until <= now]
         if not candidates:
@@ -139,12 +160,20 @@ class Router:
                 if repin is Repin.OVERLOADED and len(candidates) > 1:
                     candidates = [r for r in candidates if r.name != pin]
 
-        loads: list[LoadView]
+        loads: Sequence[LoadView]
         if ramping:
             loads = [
                 _Ramped(r.load, r.ramp_factor(now)) if r.ramp is not None else r.load
                 for r in candidates
             ]
+        elif candidates is healthy:
+            if snapshot is not self._views_of:
+                self._views_of = snapshot
+                self._views = {}
+            views = self._views.get(model)
+            if views is None:
+                views = self._views[model] = tuple(r.load for r in healthy)
+            loads = views
         else:
             loads = [r.load for r in candidates]
         decision = self.policy.choose(request, loads, snapshot, now)
