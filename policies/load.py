@@ -23,6 +23,8 @@ from typing import Protocol
 # queue length from a minute ago (llm-d's stale-metrics overshoot).
 DEFAULT_REPORT_MAX_AGE_S = 5.0
 
+_exp = math.exp
+
 
 class Ewma:
     """Exponentially weighted moving average whose time is an argument.
@@ -40,11 +42,16 @@ class Ewma:
         self.stamp: float | None = None
 
     def add(self, sample: float, now: float) -> None:
-        if self.value is None or self.stamp is None:
+        # Twice per request (ttft, tpot): locals and no max() call, the same
+        # arithmetic (dt clamps at 0.0 exactly as max(0.0, dt) did).
+        value = self.value
+        stamp = self.stamp
+        if value is None or stamp is None:
             self.value = sample
         else:
-            w = math.exp(-max(0.0, now - self.stamp) / self.tau)
-            self.value = self.value * w + sample * (1.0 - w)
+            dt = now - stamp
+            w = _exp(-(dt if dt > 0.0 else 0.0) / self.tau)
+            self.value = value * w + sample * (1.0 - w)
         self.stamp = now
 
 
