@@ -35,7 +35,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from policies.base import RouteRequest
+from policies.base import BasePolicy, RouteRequest
 from policies.load import Outcome
 from router import headers as hdr
 from router.access_log import AccessLog
@@ -236,6 +236,12 @@ class Proxy:
         self.registry = registry
         self.router = router
         self.policy = router.policy
+        # The policy hooks most policies leave as BasePolicy's no-ops are
+        # not called per request (each call cost ~0.5k instructions).
+        kind = type(self.policy)
+        self._hears_dispatch = getattr(kind, "on_dispatch", None) is not BasePolicy.on_dispatch
+        self._hears_complete = getattr(kind, "on_complete", None) is not BasePolicy.on_complete
+        self._hears_timing = getattr(kind, "observe", None) is not BasePolicy.observe
         self.metrics = metrics
         self.admission = admission
         self.budget = budget
@@ -455,7 +461,8 @@ class Proxy:
                         routed, replica = pinned, pinned.replica
                         ticket = dispatch(replica.load, route_req.cost_tokens)
                         self.admission.notify()
-                self.policy.on_dispatch(route_req, replica.name, loop.time())
+                if self._hears_dispatch:
+                    self.policy.on_dispatch(route_req, replica.name, loop.time())
                 record.replica = replica.name
                 record.reason = routed.decision.reason
                 record.attempts += 1
@@ -679,7 +686,8 @@ class Proxy:
         if not ticket.close(outcome):
             return
         self.metrics.count_attempt(replica.name, outcome.value)
-        self.policy.on_complete(route_req, replica.name, outcome, now)
+        if self._hears_complete:
+            self.policy.on_complete(route_req, replica.name, outcome, now)
         if self.outlier is not None:
             event = self.outlier.record(replica.name, outcome, now, status=status)
             if event is not None:
@@ -707,7 +715,8 @@ class Proxy:
         if tokens is not None and tokens > 1:
             tpot = (elapsed - result.ttfb) / (tokens - 1)
             load.tpot.add(tpot, now)
-            self.policy.observe(replica.name, None, tpot, now)
+            if self._hears_timing:
+                self.policy.observe(replica.name, None, tpot, now)
         if tokens is None or tokens <= 0:
             return
         if known:
@@ -737,7 +746,8 @@ class Proxy:
         must learn a request has left the queue when its first token comes,
         not when its stream ends."""
         replica.load.ttft.add(ttft, now)
-        self.policy.observe(replica.name, ttft, None, now)
+        if self._hears_timing:
+            self.policy.observe(replica.name, ttft, None, now)
 
     # -- one upstream attempt ----------------------------------------------
 
