@@ -237,6 +237,7 @@ class Gateway:
                 tracing.provider(cfg.tracing, self._span_exporter)
             )
             self.proxy.pool = await stack.enter_async_context(upstream_pool(cfg.upstream))
+            self.proxy.loop = asyncio.get_running_loop()
             stack.enter_context(self.proxy.access)
             stack.enter_context(self._watch_fleet())
         if control:

@@ -248,6 +248,10 @@ class Proxy:
         self.outlier = outlier
         self.rng = rng
         self.pool: UpstreamPool | None = None  # set when the gateway starts
+        # Set with the pool. asyncio.get_running_loop() makes a getpid()
+        # system call each time on Python 3.11 (a fork check): twice per
+        # request was 2 of its 6 system calls.
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.sessions: Sessions | None = None  # set when the gateway starts
         # Set when the gateway starts, if [tracing] is on; None costs the data
         # path one check per request and per attempt (router/tracing.py).
@@ -405,7 +409,7 @@ class Proxy:
         t0: float,
     ) -> None:
         """wait for capacity -> decide -> dispatch -> forward -> settle, per attempt."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         tried: list[str] = []
         turn: Turn | None = None  # made only when the request has to wait
         self.budget.deposit()  # each request funds a fraction of a retry
@@ -785,7 +789,7 @@ class Proxy:
         retryable unless the replica may already have done the work."""
         pool = self.pool
         assert pool is not None, "upstream pool not started"
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         stream = route_req.stream
         target = self._target(replica)
         sent = time.perf_counter()
