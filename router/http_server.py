@@ -941,7 +941,8 @@ class _Connection(asyncio.Protocol):
             if not self._pending and not self._discard:
                 self._resume_reading()
             return
-        self._resume_reading()
+        if self._reading_paused:
+            self._resume_reading()
         limits = self._limits
         phase = self._phase
         now = self._loop.time()
@@ -951,7 +952,8 @@ class _Connection(asyncio.Protocol):
             self._deadline = now + limits.body_timeout_s
         else:
             self._deadline = now + limits.keepalive_timeout_s
-        self._arm()
+        if self._timer is None:  # else the armed timer re-checks the deadline
+            self._arm()
 
     def _reject(self, reject: _Reject) -> None:
         self._discard = True

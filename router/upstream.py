@@ -671,7 +671,10 @@ class UpstreamResponse:
             self._wait_until = math.inf
         else:
             self._wait_until = deadline
-            self._conn.arm(deadline)
+            conn = self._conn
+            timer = conn._timer
+            if timer is None or timer.when() > deadline:  # else armed early enough
+                conn.arm(deadline)
         return waiter
 
     def _wake(self) -> None:
