@@ -67,6 +67,9 @@ __all__ = [
 # so a large prompt is never copied whole into the transport's buffer.
 SINGLE_WRITE_MAX = 1024 * 1024
 _SLICE = 256 * 1024
+# Up to this size head and body are joined into one buffer for the write;
+# above it they go out as two buffers of one writelines (no copy of the body).
+_JOIN_MAX = 16 * 1024
 # Bytes received before the caller takes them (between head() and relay()):
 # above this, reading pauses. read_all() lifts it up to its own max_bytes.
 _BUFFER_HIGH = 64 * 1024
@@ -945,7 +948,11 @@ class UpstreamPool:
             # The usual request: one write, no coroutine for it (_send's
             # first branch, in line).
             if not conn.lost:
-                conn.transport.write(head + body if body else head)  # type: ignore[union-attr]
+                transport: asyncio.Transport = conn.transport  # type: ignore[assignment]
+                if len(body) <= _JOIN_MAX:
+                    transport.write(head + body if body else head)
+                else:  # one vectored write; joining would copy the prompt once more
+                    transport.writelines((head, body))
             return response
         try:
             await self._send(conn, head, body)

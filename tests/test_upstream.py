@@ -252,9 +252,11 @@ async def test_large_body_arrives_whole(pool: UpstreamPool) -> None:
         return True
 
     async with replica(count) as fake:
-        body = b"p" * (3 * 1024 * 1024 + 7)
-        assert await fetch(pool, fake, body) == (200, b"%d" % len(body))
-        assert fake.calls[0].body == body
+        # Sliced with drain, one vectored write, one joined write.
+        for i, size in enumerate((3 * 1024 * 1024 + 7, 100 * 1024 + 3, 1000)):
+            body = bytes([97 + i]) * size
+            assert await fetch(pool, fake, body) == (200, b"%d" % len(body))
+            assert fake.calls[i].body == body
 
 
 async def test_chunked_response(pool: UpstreamPool) -> None:
