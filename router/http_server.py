@@ -4,7 +4,8 @@ Why not aiohttp here: its layers cost more CPU per request than a whole
 relay (docs/ARCHITECTURE.md, the request path). This server does what a
 gateway's edge needs and nothing else: it reads one request (head and
 body, limits enforced while reading), hands it to ``handler(request,
-exchange)`` as one task, and frames the answer the handler writes.
+exchange)``, run by the connection's one task (its requests one after
+another), and frames the answer the handler writes.
 
 Decisions, each with its reason:
 
@@ -491,8 +492,8 @@ class Exchange:
         conn.response_done(self, close)
 
 
-# The handler returns the coroutine that answers: the server runs it as the
-# request's task (an ``async def`` handler is one).
+# The handler returns the coroutine that answers: the connection's task
+# awaits it (an ``async def`` handler is one).
 Handler = Callable[[Request, Exchange], Coroutine[Any, Any, None]]
 RejectHook = Callable[[int, str], None]
 

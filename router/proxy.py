@@ -296,8 +296,8 @@ class Proxy:
     def handle(self, request: Request, exchange: Exchange) -> Coroutine[Any, Any, None]:
         """The data listener's one handler: routes by path, then proxies.
 
-        Not itself a coroutine: it returns the one that answers, so a
-        proxied request's task runs ``_proxy`` with no frame above it to walk
+        Not itself a coroutine: it returns the one that answers, so the
+        connection's task awaits ``_proxy`` with no frame between them to walk
         through at every resumption (docs/performance.md)."""
         path = request.path.partition("?")[0]
         kind = ENDPOINTS.get(path)
