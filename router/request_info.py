@@ -8,9 +8,9 @@ any replica is contacted (docs/reliability.md, M35).
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
+
+import orjson
 
 from policies import prefix
 from router.errors import ErrorKind, GatewayError
@@ -22,36 +22,22 @@ def _bad(message: str) -> GatewayError:
     return GatewayError(ErrorKind.BAD_FIELD, message)
 
 
-# json.loads on bytes is four Python-level calls (encoding detection, decode,
-# raw_decode) around one C scanner; a UTF-8 body that starts with "{" (every
-# API client's) goes straight to the scanner, with json.loads's own checks.
-_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-_TRAILING_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _loads_object(body: bytes) -> Any:
-    if body[:1] != b"{" or body[1:2] == b"\x00":
-        return json.loads(body)  # a BOM, UTF-16/32, leading space: the full path
-    text = body.decode("utf-8")
-    try:
-        data, end = _scan_once(text, 0)
-    except StopIteration as err:
-        raise json.JSONDecodeError("Expecting value", text, err.value) from None
-    if end != len(text):  # trailing whitespace is allowed, anything else is not
-        end = _TRAILING_WS.match(text, end).end()  # type: ignore[union-attr]
-        if end != len(text):
-            raise json.JSONDecodeError("Extra data", text, end)
-    return data
-
-
 def parse_body(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or GatewayError(400).
+
+    orjson, not the json module: twice as fast on a long prompt (the
+    gateway's per-byte cost) and RFC 8259 strict, so a body with NaN or
+    Infinity literals, a lone surrogate escape or nesting deeper than 1024
+    is refused here (the json module accepts the first two). Integers beyond
+    64 bits come back as floats, which the field checks then refuse.
+    """
     if not body:
         raise GatewayError(ErrorKind.BAD_JSON, "request body is empty; expected a JSON object")
     try:
-        data = _loads_object(body)
-    except RecursionError:
-        raise GatewayError(ErrorKind.BAD_JSON, "request body is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:  # a ValueError
+        if str(exc).startswith("depth limit exceeded"):
+            raise GatewayError(ErrorKind.BAD_JSON, "request body is nested too deeply") from None
         raise GatewayError(ErrorKind.BAD_JSON, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise GatewayError(ErrorKind.BAD_JSON, "request body must be a JSON object")
