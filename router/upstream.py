@@ -405,7 +405,6 @@ class UpstreamResponse:
         "_relay",
         "_request_body",
         "_request_head",
-        "_result",
         "_retried",
         "_reused",
         "_settled",
@@ -428,7 +427,6 @@ class UpstreamResponse:
         self,
         pool: UpstreamPool,
         conn: _Connection,
-        *,
         reused: bool,
         head_request: bool,
         request_head: bytes,
@@ -448,17 +446,12 @@ class UpstreamResponse:
         self._settled = False
         self._waiter: asyncio.Future[None] | None = None
         self._relay: asyncio.Future[RelayResult] | None = None
-        self._result = RelayResult.COMPLETE
+        # The relay's state (_on_chunk, _count, counted, _idle_s, _stall_s,
+        # _last, _paused_since, _client_paused) is set by relay(), the only
+        # state read while _relay or _sink is set: a non-streaming answer
+        # (most requests) never builds it.
         self._sink: Exchange | None = None
-        self._on_chunk: Callable[[bytes], None] | None = None
-        self._count: bytes | None = None
-        self.counted = 0  # occurrences of relay()'s ``count`` in the relayed body
         self._wait_until = 0.0  # the deadline of the wait in progress
-        self._idle_s = 0.0
-        self._stall_s = 0.0
-        self._last = 0.0
-        self._paused_since = 0.0
-        self._client_paused = False
         self._reading_paused = False
         self._accumulate = False
         self._limit_bytes = 0
@@ -581,6 +574,10 @@ class UpstreamResponse:
         if not self._head_done:
             raise RuntimeError("relay() before head()")
         loop = self._loop
+        self.counted = 0  # occurrences of ``count`` in the relayed body
+        self._on_chunk = on_chunk
+        self._count = count
+        self._client_paused = False
         try:
             if exchange.closed:
                 return self._finish_relay(RelayResult.CLIENT_GONE)
@@ -603,8 +600,6 @@ class UpstreamResponse:
                 )
                 return self._finish_relay(kind)
             self._sink = exchange
-            self._on_chunk = on_chunk
-            self._count = count
             self._idle_s = idle_timeout_s
             self._stall_s = idle_timeout_s if stall_timeout_s is None else stall_timeout_s
             self._last = loop.time()
@@ -935,13 +930,7 @@ class UpstreamPool:
         if conn is None:
             conn = await self._connect(key, connect_timeout_s)
         response = UpstreamResponse(
-            self,
-            conn,
-            reused=reused,
-            head_request=method == "HEAD",
-            request_head=head,
-            request_body=body,
-            connect_timeout_s=connect_timeout_s,
+            self, conn, reused, method == "HEAD", head, body, connect_timeout_s
         )
         conn.response = response
         if len(body) <= SINGLE_WRITE_MAX:
