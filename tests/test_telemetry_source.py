@@ -149,6 +149,14 @@ async def test_reported_queue_reaches_every_worker(
                 # queue_depth rightly sends the rest there (the kernel may
                 # hand all 12 connections to one worker).
                 served = await served_by(gw.base, 6, new_connections=True)
+                # A scrape during the first wave saw its requests running on
+                # the idle replica, and each worker corrects a report only for
+                # its own sends: wait for a report of the idle replica at rest
+                # (and its load message), or a worker given most of the second
+                # wave rightly finds the loaded replica shorter.
+                at_rest = f'dp_router_replica_reported_running{{replica="{idle}"}} 0.0'
+                assert await eventually(lambda: scraped(at_rest), 3 + SLACK)
+                await asyncio.sleep(0.2)
                 served += await served_by(gw.base, 6, new_connections=True)
             assert served == {idle: 12}
             async with client.get(metrics) as resp:
