@@ -862,14 +862,16 @@ class _Connection(asyncio.Protocol):
         server = self._server
         busy = server._tasks
         loop = self._loop
+        worker: asyncio.Task[None] = self._worker  # type: ignore[assignment]
         while True:
             self._handling = True
+            busy.add(worker)  # also for a request taken from _next
             try:
                 await server.handler(request, exchange)
             except asyncio.CancelledError:
                 # The client left (connection_lost) or the server stopped waiting.
                 self._handling = False
-                busy.discard(self._worker)  # type: ignore[arg-type]
+                busy.discard(worker)
                 if not exchange.ended:
                     exchange.abort()
                 return
@@ -890,7 +892,7 @@ class _Connection(asyncio.Protocol):
                     )
                     self._answer_failure(exchange)
             self._handling = False
-            busy.discard(self._worker)  # type: ignore[arg-type]
+            busy.discard(worker)
             nxt = self._next
             if nxt is not None:
                 self._next = None

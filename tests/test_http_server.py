@@ -837,6 +837,39 @@ async def test_long_handler_is_not_cut_by_server_deadlines() -> None:
 # -- shutdown ---------------------------------------------------------------------
 
 
+async def test_a_queued_request_counts_as_in_flight_while_it_runs() -> None:
+    """A pipelined request, queued while the one before it was answered, is
+    run by the connection's task after that handler returns: in flight (so
+    shutdown waits for it) until its own handler ends."""
+    second_running = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(request: Request, exchange: Exchange) -> None:
+        exchange.respond(200, [], request.path.encode())
+        if request.path == "/1":
+            await asyncio.sleep(0.05)  # work after the answer: /2 waits its turn
+        else:
+            second_running.set()
+            await release.wait()
+
+    async with serve(handler) as (server, _, _):
+        reader, writer = await connect(server)
+        writer.write(get("/1") + get("/2"))
+        await asyncio.wait_for(second_running.wait(), 2.0)
+        assert server.in_flight == 1
+        release.set()
+        assert [(await read_response(reader)).body for _ in range(2)] == [b"/1", b"/2"]
+        assert await eventually_zero(lambda: server.in_flight)
+        writer.close()
+
+
+async def eventually_zero(value: Callable[[], int], timeout: float = 1.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while value() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return value() == 0
+
+
 async def test_shutdown_lets_in_flight_finish_and_closes_idle() -> None:
     release = asyncio.Event()
 
