@@ -455,6 +455,7 @@ class Exchange:
         call: every proxied non-streaming answer comes through here."""
         if (
             self.status
+            or self.ended
             or self._head_request
             or headers.__class__ is not bytes
             or not 200 <= status <= 599
@@ -843,16 +844,14 @@ class _Connection(asyncio.Protocol):
         exchange = Exchange(self, request)
         self._exchange = exchange
         worker = self._worker
-        if worker is None:
+        if worker is None or worker.done():
             worker = self._worker = self._loop.create_task(self._work(request, exchange))
-        elif self._handling:
+        elif self._handling or self._wake is None or self._wake.done():
             # The previous handler is still finishing (its response has
             # ended): the worker takes this one next.
             self._next = (request, exchange)
         else:
-            wake = self._wake
-            assert wake is not None
-            wake.set_result((request, exchange))
+            self._wake.set_result((request, exchange))
         self._server._tasks.add(worker)
 
     async def _work(self, request: Request, exchange: Exchange) -> None:
@@ -869,12 +868,24 @@ class _Connection(asyncio.Protocol):
             try:
                 await server.handler(request, exchange)
             except asyncio.CancelledError:
-                # The client left (connection_lost) or the server stopped waiting.
                 self._handling = False
                 busy.discard(worker)
                 if not exchange.ended:
                     exchange.abort()
-                return
+                if worker.cancelling() or self.closed:
+                    # The client left (connection_lost) or the server stopped
+                    # waiting: this connection is done.
+                    self._worker = None
+                    return
+                # The handler's own cancellation (an awaited future it did
+                # not own), not the connection's: as with a task per
+                # request, the connection goes on (or closes, if the
+                # response had not ended: abort() above).
+                log.warning(
+                    "request handler was cancelled on %s %s",
+                    request.method,
+                    request.path[:128],
+                )
             except Exception as exc:
                 log.error(
                     "request handler failed on %s %s",

@@ -863,6 +863,37 @@ async def test_a_queued_request_counts_as_in_flight_while_it_runs() -> None:
         writer.close()
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_a_handler_cancelled_after_its_answer_leaves_the_connection_serving(
+    pipelined: bool,
+) -> None:
+    """A handler whose own await is cancelled after it answered (not the
+    connection's cancel) ends that request only: the next one on the
+    connection, queued or sent later, is answered as with a task per request."""
+
+    async def handler(request: Request, exchange: Exchange) -> None:
+        exchange.respond(200, [], request.path.encode())
+        if request.path == "/1":
+            other = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(other.cancel)
+            await other  # raises CancelledError: someone else's cancel
+
+    async with serve(handler) as (server, _, _):
+        reader, writer = await connect(server)
+        if pipelined:
+            writer.write(get("/1") + get("/2"))
+        else:
+            writer.write(get("/1"))
+            assert (await read_response(reader)).body == b"/1"
+            await asyncio.sleep(0.05)
+            writer.write(get("/2"))
+        bodies = [(await asyncio.wait_for(read_response(reader), 2.0)).body]
+        if pipelined:
+            bodies.append((await asyncio.wait_for(read_response(reader), 2.0)).body)
+        assert bodies[-1] == b"/2"
+        writer.close()
+
+
 async def eventually_zero(value: Callable[[], int], timeout: float = 1.0) -> bool:
     deadline = asyncio.get_running_loop().time() + timeout
     while value() and asyncio.get_running_loop().time() < deadline:

@@ -135,9 +135,6 @@ def test_multipart_without_a_usable_model_is_400(body: bytes, ctype: str) -> Non
     assert info.value.status == 400
 
 
-_RFC_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
-
-
 @settings(max_examples=300, deadline=None)
 @given(
     st.one_of(
@@ -145,18 +142,19 @@ _RFC_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
             st.none()
             | st.booleans()
             | st.floats(allow_nan=False, allow_infinity=False)
+            # orjson reads integers beyond 64 bits as floats (documented)
             | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-            | _RFC_TEXT,
-            lambda children: st.lists(children) | st.dictionaries(_RFC_TEXT, children),
+            | st.text(),
+            lambda children: st.lists(children) | st.dictionaries(st.text(), children),
             max_leaves=8,
         ).map(lambda v: json.dumps({"v": v}).encode()),
         st.binary(max_size=40).map(lambda b: b"{" + b),
     ),
     st.sampled_from([b"", b" ", b"\n\t ", b"x", b"{}", b"\x00"]),
 )
-def test_parse_body_agrees_with_json_on_rfc_8259_bodies(body: bytes, tail: bytes) -> None:
-    """orjson (the data path's parser) accepts and refuses what json.loads
-    does, for standard JSON, and reads the same values."""
+def test_parse_body_agrees_with_json_loads(body: bytes, tail: bytes) -> None:
+    """orjson, then the json module for what orjson refuses: the gateway
+    accepts and refuses what json.loads does, and reads the same values."""
     body += tail
 
     def outcome(parse: Callable[[bytes], object]) -> object:
@@ -168,19 +166,23 @@ def test_parse_body_agrees_with_json_on_rfc_8259_bodies(body: bytes, tail: bytes
     expected = outcome(json.loads)
     if expected[0] == "ok" and not isinstance(expected[1], dict):
         expected = ("refused",)  # a JSON value that is not an object
-    if b"\\ud8" in body.lower() or b"\\udc" in body.lower() or b"nan" in body.lower():
-        return  # only json.loads's extensions differ (below)
     assert outcome(parse_body) == expected
 
 
 @pytest.mark.parametrize(
-    "body", [b'{"a": NaN}', b'{"a": Infinity}', b'{"a": -Infinity}', b'{"a": "\\ud800"}']
+    "body",
+    [
+        b'{"a": NaN}',
+        b'{"a": Infinity}',
+        b'{"a": -Infinity}',
+        b'{"a": "\\ud800"}',
+        b'\xef\xbb\xbf{"a": 1}',
+        '{"a": 1}'.encode("utf-16"),
+    ],
 )
-def test_parse_body_refuses_what_json_loads_accepts_beyond_rfc_8259(body: bytes) -> None:
-    json.loads(body)  # the json module's extensions
-    with pytest.raises(GatewayError) as info:
-        parse_body(body)
-    assert info.value.kind.status == 400
+def test_parse_body_accepts_what_json_loads_accepts_beyond_rfc_8259(body: bytes) -> None:
+    """orjson refuses these; the json module, as before orjson, reads them."""
+    assert parse_body(body) == json.loads(body) or body == b'{"a": NaN}'
 
 
 def test_deep_nesting_is_named() -> None:
