@@ -519,7 +519,7 @@ class _Connection(asyncio.Protocol):
         self._peer = ""
         self._exchange: Exchange | None = None
         # One task per connection runs its requests one after another
-        # (_work): a task per request cost about a fifth of the engine's
+        # (_work): a task per request cost about a tenth of the engine's
         # CPU per request (creation, registration, a done callback).
         self._worker: asyncio.Task[None] | None = None
         self._handling = False  # the worker is inside a handler
