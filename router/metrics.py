@@ -591,11 +591,6 @@ class Metrics:
     # HotCounter, whose dict it updates). The status stays an int (no str()
     # per request): HotCounter.collect prints it.
 
-    def count_request(self, model: str, replica: str, status: int) -> None:
-        values = self._requests
-        key = (model, replica, status)
-        values[key] = values.get(key, 0.0) + 1.0
-
     def count_attempt(self, replica: str, outcome: str) -> None:
         values = self._attempts
         key = (replica, outcome)
@@ -606,26 +601,12 @@ class Metrics:
         key = (policy, reason)
         values[key] = values.get(key, 0.0) + 1.0
 
-    def observe_duration(self, model: str, seconds: float) -> None:
-        counts = self._durations.get(model)
-        if counts is None:
-            counts = self._durations[model] = self.request_duration.child((model,))
-        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        counts[-1] += seconds
-
-    def observe_ttfb(self, model: str, seconds: float) -> None:
-        counts = self._ttfbs.get(model)
-        if counts is None:
-            counts = self._ttfbs[model] = self.ttfb.child((model,))
-        counts[bisect_left(TTFB_BUCKETS, seconds)] += 1
-        counts[-1] += seconds
-
     def count_finished(
         self, model: str, replica: str, status: int, seconds: float, ttfb: float | None
     ) -> None:
-        """``count_request``, ``observe_duration`` and (unless None)
-        ``observe_ttfb`` in one call: the end of every request pays one
-        method call instead of three."""
+        """A finished request: its count by model, replica and status, its
+        duration and (unless None) its time to first byte, in one call at the
+        end of every request."""
         values = self._requests
         key = (model, replica, status)
         values[key] = values.get(key, 0.0) + 1.0

@@ -18,7 +18,7 @@ def families(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def test_each_gateway_has_its_own_registry() -> None:
     a, b = Metrics(), Metrics()
-    a.count_request("m", "r1", 200)
+    a.count_finished("m", "r1", 200, 0.1, None)
     got = families(b)
     assert not any(v for _, v in got.get("dp_router_requests_total", []))
 
@@ -54,20 +54,18 @@ def test_series_count_does_not_grow_with_request_volume() -> None:
     """Labels come from config and fixed reason sets, so 10k requests add no series."""
     metrics = Metrics()
     for status in (200, 503):
-        metrics.count_request("m", "r1", status)
-    metrics.observe_duration("m", 0.01)
+        metrics.count_finished("m", "r1", status, 0.01, None)
     before = sum(len(v) for v in families(metrics).values())
     for i in range(10_000):
-        metrics.count_request("m", "r1", 200 if i % 2 else 503)
-        metrics.observe_duration("m", i / 1000)
+        metrics.count_finished("m", "r1", 200 if i % 2 else 503, i / 1000, None)
     assert sum(len(v) for v in families(metrics).values()) == before
 
 
 def test_hot_histograms_and_counters_export_what_prometheus_client_would() -> None:
     """The per-request methods write the HotCounter/HotHistogram state
     directly; /metrics must read as a prometheus_client Histogram and Counter
-    fed the same calls (the old per-key API feeds the same series), and
-    ``count_finished`` must count what its three calls count."""
+    fed the same calls (the per-key API, HotHistogram.observe, feeds the
+    same series)."""
     reference = CollectorRegistry()
     duration = Histogram(
         "dp_router_request_duration_seconds",
@@ -84,21 +82,23 @@ def test_hot_histograms_and_counters_export_what_prometheus_client_would() -> No
         registry=reference,
     )
     requests = Counter("dp_router_requests", "", ["model", "replica", "status"], registry=reference)
-    metrics, combined = Metrics(), Metrics()
+    metrics, per_key = Metrics(), Metrics()
     values = [0.0, 0.005, 0.0050001, 0.3, 1e-9, 120.0, 299.99, 300.0, 301.0, 1e6]
     for i, seconds in enumerate(values):
         model = "m" if i % 3 else "other"
         status = 200 if i % 2 else 503
-        metrics.observe_duration(model, seconds)
         duration.labels(model).observe(seconds)
-        metrics.ttfb.observe((model,), seconds / 10)
         ttfb.labels(model).observe(seconds / 10)
-        metrics.count_request(model, "r1", status)
         requests.labels(model, "r1", str(status)).inc()
-        combined.count_finished(model, "r1", status, seconds, seconds / 10)
+        metrics.count_finished(model, "r1", status, seconds, seconds / 10)
+        per_key.request_duration.observe((model,), seconds)
+        per_key.ttfb.observe((model,), seconds / 10)
+        per_key.requests.inc((model, "r1", status))
     duration.labels("m").observe(0.2)
     requests.labels("m", "r1", "200").inc()
-    combined.count_finished("m", "r1", 200, 0.2, None)  # no first byte: no TTFB
+    metrics.count_finished("m", "r1", 200, 0.2, None)  # no first byte: no TTFB
+    per_key.request_duration.observe(("m",), 0.2)
+    per_key.requests.inc(("m", "r1", 200))
 
     def samples(
         registry: CollectorRegistry,
@@ -116,8 +116,6 @@ def test_hot_histograms_and_counters_export_what_prometheus_client_would() -> No
             }
         }
 
-    metrics.count_request("m", "r1", 200)
-    metrics.observe_duration("m", 0.2)
     got, want = samples(metrics.registry), samples(reference)
-    assert got == want == samples(combined.registry)
+    assert got == want == samples(per_key.registry)
     assert len(got) == 2 * (len(LATENCY_BUCKETS) + 3) + 2 * (len(TTFB_BUCKETS) + 3) + 4

@@ -125,9 +125,8 @@ def _metrics(in_flight: int, healthy: bool, requests: int = 0) -> Metrics:
     m.watch_replicas(lambda: [ReplicaSample("a", in_flight, 10, healthy, healthy, False, 1.0)])
     m.watch_experts(lambda: [], dict)  # as every gateway does (no reports yet)
     for _ in range(requests):
-        m.count_request(MODEL, "a", 200)
+        m.count_finished(MODEL, "a", 200, 0.2, None)
         m.count_attempt("a", "ok")
-        m.observe_duration(MODEL, 0.2)
     m.retry_budget_balance.set(3)
     return m
 
