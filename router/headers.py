@@ -98,11 +98,6 @@ def render_fields(headers: Headers, drop: frozenset[bytes], what: str) -> bytes:
     return block
 
 
-class _Scan:
-    """The default of ``connection=``: find the Connection fields by scanning."""
-
-
-_SCAN = _Scan()
 # (drop set, Connection values) -> drop set with the names they list. A fleet
 # sends a handful of distinct values ("keep-alive", "close"); bounded anyway.
 _HOP_DROPS: dict[tuple[frozenset[bytes], tuple[bytes, ...]], frozenset[bytes]] = {}
@@ -164,7 +159,7 @@ def upstream_request_block(
     forwarded_proto: bytes,
     api_key: str,
     extra: Header | None = None,
-    connection: list[bytes] | _Scan | None = _SCAN,
+    connection: list[bytes] | None,
 ) -> bytes:
     """:func:`upstream_request_headers`, rendered (``render_fields``) in one
     pass: the data path's form, with no list of pairs built and filtered
@@ -178,14 +173,11 @@ def upstream_request_block(
     names and keys, which config validation refuses with control
     characters). A scan per request on top cost 2% of a request's CPU.
 
-    ``connection``: the request's Connection field values, if the parser
-    collected them (else the fields are scanned for them)."""
+    ``connection``: the request's Connection field values as the parser
+    collected them (``Request.connection``; None: no such field). Required:
+    a caller that left it out would pass Connection-listed fields on."""
     base = _REQUEST_AUTH_DROP if api_key else _REQUEST_DROP
-    drop = (
-        _drop_set(client_headers, base)
-        if isinstance(connection, _Scan)
-        else hop_drop(base, connection)
-    )
+    drop = hop_drop(base, connection)
     lines = [b": ".join(field) for field in client_headers if field[0] not in drop]
     if api_key:
         lines.append(b"authorization: Bearer " + api_key.encode("latin-1"))
@@ -204,16 +196,12 @@ def client_response_block(
     request_id: str,
     replica: bytes | None,
     session: str | None = None,
-    connection: list[bytes] | _Scan | None = _SCAN,
+    connection: list[bytes] | None,
 ) -> bytes:
     """:func:`client_response_headers`, rendered in one pass (see
     :func:`upstream_request_block`); names lower case, as the upstream pool
     parses them. ``connection`` as in :func:`upstream_request_block`."""
-    drop = (
-        _drop_set(upstream_headers, _RESPONSE_DROP)
-        if isinstance(connection, _Scan)
-        else hop_drop(_RESPONSE_DROP, connection)
-    )
+    drop = hop_drop(_RESPONSE_DROP, connection)
     lines = [b": ".join(field) for field in upstream_headers if field[0] not in drop]
     lines.append(_REQUEST_ID_FIELD + request_id.encode("ascii"))
     if replica is not None:
@@ -237,14 +225,6 @@ def hop_drop(drop: frozenset[bytes], connection: list[bytes] | None) -> frozense
         if len(_HOP_DROPS) < _HOP_DROPS_MAX:
             _HOP_DROPS[key] = hit
     return hit
-
-
-def _drop_set(headers: Headers, drop: frozenset[bytes]) -> frozenset[bytes]:
-    """``drop`` plus the names a Connection field lists (hop-by-hop too)."""
-    for name, _ in headers:
-        if name == b"connection":
-            return drop | connection_tokens(headers)
-    return drop
 
 
 def client_response_headers(

@@ -52,7 +52,6 @@ def test_request_block_is_the_rendered_list(headers, api_key, extra) -> None:
     )
     listed = upstream_request_headers(headers, **kwargs)
     rendered = render_fields(listed, _OWN_FIELDS, "request")
-    assert upstream_request_block(headers, **kwargs) == rendered
     # The parser's collected Connection values strip exactly what a scan does.
     collected = [v for n, v in headers if n == b"connection"] or None
     assert upstream_request_block(headers, connection=collected, **kwargs) == rendered
@@ -68,7 +67,6 @@ def test_response_block_is_the_rendered_list(headers, replica, session) -> None:
     kwargs = dict(request_id="r-1", replica=replica, session=session)
     listed = client_response_headers(headers, **kwargs)
     rendered = render_fields(listed, _FRAMING_FIELDS, "response")
-    assert client_response_block(headers, **kwargs) == rendered
     collected = [v for n, v in headers if n == b"connection"] or None
     assert client_response_block(headers, connection=collected, **kwargs) == rendered
 
