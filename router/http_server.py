@@ -352,6 +352,19 @@ class Exchange:
             else render_fields(headers, _FRAMING_FIELDS, "response")
         )
         self.status = status
+        self._head = b"".join(
+            (
+                _STATUS_LINES.get(status) or _status_line(status),
+                block,
+                self._framing(status, content_length),
+                b"\r\n",
+            )
+        )
+
+    def _framing(self, status: int, content_length: int | None) -> bytes:
+        """The framing fields of the response starting now (the server's
+        alone: response smuggling); notes how its body is framed and whether
+        the connection closes after it."""
         conn = self._conn
         # The last response before a close says so; queued (pipelined)
         # requests are still answered first.
@@ -375,9 +388,7 @@ class Exchange:
         elif self._version10:
             framing += b"connection: keep-alive\r\n"
         self._close = close
-        self._head = b"".join(
-            (_STATUS_LINES.get(status) or _status_line(status), block, framing, b"\r\n")
-        )
+        return framing
 
     def write(self, data: bytes) -> None:
         """Send body bytes now (chunk-framed when chunked). ``write(b"")``
@@ -450,35 +461,22 @@ class Exchange:
     def respond(self, status: int, headers: list[tuple[bytes, bytes]] | bytes, body: bytes) -> None:
         """A whole response in one ``transport.write``.
 
-        The usual case (a rendered field block, a status with a body, not a
-        HEAD request) is :meth:`start`, :meth:`write` and :meth:`end` in one
-        call: every proxied non-streaming answer comes through here."""
-        if (
-            self.status
-            or self.ended
-            or self._head_request
-            or headers.__class__ is not bytes
-            or not 200 <= status <= 599
-            or status == 204
-            or status == 304
-        ):
+        With a rendered field block (every proxied non-streaming answer) it
+        is :meth:`start`, :meth:`write` and :meth:`end` in one call."""
+        if self.status or self.ended or headers.__class__ is not bytes or not 200 <= status <= 599:
             self.start(status, headers, content_length=len(body))
             self.write(body)
             self.end()
             return
-        conn = self._conn
-        n = len(body)
         self.status = status
-        self._length = n
+        framing = self._framing(status, len(body))
         self.ended = True
-        close = not self._keep_alive or (conn.closing and not conn.has_pending)
+        conn = self._conn
         if not conn.closed:
-            framing = b"content-length: %d\r\n" % n
-            if close:
-                framing += b"connection: close\r\n"
-            elif self._version10:
-                framing += b"connection: keep-alive\r\n"
-            self.bytes_sent = n
+            if self._bodyless:
+                body = b""
+            else:
+                self.bytes_sent = len(body)
             self.transport.write(
                 b"".join(
                     (
@@ -490,7 +488,7 @@ class Exchange:
                     )
                 )
             )
-        conn.response_done(self, close)
+        conn.response_done(self, self._close)
 
 
 # The handler returns the coroutine that answers: the connection's task
